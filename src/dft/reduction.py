@@ -1,0 +1,88 @@
+"""Reductions of per-token losses, shared by every loss path (one place, one contract).
+
+A scalar reduction is written as per-token coefficients ``c``: ``loss = sum_t c_t * loss_t``.
+The materialised path multiplies and sums; the fused head uses the same ``c`` to form its
+gradients during the forward pass. Contract (transformers' ``fixed_cross_entropy``):
+
+* ``"mean"``: ``c_t = 1 / n`` with ``n = num_items_in_batch`` when given, else the number of
+  supervised tokens (at least 1, so an all-masked batch gives 0, never NaN).
+* ``"sum"``: ``c_t = 1``.
+* ``"sequence"``: mean within each sequence (last label dimension), then mean over sequences with at
+  least one supervised token; ``num_items_in_batch`` then replaces that number of sequences.
+* ``"none"``: no reduction; the per-token losses come back in the labels' shape, 0 where ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["REDUCTIONS", "Reduction", "check_reduction", "reduction_coefficients"]
+
+Reduction = Literal["mean", "sum", "none", "sequence"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none", "sequence")
+
+
+def check_reduction(reduction: str, labels_shape: torch.Size, num_items_in_batch: int | Tensor | None) -> None:
+    """Raise a clear error for an unknown reduction or a bad ``num_items_in_batch``."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if reduction == "sequence" and len(labels_shape) < 2:
+        raise ValueError(f"reduction='sequence' needs labels of shape [batch, seq_len], got {tuple(labels_shape)}.")
+    if num_items_in_batch is None:
+        return
+    if reduction not in ("mean", "sequence"):
+        raise ValueError(
+            f"num_items_in_batch only applies to reduction='mean' or 'sequence', got reduction={reduction!r}."
+        )
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a scalar, got a tensor of shape {tuple(num_items_in_batch.shape)}."
+            )
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(f"num_items_in_batch must be an int or a tensor, got {type(num_items_in_batch).__name__}.")
+    elif num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}.")
+
+
+def _denominator(count: Tensor, num_items_in_batch: int | Tensor | None, dtype: torch.dtype) -> Tensor:
+    if num_items_in_batch is None:
+        n = count.to(dtype)
+    elif isinstance(num_items_in_batch, Tensor):
+        n = num_items_in_batch.detach().to(device=count.device, dtype=dtype).reshape(())
+    else:
+        n = torch.tensor(float(num_items_in_batch), device=count.device, dtype=dtype)
+    return n.clamp_min(1.0)
+
+
+def reduction_coefficients(
+    valid: Tensor,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Per-token coefficients of a scalar reduction.
+
+    Args:
+        valid: ``[..., T]`` bool, True where the label is supervised.
+        reduction: ``"mean"``, ``"sum"`` or ``"sequence"``.
+        num_items_in_batch: replaces the mean's denominator (tokens for ``"mean"``, sequences for
+            ``"sequence"``), e.g. the global count over accumulation steps and ranks.
+        dtype: dtype of the coefficients (float32 or float64).
+
+    Returns:
+        ``[..., T]`` coefficients ``c`` with ``loss = (c * token_loss).sum()``; 0 where not valid.
+    """
+    mask = valid.to(dtype)
+    if reduction == "sum":
+        return mask
+    if reduction == "mean":
+        return mask / _denominator(valid.sum(), num_items_in_batch, dtype)
+    if reduction == "sequence":
+        per_seq = valid.sum(-1, keepdim=True)
+        n_seq = _denominator((per_seq > 0).sum(), num_items_in_batch, dtype)
+        return mask / per_seq.clamp_min(1).to(dtype) / n_seq
+    raise ValueError(f"reduction {reduction!r} has no coefficients; use 'mean', 'sum' or 'sequence'.")

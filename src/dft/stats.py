@@ -1,0 +1,105 @@
+"""Per-batch diagnostics: cross-entropy, mean target probability, token accuracy, entropy.
+
+DFT loss values are much smaller than cross-entropy (each token is scaled by its own ``p``), so a
+DFT run must log the CE next to its loss to be readable. :class:`TokenStats` holds *sums* over the
+supervised tokens so that micro-batches, accumulation steps and ranks add up exactly; the
+properties turn them into means for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+__all__ = ["TokenStats", "token_stats_from_probs"]
+
+
+@dataclass
+class TokenStats:
+    """Sums over supervised tokens (detached 0-dim float tensors) and their count.
+
+    Attributes:
+        ce_sum: sum of ``-log p_t``.
+        p_sum: sum of ``p_t``.
+        correct: number of tokens with ``argmax(logits_t) == y_t``.
+        entropy_sum: sum of the predictive entropies ``H(softmax(logits_t))``.
+        num_tokens: number of supervised tokens.
+    """
+
+    ce_sum: Tensor
+    p_sum: Tensor
+    correct: Tensor
+    entropy_sum: Tensor
+    num_tokens: Tensor
+
+    def __add__(self, other: TokenStats) -> TokenStats:
+        return TokenStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def _mean(self, total: Tensor) -> Tensor:
+        return total / self.num_tokens.clamp_min(1)
+
+    @property
+    def ce(self) -> Tensor:
+        """Mean token cross-entropy ``-log p``."""
+        return self._mean(self.ce_sum)
+
+    @property
+    def mean_p(self) -> Tensor:
+        """Mean target probability."""
+        return self._mean(self.p_sum)
+
+    @property
+    def accuracy(self) -> Tensor:
+        """Fraction of supervised tokens whose argmax is the label."""
+        return self._mean(self.correct)
+
+    @property
+    def entropy(self) -> Tensor:
+        """Mean predictive entropy (nats)."""
+        return self._mean(self.entropy_sum)
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """Means as Python floats, ready for a logger: ``ce``, ``mean_p``, ``token_accuracy``, ``entropy``."""
+        return {
+            f"{prefix}ce": self.ce.item(),
+            f"{prefix}mean_p": self.mean_p.item(),
+            f"{prefix}token_accuracy": self.accuracy.item(),
+            f"{prefix}entropy": self.entropy.item(),
+        }
+
+    def all_reduce(self) -> TokenStats:
+        """Sum over the ranks of the default process group (a no-op when not distributed)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self
+        packed = torch.stack([getattr(self, f.name).float() for f in fields(self)])
+        torch.distributed.all_reduce(packed)
+        return TokenStats(*packed.unbind())
+
+    @staticmethod
+    def zeros(device: torch.device | str | None = None) -> TokenStats:
+        return TokenStats(*(torch.zeros((), device=device) for _ in fields(TokenStats)))
+
+
+@torch.no_grad()
+def token_stats_from_probs(probs: Tensor, target_logp: Tensor, labels: Tensor, valid: Tensor) -> TokenStats:
+    """Stats from a softmax that is already computed (no second pass over the logits).
+
+    Args:
+        probs: ``[N, V]`` ``softmax(logits)`` in float32/64 (argmax of probs == argmax of logits).
+        target_logp: ``[N]`` ``log p`` of the labels.
+        labels: ``[N]`` labels with ignored positions replaced by any valid index.
+        valid: ``[N]`` bool mask of supervised tokens.
+    """
+    target_logp = target_logp.detach()
+    entropy = torch.special.entr(probs).sum(-1)
+    correct = probs.argmax(-1) == labels
+    zero = torch.zeros((), dtype=target_logp.dtype, device=target_logp.device)
+    return TokenStats(
+        ce_sum=torch.where(valid, -target_logp, zero).sum().float(),
+        p_sum=torch.where(valid, target_logp.exp(), zero).sum().float(),
+        correct=(correct & valid).sum().float(),
+        entropy_sum=torch.where(valid, entropy, zero).sum().float(),
+        num_tokens=valid.sum().float(),
+    )

@@ -1,0 +1,137 @@
+"""The DFT weight family: one map from detached target log-probabilities to token weights.
+
+Every loss path in :mod:`dft` (materialised logits in :mod:`dft.losses`, the fused head in
+:mod:`dft.fused`) calls :meth:`DFTWeight.__call__`; nothing else derives a weight.
+
+For a token with target probability ``p`` (``logp = log p``, already detached), the weight is built
+in this order::
+
+    w = p ** alpha                      # alpha=0: cross-entropy, alpha=1: DFT (Wu et al. 2025)
+    w = max(w, min_weight)              # floor (authors' pre-release code used 0.01)
+    w = beta * w + (1 - beta)           # mix: beta=0 is CE, beta=1 is the weight above
+    w = w * [p >= p_min] * [p <= p_max] # thresholds: tokens outside get weight 0
+                                        # (they still count in the mean's denominator)
+
+A user callable ``weight_fn(logp) -> w`` replaces the first three steps (thresholds still apply).
+The token loss is then ``-w * log p`` with ``w`` treated as a constant (stop-gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["DFTWeight", "WeightFn"]
+
+WeightFn = Callable[[Tensor], Tensor]
+"""A user weight: detached float32/64 log-probabilities ``[N]`` -> non-negative weights ``[N]``."""
+
+
+def _check_number(name: str, value: object, *, low: float | None = None, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r}).")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}.")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class DFTWeight:
+    """Token weights of the DFT family, from detached log-probabilities.
+
+    Args:
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Power of the target probability, ``w = p ** alpha``. ``0`` gives cross-entropy exactly,
+            ``1`` the paper's DFT; values in between follow "Beyond Log Likelihood" (arXiv 2510.00526).
+        min_weight (`float`, *optional*):
+            Floor ``w = max(w, min_weight)``, in ``[0, 1]``.
+        beta (`float`, *optional*, defaults to `1.0`):
+            Mix ``w = beta * w + (1 - beta)`` in ``[0, 1]``: ``0`` is cross-entropy, ``1`` the pure weight.
+            Ramp it from 0 to 1 for a CE -> DFT warm-up.
+        p_min (`float`, *optional*):
+            Only tokens with ``p >= p_min`` get a weight; the others get ``0``.
+        p_max (`float`, *optional*):
+            Only tokens with ``p <= p_max`` get a weight; the others get ``0``.
+        weight_fn (`Callable[[Tensor], Tensor]`, *optional*):
+            Replaces power, floor and mix: ``weight_fn(logp)`` with ``logp`` of shape ``[N]`` (detached,
+            float32 or float64) returns weights of shape ``[N]``.
+
+    Example::
+
+        >>> w = DFTWeight(alpha=1.0, min_weight=0.01)
+        >>> w(torch.log(torch.tensor([0.5, 0.001])))
+        tensor([0.5000, 0.0100])
+    """
+
+    alpha: float = 1.0
+    min_weight: float | None = None
+    beta: float = 1.0
+    p_min: float | None = None
+    p_max: float | None = None
+    weight_fn: WeightFn | None = None
+
+    def __post_init__(self) -> None:
+        _check_number("alpha", self.alpha, low=0.0)
+        _check_number("beta", self.beta, low=0.0, high=1.0)
+        for name in ("min_weight", "p_min", "p_max"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(name, value, low=0.0, high=1.0)
+        if self.p_min is not None and self.p_max is not None and self.p_min > self.p_max:
+            raise ValueError(f"p_min ({self.p_min}) must be <= p_max ({self.p_max}).")
+        if self.weight_fn is not None and not callable(self.weight_fn):
+            raise TypeError(f"weight_fn must be callable, got {type(self.weight_fn).__name__}.")
+
+    @property
+    def is_constant_one(self) -> bool:
+        """True when every weight is exactly 1 (plain cross-entropy)."""
+        return (
+            self.weight_fn is None
+            and (self.alpha == 0.0 or self.beta == 0.0)
+            and self.p_min is None
+            and self.p_max is None
+        )
+
+    def __call__(self, logp: Tensor) -> Tensor:
+        """Weights for detached target log-probabilities.
+
+        Args:
+            logp: ``[...]`` log-probabilities of the targets, float32 or float64 (detached inside).
+
+        Returns:
+            ``[...]`` weights, same shape and dtype as ``logp``, no graph attached.
+        """
+        logp = logp.detach()
+        if self.weight_fn is not None:
+            w = self.weight_fn(logp)
+            if not isinstance(w, Tensor) or w.shape != logp.shape:
+                got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+                raise ValueError(
+                    f"weight_fn must return a tensor of the log-probs' shape {tuple(logp.shape)}, got {got}."
+                )
+            w = w.detach().to(logp.dtype)
+        else:
+            if self.alpha == 0.0:
+                w = torch.ones_like(logp)
+            elif self.alpha == 1.0:
+                w = logp.exp()
+            else:
+                w = (logp * self.alpha).exp()
+            if self.min_weight is not None:
+                w = w.clamp_min(self.min_weight)
+            if self.beta != 1.0:
+                w = w * self.beta + (1.0 - self.beta)
+        if self.p_min is not None or self.p_max is not None:
+            p = logp.exp()
+            if self.p_min is not None:
+                w = w * (p >= self.p_min)
+            if self.p_max is not None:
+                w = w * (p <= self.p_max)
+        return w

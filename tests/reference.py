@@ -1,0 +1,83 @@
+"""Naive float64 references, written independently of src/dft (full logits, log_softmax, gather)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ref_weights(logp, alpha=1.0, min_weight=None, beta=1.0, p_min=None, p_max=None, weight_fn=None):
+    p = logp.exp()
+    if weight_fn is not None:
+        w = weight_fn(logp)
+    else:
+        w = p**alpha
+        if min_weight is not None:
+            w = torch.maximum(w, torch.full_like(w, min_weight))
+        w = beta * w + (1 - beta)
+    if p_min is not None:
+        w = torch.where(p >= p_min, w, torch.zeros_like(w))
+    if p_max is not None:
+        w = torch.where(p <= p_max, w, torch.zeros_like(w))
+    return w
+
+
+def ref_dft_loss(logits, labels, *, ignore_index=-100, reduction="mean", num_items_in_batch=None, **weight_options):
+    """Reference DFT loss in float64 via log_softmax + gather; python loop for 'sequence'."""
+    z = logits.double()
+    logp_all = F.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe = labels.clone()
+    safe[~valid] = 0
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    w = ref_weights(logp.detach(), **weight_options)
+    per = -(w * logp) * valid.double()
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    if reduction == "mean":
+        n = valid.sum().item() if num_items_in_batch is None else float(num_items_in_batch)
+        return per.sum() / max(n, 1)
+    if reduction == "sequence":
+        flat = per.reshape(-1, per.shape[-1])
+        fvalid = valid.reshape(-1, valid.shape[-1])
+        seq_means = [flat[i].sum() / fvalid[i].sum() for i in range(flat.shape[0]) if fvalid[i].any()]
+        n = len(seq_means) if num_items_in_batch is None else float(num_items_in_batch)
+        if not seq_means:
+            return per.sum() * 0.0
+        return torch.stack(seq_means).sum() / max(n, 1)
+    raise ValueError(reduction)
+
+
+def ref_stats(logits, labels, ignore_index=-100):
+    z = logits.double().reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    z, y = z[valid], y[valid]
+    logp_all = F.log_softmax(z, -1)
+    logp = logp_all[torch.arange(len(y)), y]
+    probs = logp_all.exp()
+    entropy = -(probs * logp_all).sum(-1)
+    n = max(len(y), 1)
+    return {
+        "ce": (-logp).sum().item() / n,
+        "mean_p": logp.exp().sum().item() / n,
+        "token_accuracy": (z.argmax(-1) == y).sum().item() / n,
+        "entropy": entropy.sum().item() / n,
+    }
+
+
+def make_batch(shape, vocab, *, ignore_frac=0.2, dtype=torch.float64, scale=2.0, boost=10.0, generator=None):
+    """Random logits [*shape, V] and labels [*shape] with about ignore_frac of them ignored (-100).
+
+    The target logit gets a uniform bump in [0, boost) so that target probabilities spread over (0, 1)
+    (thresholds, floors and powers all bite) instead of all being ~1/V.
+    """
+    logits = torch.randn(*shape, vocab, dtype=torch.float64, generator=generator) * scale
+    labels = torch.randint(0, vocab, shape, generator=generator)
+    bump = torch.rand(shape, dtype=torch.float64, generator=generator) * boost
+    logits.scatter_add_(-1, labels.unsqueeze(-1), bump.unsqueeze(-1))
+    mask = torch.rand(shape, generator=generator) < ignore_frac
+    labels[mask] = -100
+    return logits.to(dtype), labels
