@@ -1,0 +1,455 @@
+"""Fused LM-head DFT loss: ``linear_dft_loss`` never materialises the tokens x vocab logits.
+
+Tokens are processed in chunks of ``C`` rows. Per chunk (``h [C, H]``, ``W [V, H]``)::
+
+    z = h @ W.T + b                       # matmul 1, input dtype (or the autocast dtype)
+    u = softcap(logit_scale * z) / T      # float32 (float64 for float64 inputs)
+    logp_y = u[y] - logsumexp(u);  w = DFTWeight(logp_y)  (detached)
+    loss  += sum(c * -w * logp_y)         # c: reduction coefficients (dft.reduction)
+    dU     = c * w * (softmax(u) - onehot(y))           # known in the forward pass
+    dZ     = dU / T * softcap'(.) * logit_scale
+    dh     = dZ @ W                       # matmul 2 (skipped if hidden is frozen)
+    dW    += dZ.T @ h                     # matmul 3, float32 accumulator (skipped if W is frozen)
+
+So a scalar reduction costs 3 matmuls in all and backward only scales the stored gradients by the
+upstream scalar. ``reduction="none"`` needs a general upstream gradient: its backward recomputes
+the chunks with ``c = grad_output`` (4 matmuls). Ignored tokens are dropped before any matmul.
+Peak extra memory is ``O(C x V)`` plus the float32 ``dW`` accumulator, independent of N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor
+
+from .losses import check_labels, compute_dtype
+from .reduction import Reduction, check_reduction, reduction_coefficients
+from .stats import TokenStats, token_stats_from_probs
+from .weights import DFTWeight, WeightFn
+
+__all__ = ["LinearDFTLoss", "auto_chunk_size", "linear_dft_loss"]
+
+_CHUNK_BUDGET_BYTES = 64 * 2**20  # float32 logits of one chunk
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = _CHUNK_BUDGET_BYTES) -> int:
+    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (a power of 2, 16..8192)."""
+    rows = max(budget_bytes // (4 * max(vocab_size, 1)), 1)
+    return int(min(max(2 ** int(math.log2(rows)), 16), 8192))
+
+
+@dataclass(frozen=True)
+class _Head:
+    """How logits are made from ``z = h @ W.T + b``: ``u = softcap(logit_scale * z) / temperature``."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    temperature: float = 1.0
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """In place on float32 ``z``; returns ``u`` and ``tanh`` (kept for the softcap's derivative)."""
+        if self.logit_scale != 1.0:
+            z.mul_(self.logit_scale)
+        t = None
+        if self.softcap is not None:
+            t = z.div_(self.softcap).tanh_()
+            z = t.mul(self.softcap)
+        if self.temperature != 1.0:
+            z.div_(self.temperature)
+        return z, t
+
+    def backward(self, du: Tensor, t: Tensor | None) -> Tensor:
+        """In place: ``dz = du / T * (1 - tanh^2) * logit_scale``."""
+        if self.temperature != 1.0:
+            du.div_(self.temperature)
+        if t is not None:
+            du.mul_(1.0 - t.square_())
+        if self.logit_scale != 1.0:
+            du.mul_(self.logit_scale)
+        return du
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the autograd function needs besides the differentiable tensors."""
+
+    weighting: DFTWeight
+    head: _Head
+    labels: Tensor  # [n] supervised labels (compacted)
+    index: Tensor | None  # [n] their rows in the flattened tokens, None when all rows are supervised
+    coef: Tensor | None  # [n] scalar-reduction coefficients; None for reduction="none"
+    num_rows: int  # N, all tokens
+    chunk_size: int
+    mm_dtype: torch.dtype
+    want_stats: bool
+
+
+def _mm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in float32/64 whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.add_(torch.mm(a, b))
+
+
+def _run_chunks(
+    plan: _Plan,
+    h: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    coef: Tensor | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[Tensor, TokenStats | None, Tensor | None, Tensor | None, Tensor | None]:
+    """One pass over the supervised rows.
+
+    Args:
+        h: ``[n, H]`` supervised hidden rows (mm dtype); w: ``[V, H]``; b: ``[V]`` or None.
+        coef: ``[n]`` gradient coefficients (reduction coefficients, or the upstream gradient), or
+            None to compute losses only.
+        need: which of (dh, dW, db) to compute.
+
+    Returns:
+        token losses ``[n]``, stats, ``dh [n, H]``, ``dW [V, H]`` (float32/64), ``db [V]``.
+    """
+    n = h.shape[0]
+    acc_dtype = compute_dtype(h.dtype)
+    device = h.device
+    token_loss = torch.empty(n, dtype=acc_dtype, device=device)
+    want_grad = coef is not None
+    need_dh, need_dw, need_db = (x and want_grad for x in need)
+    dh = torch.empty_like(h) if need_dh else None
+    dw = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_dw else None
+    db = torch.zeros(w.shape[0], dtype=acc_dtype, device=device) if need_db else None
+    stats = TokenStats.zeros(device) if plan.want_stats else None
+    for start in range(0, n, plan.chunk_size):
+        rows = slice(start, min(start + plan.chunk_size, n))
+        h_c, y_c = h[rows], plan.labels[rows]
+        z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())
+        u, t = plan.head.forward(z.to(acc_dtype))
+        lse = torch.logsumexp(u, dim=-1)
+        logp = u.gather(1, y_c.unsqueeze(1)).squeeze(1).sub_(lse)
+        wt = plan.weighting(logp)
+        token_loss[rows] = -(wt * logp)
+        if not (want_grad or plan.want_stats):
+            continue
+        probs = u.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+        if stats is not None:
+            stats = stats + token_stats_from_probs(probs, logp, y_c, torch.ones_like(y_c, dtype=torch.bool))
+        if not want_grad:
+            continue
+        cw = coef[rows].to(acc_dtype) * wt
+        du = probs.mul_(cw.unsqueeze(1))
+        du.scatter_add_(1, y_c.unsqueeze(1), -cw.unsqueeze(1))
+        dz = plan.head.backward(du, t)
+        if db is not None:
+            db.add_(dz.sum(0))
+        dz_mm = dz.to(h.dtype)
+        if dh is not None:
+            torch.mm(dz_mm, w, out=dh[rows])
+        if dw is not None:
+            _mm_into(dw, dz_mm.t(), h_c)
+    return token_loss, stats, dh, dw, db
+
+
+def _scatter_rows(values: Tensor, plan: _Plan) -> Tensor:
+    """``[n, ...]`` supervised rows -> ``[N, ...]`` with zeros at the ignored rows."""
+    if plan.index is None:
+        return values
+    out = values.new_zeros((plan.num_rows, *values.shape[1:]))
+    return out.index_copy_(0, plan.index, values)
+
+
+def _gather_rows(hidden: Tensor, plan: _Plan) -> Tensor:
+    h = hidden if plan.index is None else hidden.index_select(0, plan.index)
+    return h.to(plan.mm_dtype)
+
+
+class _LinearDFTFunction(torch.autograd.Function):
+    """Autograd function for the fused head; ``apply(hidden [N,H], weight [V,H], bias [V]|None, plan)``."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> tuple[Tensor, Tensor]:
+        need = tuple(ctx.needs_input_grad[:3])
+        grad_in_forward = plan.coef is not None and any(need)
+        h = _gather_rows(hidden, plan)
+        w = weight.to(plan.mm_dtype)
+        b = None if bias is None else bias.to(plan.mm_dtype)
+        token_loss, stats, dh, dw, db = _run_chunks(plan, h, w, b, plan.coef if grad_in_forward else None, need)
+        packed = _pack_stats(stats, token_loss)
+        ctx.mark_non_differentiable(packed)
+        ctx.plan = plan
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if plan.coef is not None:
+            loss = (plan.coef.to(token_loss.dtype) * token_loss).sum()
+            if grad_in_forward:
+                dh_full = None if dh is None else _scatter_rows(dh, plan).to(hidden.dtype)
+                ctx.save_for_backward(dh_full, dw, db)
+            return loss, packed
+        ctx.save_for_backward(hidden, weight, bias)
+        return _scatter_rows(token_loss, plan), packed
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, ...]:
+        plan: _Plan = ctx.plan
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        if plan.coef is not None:  # gradients were formed in forward: scale them
+            dh, dw, db = ctx.saved_tensors
+        else:  # reduction="none": recompute with the upstream gradient as coefficients
+            hidden, weight, bias = ctx.saved_tensors
+            upstream = grad_out.reshape(-1)
+            coef = upstream if plan.index is None else upstream.index_select(0, plan.index)
+            h = _gather_rows(hidden, plan)
+            w = weight.to(plan.mm_dtype)
+            b = None if bias is None else bias.to(plan.mm_dtype)
+            _, _, dh, dw, db = _run_chunks(plan, h, w, b, coef, tuple(ctx.needs_input_grad[:3]))
+            dh = None if dh is None else _scatter_rows(dh, plan)
+            grad_out = None
+        return (
+            _finish(dh, grad_out, hidden_dtype),
+            _finish(dw, grad_out, weight_dtype),
+            _finish(db, grad_out, bias_dtype),
+            None,
+        )
+
+
+def _finish(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    if grad is None:
+        return None
+    if scale is not None:
+        grad = grad * scale
+    return grad.to(dtype)
+
+
+def _pack_stats(stats: TokenStats | None, like: Tensor) -> Tensor:
+    if stats is None:
+        return like.new_zeros(0, dtype=torch.float32)
+    return torch.stack([stats.ce_sum, stats.p_sum, stats.correct, stats.entropy_sum, stats.num_tokens])
+
+
+def _check_positive(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+
+
+def _validate_head(hidden: object, weight: object, bias: object) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}.")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}.")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must have shape [..., H] with H = weight.shape[1] = {weight.shape[1]}, got {tuple(hidden.shape)}."
+        )
+    if bias is not None:
+        if not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]:
+            got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {got}.")
+    dtypes = {t.dtype for t in (hidden, weight, bias) if isinstance(t, Tensor)}
+    if len(dtypes) > 1 and not torch.is_autocast_enabled(hidden.device.type):
+        raise TypeError(
+            f"hidden, weight and bias must share a dtype, got {sorted(map(str, dtypes))}; cast them or use torch.autocast."
+        )
+
+
+def _mm_dtype(hidden: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return hidden.dtype
+
+
+@overload
+def linear_dft_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = ...,
+    alpha: float = ...,
+    min_weight: float | None = ...,
+    beta: float = ...,
+    p_min: float | None = ...,
+    p_max: float | None = ...,
+    weight_fn: WeightFn | None = ...,
+    ignore_index: int = ...,
+    reduction: Reduction = ...,
+    num_items_in_batch: int | Tensor | None = ...,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    temperature: float = ...,
+    chunk_size: int | None = ...,
+    validate: bool = ...,
+    return_stats: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def linear_dft_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = ...,
+    alpha: float = ...,
+    min_weight: float | None = ...,
+    beta: float = ...,
+    p_min: float | None = ...,
+    p_max: float | None = ...,
+    weight_fn: WeightFn | None = ...,
+    ignore_index: int = ...,
+    reduction: Reduction = ...,
+    num_items_in_batch: int | Tensor | None = ...,
+    logit_scale: float = ...,
+    softcap: float | None = ...,
+    temperature: float = ...,
+    chunk_size: int | None = ...,
+    validate: bool = ...,
+    return_stats: Literal[True],
+) -> tuple[Tensor, TokenStats]: ...
+def linear_dft_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    alpha: float = 1.0,
+    min_weight: float | None = None,
+    beta: float = 1.0,
+    p_min: float | None = None,
+    p_max: float | None = None,
+    weight_fn: WeightFn | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    num_items_in_batch: int | Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    validate: bool = True,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, TokenStats]:
+    """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
+
+    Equals ``dft.dft_loss(u, labels, ...)`` with
+    ``u = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature``
+    (no tanh when ``softcap`` is None), in value and in gradients w.r.t. ``hidden``, ``weight``
+    and ``bias``.
+
+    Args:
+        hidden: ``[..., H]`` final hidden states (after the final norm), any float dtype.
+        weight: ``[V, H]`` output embedding (``lm_head.weight``); frozen (``requires_grad=False``)
+            skips its gradient matmul.
+        labels: ``[...]`` targets aligned with ``hidden`` (shift them for a causal LM).
+        bias: ``[V]`` optional head bias.
+        alpha, min_weight, beta, p_min, p_max, weight_fn: the weight family (:class:`dft.DFTWeight`).
+        ignore_index, reduction, num_items_in_batch, validate: as in :func:`dft.dft_loss`.
+        logit_scale: multiplies the logits (Cohere-style ``logit_scale``).
+        softcap: final logit soft-capping (Gemma 2 ``final_logit_softcapping``).
+        temperature: divides the logits last.
+        chunk_size: token rows per chunk; None picks it so one chunk's float32 logits take ~64 MiB.
+        return_stats: also return :class:`dft.TokenStats`, computed inside the same chunks.
+
+    Returns:
+        The loss (0-dim float32, float64 for float64 inputs; ``[...]`` for ``reduction="none"``), and
+        the stats when ``return_stats=True``.
+
+    Matmuls run in the input dtype (or the autocast dtype inside ``torch.autocast``); softmax
+    statistics and the weight-gradient accumulator are float32.
+    """
+    _validate_head(hidden, weight, bias)
+    check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, check_range=validate, what="hidden")
+    check_reduction(reduction, labels.shape, num_items_in_batch)
+    _check_positive("logit_scale", logit_scale)
+    _check_positive("temperature", temperature)
+    _check_positive("softcap", softcap, allow_none=True)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    weighting = DFTWeight(alpha=alpha, min_weight=min_weight, beta=beta, p_min=p_min, p_max=p_max, weight_fn=weight_fn)
+    head = _Head(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
+    return _linear_dft_loss(
+        hidden,
+        weight,
+        labels,
+        bias,
+        weighting,
+        head,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        chunk_size,
+        return_stats,
+    )
+
+
+def _linear_dft_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    weighting: DFTWeight,
+    head: _Head,
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    chunk_size: int | None,
+    return_stats: bool,
+) -> Tensor | tuple[Tensor, TokenStats]:
+    valid = labels != ignore_index
+    flat_valid = valid.reshape(-1)
+    num_rows = flat_valid.numel()
+    index = None if bool(flat_valid.all()) else flat_valid.nonzero().squeeze(1)
+    flat_labels = labels.reshape(-1)
+    sup_labels = flat_labels if index is None else flat_labels.index_select(0, index)
+    coef = None
+    if reduction != "none":
+        coef = reduction_coefficients(valid, reduction, num_items_in_batch, compute_dtype(hidden.dtype)).reshape(-1)
+        coef = coef if index is None else coef.index_select(0, index)
+    plan = _Plan(
+        weighting=weighting,
+        head=head,
+        labels=sup_labels,
+        index=index,
+        coef=coef,
+        num_rows=num_rows,
+        chunk_size=chunk_size or auto_chunk_size(weight.shape[0]),
+        mm_dtype=_mm_dtype(hidden),
+        want_stats=return_stats,
+    )
+    loss, packed = _LinearDFTFunction.apply(hidden.reshape(num_rows, hidden.shape[-1]), weight, bias, plan)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    if not return_stats:
+        return loss
+    return loss, TokenStats(*packed.unbind())
+
+
+class LinearDFTLoss(torch.nn.Module):
+    """Module form of :func:`linear_dft_loss`: stores the options; ``forward(hidden, weight, labels, bias=None)``.
+
+    Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]`` -> loss ``[]`` (``[...]`` for ``"none"``).
+    """
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        if "return_stats" in options:
+            raise ValueError("LinearDFTLoss returns the loss only; call linear_dft_loss(return_stats=True) for stats.")
+        linear_dft_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), **options)  # validate
+        self.options = options
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
+        return linear_dft_loss(hidden, weight, labels, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,255 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import ref_dft_loss, ref_stats
+
+import dft
+from dft.fused import auto_chunk_size
+
+HEAD_OPTIONS = [
+    {},
+    {"logit_scale": 0.7},
+    {"softcap": 3.0},
+    {"temperature": 1.7},
+    {"softcap": 2.5, "logit_scale": 1.3, "temperature": 0.8},
+]
+WEIGHT_OPTIONS = [
+    {},
+    {"alpha": 0.0},
+    {"alpha": 0.5, "min_weight": 0.05, "beta": 0.7},
+    {"p_min": 0.01, "p_max": 0.9},
+    {"weight_fn": lambda logp: torch.sigmoid(logp + 3.0)},
+]
+REDUCTIONS = ["mean", "sum", "none", "sequence"]
+
+
+def _ids(options):
+    return ",".join(f"{k}={'fn' if callable(v) else v}" for k, v in options.items()) or "default"
+
+
+def make_head(batch, seq, hidden, vocab, *, dtype=torch.float64, ignore_frac=0.2, bias=True, generator=None):
+    h = torch.randn(batch, seq, hidden, dtype=torch.float64, generator=generator)
+    w = torch.randn(vocab, hidden, dtype=torch.float64, generator=generator) * (3.0 / hidden**0.5)
+    b = torch.randn(vocab, dtype=torch.float64, generator=generator) if bias else None
+    y = torch.randint(0, vocab, (batch, seq), generator=generator)
+    y[torch.rand(batch, seq, generator=generator) < ignore_frac] = -100
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
+    return cast(h), cast(w), cast(b), y
+
+
+def reference_logits(h, w, b, logit_scale=1.0, softcap=None, temperature=1.0):
+    z = F.linear(h, w, b) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def _grads(loss, tensors):
+    out = loss
+    gout = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+    params = [t for t in tensors if t is not None]
+    return torch.autograd.grad((out * gout).sum(), params)
+
+
+@pytest.mark.parametrize("head", HEAD_OPTIONS, ids=_ids)
+@pytest.mark.parametrize("weighting", WEIGHT_OPTIONS, ids=_ids)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_equals_dft_loss_on_materialised_logits_float64(gen, head, weighting, reduction):
+    h, w, b, y = make_head(3, 11, 16, 1003, generator=gen)
+    got = dft.linear_dft_loss(h, w, y, bias=b, reduction=reduction, chunk_size=7, **head, **weighting)
+    want = dft.dft_loss(reference_logits(h, w, b, **head), y, reduction=reduction, **weighting)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+    for g_got, g_want in zip(_grads(got, (h, w, b)), _grads(want, (h, w, b))):
+        torch.testing.assert_close(g_got, g_want, atol=1e-9, rtol=1e-9)
+
+
+def test_matches_independent_reference(gen):
+    """Also against the naive float64 reference of tests/reference.py (not only against dft_loss)."""
+    h, w, b, y = make_head(2, 9, 8, 57, generator=gen)
+    got = dft.linear_dft_loss(h, w, y, bias=b, chunk_size=4)
+    want = ref_dft_loss(F.linear(h, w, b), y)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    for g1, g2 in zip(_grads(got, (h, w, b)), _grads(want, (h, w, b))):
+        torch.testing.assert_close(g1, g2, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float32_relative_1e5(gen, reduction):
+    h, w, b, y = make_head(2, 33, 32, 517, dtype=torch.float32, generator=gen)
+    got = dft.linear_dft_loss(h, w, y, bias=b, reduction=reduction)
+    want = dft.dft_loss(F.linear(h, w, b), y, reduction=reduction)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for g1, g2 in zip(_grads(got, (h, w, b)), _grads(want, (h, w, b))):
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, 10_000, None])
+def test_chunk_size_does_not_change_result(gen, chunk_size):
+    h, w, b, y = make_head(2, 13, 8, 41, generator=gen)
+    base = dft.linear_dft_loss(h, w, y, bias=b, chunk_size=3)
+    got = dft.linear_dft_loss(h, w, y, bias=b, chunk_size=chunk_size)
+    torch.testing.assert_close(got, base, atol=1e-12, rtol=1e-12)
+
+
+def test_gradcheck_float64(gen):
+    """Fixed external weight: then the analytic gradient must equal finite differences (also CE)."""
+    h, w, b, y = make_head(2, 3, 4, 6, generator=gen)
+    fixed = torch.rand(2, 3, dtype=torch.float64, generator=gen)
+    for options in ({"alpha": 0.0}, {"weight_fn": lambda logp: fixed.reshape(-1)[: logp.numel()]}):
+        for reduction in REDUCTIONS:
+            for head in ({}, {"softcap": 2.0, "logit_scale": 1.5, "temperature": 0.7}):
+
+                def fn(h, w, b, options=options, reduction=reduction, head=head):
+                    return dft.linear_dft_loss(h, w, y, bias=b, reduction=reduction, chunk_size=2, **head, **options)
+
+                assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_ignored_is_zero_with_zero_grads(gen, reduction):
+    h, w, b, y = make_head(2, 5, 8, 17, dtype=torch.float32, generator=gen)
+    y[:] = -100
+    loss = dft.linear_dft_loss(h, w, y, bias=b, reduction=reduction)
+    gh, gw, gb = _grads(loss, (h, w, b))
+    assert torch.isfinite(loss).all() and (loss == 0).all()
+    assert not gh.any() and not gw.any() and not gb.any()
+
+
+def test_frozen_weight_and_frozen_hidden(gen):
+    h, w, b, y = make_head(2, 7, 8, 29, bias=False, generator=gen)
+    w_frozen = w.detach()
+    loss = dft.linear_dft_loss(h, w_frozen, y)
+    (gh,) = torch.autograd.grad(loss, h)
+    want = dft.dft_loss(F.linear(h, w_frozen), y)
+    (gh_want,) = torch.autograd.grad(want, h)
+    torch.testing.assert_close(gh, gh_want)
+    h_frozen = h.detach()
+    loss = dft.linear_dft_loss(h_frozen, w, y)
+    (gw,) = torch.autograd.grad(loss, w)
+    (gw_want,) = torch.autograd.grad(dft.dft_loss(F.linear(h_frozen, w), y), w)
+    torch.testing.assert_close(gw, gw_want)
+
+
+def test_no_grad_forward_only(gen):
+    h, w, b, y = make_head(2, 7, 8, 29, generator=gen)
+    with torch.no_grad():
+        loss = dft.linear_dft_loss(h, w, y, bias=b)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, dft.dft_loss(F.linear(h, w, b), y).detach())
+
+
+def test_upstream_scale_reaches_gradients(gen):
+    """Backward scales the gradients formed in forward by the upstream gradient (e.g. 1/accum steps)."""
+    h, w, b, y = make_head(2, 7, 8, 29, generator=gen)
+    g1 = torch.autograd.grad(dft.linear_dft_loss(h, w, y, bias=b) * 0.25, (h, w, b))
+    g2 = torch.autograd.grad(dft.dft_loss(F.linear(h, w, b), y) * 0.25, (h, w, b))
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c)
+
+
+def test_gradient_accumulation_equals_full_batch(gen):
+    h, w, b, y = make_head(8, 6, 8, 23, ignore_frac=0.5, generator=gen)
+    full = torch.autograd.grad(dft.linear_dft_loss(h, w, y, bias=b), (h, w, b))
+    total = int((y != -100).sum())
+    acc = [torch.zeros_like(t) for t in (h, w, b)]
+    for rows in torch.arange(8).split(3):
+        grads = torch.autograd.grad(
+            dft.linear_dft_loss(h[rows], w, y[rows], bias=b, num_items_in_batch=total), (h, w, b)
+        )
+        for a, g in zip(acc, grads):
+            a += g
+    for a, g in zip(acc, full):
+        torch.testing.assert_close(a, g, atol=1e-13, rtol=1e-11)
+
+
+def test_return_stats_match_reference(gen):
+    h, w, b, y = make_head(3, 17, 16, 211, generator=gen)
+    loss, stats = dft.linear_dft_loss(h, w, y, bias=b, return_stats=True, chunk_size=5)
+    want = ref_stats(F.linear(h, w, b), y)
+    for k, v in stats.as_dict().items():
+        assert v == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+    assert stats.num_tokens.item() == int((y != -100).sum())
+    torch.testing.assert_close(loss, dft.linear_dft_loss(h, w, y, bias=b))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
+def test_low_precision_within_error_budget(gen, dtype, tol):
+    """|fused - fp64| <= |naive in the same dtype - fp64| + tol, for the value and every gradient."""
+    h64, w64, b64, y = make_head(2, 40, 64, 1003, generator=gen)
+    h, w, b = (t.detach().to(dtype).requires_grad_(True) for t in (h64, w64, b64))
+    hd, wd, bd = (t.detach().double().requires_grad_(True) for t in (h, w, b))
+    exact = ref_dft_loss(F.linear(hd, wd, bd), y)
+    exact_grads = torch.autograd.grad(exact, (hd, wd, bd))
+
+    fused = dft.linear_dft_loss(h, w, y, bias=b)
+    fused_grads = torch.autograd.grad(fused, (h, w, b))
+    naive = dft.dft_loss(F.linear(h, w, b), y)
+    naive_grads = torch.autograd.grad(naive, (h, w, b))
+    assert fused.dtype == torch.float32
+    assert abs(fused.double() - exact) <= abs(naive.double() - exact) + tol
+    for f, n, e in zip(fused_grads, naive_grads, exact_grads):
+        assert f.dtype == dtype
+        scale = e.abs().max()
+        assert (f.double() - e).abs().max() <= (n.double() - e).abs().max() + tol * scale + torch.finfo(
+            dtype
+        ).eps * scale
+
+
+def test_autocast_runs_matmuls_in_autocast_dtype(gen):
+    h, w, b, y = make_head(2, 9, 16, 53, dtype=torch.float32, bias=False, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dft.linear_dft_loss(h, w, y)
+        want = dft.dft_loss(F.linear(h, w), y)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+    torch.testing.assert_close(loss, want, atol=1e-2, rtol=1e-2)
+
+
+def test_module_form(gen):
+    h, w, b, y = make_head(2, 5, 8, 19, generator=gen)
+    module = dft.LinearDFTLoss(alpha=0.5, softcap=4.0)
+    torch.testing.assert_close(module(h, w, y, b), dft.linear_dft_loss(h, w, y, bias=b, alpha=0.5, softcap=4.0))
+    with pytest.raises(ValueError, match="softcap"):
+        dft.LinearDFTLoss(softcap=-1.0)
+
+
+def test_auto_chunk_size_bounds():
+    assert auto_chunk_size(32000) & (auto_chunk_size(32000) - 1) == 0
+    assert auto_chunk_size(128256) < auto_chunk_size(32000)
+    assert 16 <= auto_chunk_size(10**9) and auto_chunk_size(1) <= 8192
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"weight": torch.randn(11, 5)},
+            ValueError,
+            r"hidden must have shape \[..., H\] with H = weight.shape\[1\] = 5",
+        ),
+        ({"weight": torch.randn(11)}, ValueError, r"weight must have shape \[V, H\]"),
+        ({"bias": torch.randn(10)}, ValueError, r"bias must have shape \[V\] = \(11,\)"),
+        ({"weight": torch.randn(11, 4, dtype=torch.float64)}, TypeError, "share a dtype"),
+        ({"labels": torch.zeros(3, dtype=torch.long)}, ValueError, r"labels shape \(3,\).*hidden shape"),
+        ({"labels": torch.full((2, 3), 11)}, ValueError, r"in \[0, 11\)"),
+        ({"labels": torch.zeros(2, 3)}, TypeError, "integer tensor"),
+        ({"hidden": torch.zeros(2, 3, 4, dtype=torch.long)}, TypeError, "hidden must be a floating-point"),
+        ({"softcap": 0.0}, ValueError, "softcap must be a finite number > 0"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"logit_scale": float("inf")}, ValueError, "logit_scale"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"alpha": -0.5}, ValueError, "alpha must be >= 0"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = {
+        "hidden": torch.randn(2, 3, 4),
+        "weight": torch.randn(11, 4),
+        "labels": torch.randint(0, 11, (2, 3)),
+    }
+    for k in ("hidden", "weight", "labels"):
+        if k in kwargs:
+            args[k] = kwargs.pop(k)
+    with pytest.raises(error, match=match):
+        dft.linear_dft_loss(args["hidden"], args["weight"], args["labels"], **kwargs)
