@@ -33,7 +33,10 @@ def make_head(batch, seq, hidden, vocab, *, dtype=torch.float64, ignore_frac=0.2
     b = torch.randn(vocab, dtype=torch.float64, generator=generator) if bias else None
     y = torch.randint(0, vocab, (batch, seq), generator=generator)
     y[torch.rand(batch, seq, generator=generator) < ignore_frac] = -100
-    cast = lambda t: None if t is None else t.to(dtype).requires_grad_(True)
+
+    def cast(t):
+        return None if t is None else t.to(dtype).requires_grad_(True)
+
     return cast(h), cast(w), cast(b), y
 
 
