@@ -1,8 +1,14 @@
 """dft: Dynamic Fine-Tuning (DFT) as a drop-in replacement for SFT's cross-entropy.
 
 ``loss_t = -sg(p_t ** alpha) * log p_t`` averaged over supervised tokens (Wu et al. 2025).
+
+The Trainer adapter (``DFTConfig``, ``DFTTrainer``, ``DFTSFTTrainer``) imports ``transformers``
+lazily, on first access.
 """
 
+from typing import Any
+
+from .causal import CausalLMLossOutput, causal_lm_loss
 from .fused import LinearDFTLoss, linear_dft_loss
 from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, shift_causal_labels, token_stats
 from .stats import TokenStats
@@ -10,15 +16,38 @@ from .weights import DFTWeight
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DFTConfig": "trainer",
+    "DFTTrainer": "trainer",
+    "DFTTrainerMixin": "trainer",
+    "DFTSFTTrainer": "trl_compat",
+    "global_num_items": "distributed",
+}
+
 __all__ = [
+    "CausalLMLossOutput",
+    "DFTConfig",
     "DFTLoss",
+    "DFTSFTTrainer",
+    "DFTTrainer",
+    "DFTTrainerMixin",
     "DFTWeight",
     "LinearDFTLoss",
     "TokenStats",
     "causal_dft_loss",
+    "causal_lm_loss",
     "compute_loss_func",
     "dft_loss",
+    "global_num_items",
     "linear_dft_loss",
     "shift_causal_labels",
     "token_stats",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'dft' has no attribute {name!r}")

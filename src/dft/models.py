@@ -1,0 +1,88 @@
+"""Find the backbone, output head, logit scale and final softcap of a Hugging Face causal LM.
+
+One helper shared by every adapter (Trainer, plain loops, accelerate). It never patches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["CausalLMParts", "find_causal_lm_parts", "unwrap_model"]
+
+
+@dataclass(frozen=True)
+class CausalLMParts:
+    """What the fused loss needs from a causal LM.
+
+    Attributes:
+        backbone: module returning the final (normed) hidden states ``[B, T, H]`` as ``outputs[0]``.
+        head: the output embedding (``nn.Linear``, tied or not).
+        logit_scale: multiplier of the logits (Cohere ``logit_scale``; ``1 / logits_scaling`` for Granite).
+        softcap: final logit soft-capping (Gemma 2/3 ``final_logit_softcapping``) or None.
+    """
+
+    backbone: nn.Module
+    head: nn.Linear
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def head_weight(self) -> tuple[Tensor, Tensor | None]:
+        """``(weight [V, H], bias [V] | None)``, gathered to full tensors for FSDP2 / DTensor parameters."""
+        weight, bias = self.head.weight, self.head.bias
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch without distributed
+            return weight, bias
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+        if isinstance(bias, DTensor):
+            bias = bias.full_tensor()
+        return weight, bias
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/FSDP1 (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
+            model = model.get_base_model()
+    return model
+
+
+def _is_plain_linear(module: object) -> bool:
+    """An ``nn.Linear`` whose forward is exactly ``x @ W.T + b`` (no LoRA / quantisation wrapper)."""
+    return (
+        isinstance(module, nn.Linear) and type(module).__module__.startswith("torch.") and not hasattr(module, "lora_A")
+    )
+
+
+def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
+    """Backbone + head of a transformers causal LM, or None when the model cannot be seen into.
+
+    Works for ``*ForCausalLM`` models (Llama, Qwen2, Mistral, Gemma/Gemma2/3, Phi, Cohere, Granite, ...),
+    tied or untied embeddings, PEFT-wrapped models (LoRA inside the backbone), DDP and compiled models.
+    Returns None when the output head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``, a
+    quantised head) or when no backbone attribute is found: callers then use the logits path.
+    """
+    inner = unwrap_model(model)
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    prefix = getattr(inner, "base_model_prefix", "")
+    backbone = getattr(inner, prefix, None) if prefix else None
+    if not _is_plain_linear(head) or not isinstance(backbone, nn.Module) or backbone is inner:
+        return None
+    config = getattr(inner, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = float(getattr(text_config, "logit_scale", None) or 1.0)
+    granite = getattr(text_config, "logits_scaling", None)
+    if granite:
+        scale /= float(granite)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return CausalLMParts(backbone=backbone, head=head, logit_scale=scale, softcap=float(softcap) if softcap else None)

@@ -1,0 +1,172 @@
+"""Hugging Face Trainer adapter: ``DFTConfig`` and ``DFTTrainer`` (fused head, exact normalisation).
+
+Swap ``Trainer``/``TrainingArguments`` for ``DFTTrainer``/``DFTConfig`` and keep everything else::
+
+    args = dft.DFTConfig(output_dir="out", dft_alpha=1.0, dft_warmup_ratio=0.1)
+    trainer = dft.DFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    trainer.train()
+
+The adapter only translates: it finds the backbone and head (:mod:`dft.models`), passes tensors to
+:func:`dft.linear_dft_loss` through :func:`dft.causal_lm_loss`, and logs what comes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
+
+from .causal import causal_lm_loss
+from .stats import TokenStats
+from .weights import DFTWeight
+
+__all__ = ["DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
+
+LOSS_TYPES = ("dft", "sft")
+
+
+def beta_schedule(step: int, final_beta: float, warmup_steps: int) -> float:
+    """CE -> DFT warm-up: ``beta`` ramps linearly from 0 at step 0 to ``final_beta`` at ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return final_beta
+    return final_beta * min(1.0, step / warmup_steps)
+
+
+@dataclass
+class DFTConfig(TrainingArguments):
+    """``TrainingArguments`` plus the DFT loss options.
+
+    Args:
+        loss_type (`str`, *optional*, defaults to `"dft"`):
+            `"dft"` for Dynamic Fine-Tuning, `"sft"` for plain cross-entropy (same code path, `alpha=0`),
+            handy for side-by-side runs.
+        dft_alpha (`float`, *optional*, defaults to `1.0`):
+            Power of the detached target probability in the token weight, `w = p ** alpha`.
+        dft_min_weight (`float`, *optional*):
+            Floor of the token weight, `w = max(w, dft_min_weight)` (the authors' pre-release code used 0.01).
+        dft_beta (`float`, *optional*, defaults to `1.0`):
+            Mix with cross-entropy, `w = beta * w + (1 - beta)`; the final value of the warm-up.
+        dft_warmup_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps over which `beta` ramps linearly from 0 (CE) to `dft_beta`.
+        dft_warmup_ratio (`float`, *optional*, defaults to `0.0`):
+            Same as a fraction of the total training steps; used when `dft_warmup_steps` is 0.
+        fused_lm_head (`bool`, *optional*, defaults to `True`):
+            Compute the loss from the last hidden states and the output embedding without building
+            the `[tokens, vocab]` logits. False uses the logits path.
+        loss_chunk_size (`int`, *optional*):
+            Token rows per chunk of the fused head; None picks it from a ~64 MiB budget.
+    """
+
+    loss_type: str = field(default="dft", metadata={"help": "'dft' (Dynamic Fine-Tuning) or 'sft' (cross-entropy)."})
+    dft_alpha: float = field(default=1.0, metadata={"help": "Token weight w = p ** alpha (detached)."})
+    dft_min_weight: float | None = field(default=None, metadata={"help": "Floor of the token weight."})
+    dft_beta: float = field(default=1.0, metadata={"help": "Mix w = beta * w + (1 - beta); 0 is CE."})
+    dft_warmup_steps: int = field(default=0, metadata={"help": "Steps of the CE -> DFT ramp of beta."})
+    dft_warmup_ratio: float = field(default=0.0, metadata={"help": "CE -> DFT ramp as a fraction of training."})
+    fused_lm_head: bool = field(default=True, metadata={"help": "Fused LM-head loss (no full logits)."})
+    loss_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused head."})
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        DFTWeight(alpha=self.dft_alpha, min_weight=self.dft_min_weight, beta=self.dft_beta)  # validates
+        if not isinstance(self.dft_warmup_steps, int) or self.dft_warmup_steps < 0:
+            raise ValueError(f"dft_warmup_steps must be an int >= 0, got {self.dft_warmup_steps!r}.")
+        if not 0.0 <= self.dft_warmup_ratio < 1.0:
+            raise ValueError(f"dft_warmup_ratio must be in [0, 1), got {self.dft_warmup_ratio!r}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size!r}.")
+        super().__post_init__()
+
+
+class DFTTrainerMixin:
+    """The DFT ``compute_loss`` + logging, for any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer).
+
+    Reads the loss options from ``self.args`` (a :class:`DFTConfig` or any arguments object with the
+    same fields; missing fields take the DFT defaults).
+    """
+
+    def _dft_init(self) -> None:
+        self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
+        self._dft_beta_used: float | None = None
+        # The loss is normalised by num_items_in_batch: make Trainer count it (shift-aware) for every
+        # model and not divide the loss again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+
+    def _dft_option(self, name: str, default: Any) -> Any:
+        return getattr(self.args, name, default)
+
+    def current_dft_beta(self) -> float:
+        """``beta`` at the current optimizer step (the CE -> DFT warm-up; restored on resume)."""
+        steps = self._dft_option("dft_warmup_steps", 0)
+        ratio = self._dft_option("dft_warmup_ratio", 0.0)
+        if not steps and ratio:
+            steps = int(ratio * max(self.state.max_steps, 1) + 0.5)
+        return beta_schedule(self.state.global_step, self._dft_option("dft_beta", 1.0), steps)
+
+    def dft_loss_options(self) -> dict[str, Any]:
+        """Keyword options for :func:`dft.causal_lm_loss` at the current step."""
+        sft = self._dft_option("loss_type", "dft") == "sft"
+        return {
+            "alpha": 0.0 if sft else self._dft_option("dft_alpha", 1.0),
+            "min_weight": None if sft else self._dft_option("dft_min_weight", None),
+            "beta": 1.0 if sft else self.current_dft_beta(),
+            "chunk_size": self._dft_option("loss_chunk_size", None),
+        }
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        options = self.dft_loss_options()
+        out = causal_lm_loss(
+            model,
+            inputs,
+            num_items_in_batch=num_items_in_batch,
+            fused=self._dft_option("fused_lm_head", True),
+            **options,
+        )
+        mode = "train" if model.training else "eval"
+        if mode == "train":
+            self._dft_beta_used = options["beta"]
+        previous = self._dft_stats.get(mode)
+        self._dft_stats[mode] = out.stats if previous is None else previous + out.stats
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients: undo the average.
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp)
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        for mode, prefix, key in (("train", "", "loss"), ("eval", "eval_", "eval_loss")):
+            stats = self._dft_stats.get(mode)
+            if key in logs and stats is not None:
+                packed = torch.stack([getattr(stats, f.name) for f in fields(TokenStats)])
+                packed = self.accelerator.reduce(packed, reduction="sum")
+                logs.update(TokenStats(*packed.unbind()).as_dict(prefix))
+                self._dft_stats[mode] = None
+        if "loss" in logs and self._dft_beta_used is not None:
+            logs["dft_beta"] = self._dft_beta_used  # the beta of the last step the logged loss covers
+        super().log(logs, *args, **kwargs)
+
+
+class DFTTrainer(DFTTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose loss is DFT on the fused LM head.
+
+    Logs ``loss`` (the DFT loss), ``ce``, ``mean_p``, ``token_accuracy``, ``entropy`` and ``dft_beta``
+    during training, and ``eval_loss`` (DFT), ``eval_ce``, ``eval_mean_p``, ``eval_token_accuracy``,
+    ``eval_entropy`` from ``evaluate()`` (which needs no logits). Gradient accumulation and
+    ``average_tokens_across_devices`` give the same update as one big batch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dft_init()

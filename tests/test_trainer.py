@@ -1,0 +1,283 @@
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny_models import VOCAB, tiny_model, token_batch
+from transformers import Trainer, TrainingArguments, default_data_collator
+
+import dft
+from dft.causal import causal_lm_loss, supervised_labels
+from dft.models import find_causal_lm_parts
+
+
+def _dataset(n: int = 8, seq: int = 10, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+    labels = ids.clone()
+    for i in range(n):  # uneven numbers of supervised tokens per example
+        labels[i, : 1 + (i * 3) % (seq - 1)] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
+
+
+def _args(tmp_path, **kw) -> dft.DFTConfig:
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 2,
+        "learning_rate": 0.5,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+    base.update(kw)
+    return dft.DFTConfig(**base)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gemma2"])
+@pytest.mark.parametrize("options", [{}, {"alpha": 0.5, "min_weight": 0.01, "beta": 0.7}])
+def test_fused_path_equals_logits_path(kind, options):
+    model = tiny_model(kind)
+    batch = token_batch(3, 11)
+    fused = causal_lm_loss(model, batch, **options)
+    logits = causal_lm_loss(model, batch, fused=False, **options)
+    assert fused.fused and not logits.fused
+    g_fused = torch.autograd.grad(fused.loss, list(model.parameters()), allow_unused=True)
+    g_logits = torch.autograd.grad(logits.loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(fused.loss, logits.loss, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_fused, g_logits):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # and the logits path is the model's own logits + dft.causal_dft_loss
+    with torch.no_grad():
+        model_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(
+        logits.loss.detach(), dft.causal_dft_loss(model_logits, batch["labels"], **options), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_parts_read_softcap_and_tied_head():
+    parts = find_causal_lm_parts(tiny_model("gemma2"))
+    assert parts.softcap == 5.0 and parts.logit_scale == 1.0
+    tied = tiny_model("llama_tied")
+    assert find_causal_lm_parts(tied).head.weight is tied.get_input_embeddings().weight
+
+
+def test_packed_boundaries_are_not_supervised():
+    labels = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2]])  # two packed sequences
+    got = supervised_labels({"labels": labels, "position_ids": position_ids})
+    assert got.tolist() == [[6, 7, -100, 9, 10, -100]]
+    assert supervised_labels({"labels": labels}).tolist() == [[6, 7, 8, 9, 10, -100]]
+
+
+def test_packed_batch_equals_separate_sequences():
+    """Padding-free packing (position_ids) gives the same loss as the two sequences in a padded batch."""
+    model = tiny_model("llama")
+    a, b = torch.randint(0, VOCAB, (5,)), torch.randint(0, VOCAB, (7,))
+    packed = {
+        "input_ids": torch.cat([a, b])[None],
+        "labels": torch.cat([a, b])[None],
+        "position_ids": torch.cat([torch.arange(5), torch.arange(7)])[None],
+    }
+    separate = [causal_lm_loss(model, {"input_ids": x[None], "labels": x[None]}, reduction="sum") for x in (a, b)]
+    got = causal_lm_loss(model, packed, reduction="sum")
+    torch.testing.assert_close(got.loss, separate[0].loss + separate[1].loss, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_model_falls_back_with_one_warning():
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 8)
+            self.out = torch.nn.Linear(8, VOCAB)
+
+        def forward(self, input_ids, attention_mask=None):
+            return {"logits": self.out(self.emb(input_ids))}
+
+    model = Bare()
+    batch = token_batch()
+    with pytest.warns(RuntimeWarning, match="Bare"):
+        out = causal_lm_loss(model, batch)
+    assert not out.fused
+    logits = model(batch["input_ids"])["logits"]
+    torch.testing.assert_close(out.loss, dft.causal_dft_loss(logits, batch["labels"]))
+
+
+def test_gradient_accumulation_equals_big_batch(tmp_path):
+    data = _dataset(8)
+    big = tiny_model("llama")
+    DFTTrainer = dft.DFTTrainer
+    DFTTrainer(model=big, args=_args(tmp_path, per_device_train_batch_size=8), train_dataset=data).train()
+    acc = tiny_model("llama")
+    DFTTrainer(
+        model=acc,
+        args=_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4),
+        train_dataset=data,
+    ).train()
+    start = tiny_model("llama")
+    moved = 0.0
+    for (name, p_big), p_acc, p0 in zip(big.named_parameters(), acc.parameters(), start.parameters()):
+        torch.testing.assert_close(p_acc, p_big, atol=1e-6, rtol=1e-5, msg=name)
+        moved = max(moved, (p_big - p0).abs().max().item())
+    assert moved > 1e-4  # the step really changed the parameters
+
+
+def test_all_masked_micro_batch_trains_on(tmp_path):
+    data = _dataset(4)
+    rows = data.to_dict()
+    rows["labels"][0] = [-100] * len(rows["labels"][0])
+    rows["labels"][1] = [-100] * len(rows["labels"][1])
+    data = Dataset.from_dict(rows)
+    args = _args(tmp_path, per_device_train_batch_size=2, max_steps=2, gradient_accumulation_steps=1)
+    trainer = dft.DFTTrainer(model=tiny_model("llama"), args=args, train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_logs_diagnostics_and_eval_without_logits(tmp_path):
+    data = _dataset(8)
+    args = _args(tmp_path, max_steps=3, dft_warmup_steps=2, per_device_eval_batch_size=4)
+    trainer = dft.DFTTrainer(model=tiny_model("qwen2"), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("ce", "mean_p", "token_accuracy", "entropy", "dft_beta"):
+        assert key in train_logs[0], key
+    assert [h["dft_beta"] for h in train_logs] == [0.0, 0.5, 1.0]  # beta used by steps 1, 2, 3
+    assert train_logs[0]["loss"] == pytest.approx(train_logs[0]["ce"], rel=1e-5)  # beta=0 is CE
+    assert train_logs[2]["loss"] < 0.1 * train_logs[2]["ce"]  # DFT: each token scaled by p
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_ce", "eval_mean_p", "eval_token_accuracy", "eval_entropy"):
+        assert key in metrics and math.isfinite(metrics[key]), key
+    # eval CE equals the cross-entropy computed on materialised logits
+    model = trainer.model.eval()
+    batch = default_data_collator([data[i] for i in range(8)])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want_ce = dft.causal_dft_loss(logits, batch["labels"], alpha=0.0).item()
+    assert metrics["eval_ce"] == pytest.approx(want_ce, rel=1e-4)
+
+
+def test_sft_loss_type_is_cross_entropy(tmp_path):
+    model = tiny_model("llama")
+    args = _args(tmp_path, loss_type="sft")
+    trainer = dft.DFTTrainer(model=model, args=args, train_dataset=_dataset(2))
+    batch = token_batch()
+    loss = trainer.compute_loss(model, dict(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_reproduces_loss_trajectory(tmp_path):
+    data = _dataset(8)
+    common = {"max_steps": 6, "dft_warmup_steps": 4, "learning_rate": 0.1, "save_strategy": "steps", "save_steps": 3}
+    full = dft.DFTTrainer(model=tiny_model("llama"), args=_args(tmp_path / "a", **common), train_dataset=data)
+    full.train()
+    resumed = dft.DFTTrainer(
+        model=tiny_model("llama", seed=1), args=_args(tmp_path / "a", **common), train_dataset=data
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-3"))
+
+    def trajectory(trainer):
+        return {h["step"]: (h["loss"], h["dft_beta"]) for h in trainer.state.log_history if "loss" in h}
+
+    want, got = trajectory(full), trajectory(resumed)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come back from the checkpoint's state
+    for step in (4, 5, 6):
+        assert got[step][0] == pytest.approx(want[step][0], rel=1e-5)
+        assert got[step][1] == want[step][1]
+
+
+def test_lora_trains_only_adapters(tmp_path):
+    peft = pytest.importorskip("peft")  # dev extra: installed by .ci/run
+    model = tiny_model("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    assert find_causal_lm_parts(lora) is not None
+    trainer = dft.DFTTrainer(model=lora, args=_args(tmp_path, max_steps=2), train_dataset=_dataset(4))
+    trainer.train()
+    changed = {n for n, p in lora.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = tiny_model("llama")
+    batch = token_batch(2, 10)
+    g_plain = torch.autograd.grad(causal_lm_loss(model, batch).loss, list(model.parameters()))
+    model.gradient_checkpointing_enable()
+    model.train()
+    g_ckpt = torch.autograd.grad(causal_lm_loss(model, batch).loss, list(model.parameters()))
+    for a, b in zip(g_plain, g_ckpt):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_compute_loss_func_with_plain_trainer(tmp_path):
+    data = _dataset(8)
+    args = TrainingArguments(**{k: v for k, v in _args(tmp_path).to_dict().items() if k in ("output_dir",)})
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    plain_args = TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    plain = tiny_model("llama")
+    Trainer(
+        model=plain, args=plain_args, train_dataset=data, compute_loss_func=functools.partial(dft.compute_loss_func)
+    ).train()
+    ours = tiny_model("llama")
+    dft.DFTTrainer(model=ours, args=args, train_dataset=data).train()
+    for a, b in zip(plain.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_type": "dpo"}, "loss_type must be one of"),
+        ({"dft_alpha": -1.0}, "alpha must be >= 0"),
+        ({"dft_beta": 2.0}, "beta must be <= 1"),
+        ({"dft_min_weight": 1.5}, "min_weight must be <= 1"),
+        ({"dft_warmup_steps": -3}, "dft_warmup_steps"),
+        ({"dft_warmup_ratio": 1.5}, "dft_warmup_ratio"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dft.DFTConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_beta_schedule():
+    from dft.trainer import beta_schedule
+
+    assert [beta_schedule(s, 1.0, 4) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert beta_schedule(0, 0.8, 0) == 0.8
+
+
+def test_no_warning_for_known_models():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        causal_lm_loss(tiny_model("qwen2"), token_batch())
