@@ -52,3 +52,14 @@ def token_batch(batch: int = 2, seq: int = 12, *, prompt: int = 3, seed: int = 0
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :prompt] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over VOCAB ids ("t0" ... ), built locally (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")

@@ -20,14 +20,18 @@ _LAZY = {
     "DFTConfig": "trainer",
     "DFTTrainer": "trainer",
     "DFTTrainerMixin": "trainer",
+    "DFTArguments": "trainer",
+    "DFTSFTConfig": "trl_compat",
     "DFTSFTTrainer": "trl_compat",
     "global_num_items": "distributed",
 }
 
 __all__ = [
     "CausalLMLossOutput",
+    "DFTArguments",
     "DFTConfig",
     "DFTLoss",
+    "DFTSFTConfig",
     "DFTSFTTrainer",
     "DFTTrainer",
     "DFTTrainerMixin",

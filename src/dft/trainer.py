@@ -23,9 +23,9 @@ from .causal import causal_lm_loss
 from .stats import TokenStats
 from .weights import DFTWeight
 
-__all__ = ["DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
+__all__ = ["DFTArguments", "DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
 
-LOSS_TYPES = ("dft", "sft")
+LOSS_TYPES = ("dft", "sft", "nll")  # "nll" is TRL's name for cross-entropy
 
 
 def beta_schedule(step: int, final_beta: float, warmup_steps: int) -> float:
@@ -36,13 +36,13 @@ def beta_schedule(step: int, final_beta: float, warmup_steps: int) -> float:
 
 
 @dataclass
-class DFTConfig(TrainingArguments):
-    """``TrainingArguments`` plus the DFT loss options.
+class DFTArguments:
+    """The DFT loss options, as dataclass fields shared by :class:`DFTConfig` and TRL's ``DFTSFTConfig``.
 
     Args:
         loss_type (`str`, *optional*, defaults to `"dft"`):
-            `"dft"` for Dynamic Fine-Tuning, `"sft"` for plain cross-entropy (same code path, `alpha=0`),
-            handy for side-by-side runs.
+            `"dft"` for Dynamic Fine-Tuning, `"sft"` (or TRL's `"nll"`) for plain cross-entropy through the
+            same code path (`alpha=0`), handy for side-by-side runs.
         dft_alpha (`float`, *optional*, defaults to `1.0`):
             Power of the detached target probability in the token weight, `w = p ** alpha`.
         dft_min_weight (`float`, *optional*):
@@ -69,7 +69,8 @@ class DFTConfig(TrainingArguments):
     fused_lm_head: bool = field(default=True, metadata={"help": "Fused LM-head loss (no full logits)."})
     loss_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused head."})
 
-    def __post_init__(self) -> None:
+    def validate_dft_arguments(self) -> None:
+        """Raise ``ValueError`` naming the field for an invalid DFT option."""
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
         DFTWeight(alpha=self.dft_alpha, min_weight=self.dft_min_weight, beta=self.dft_beta)  # validates
@@ -79,6 +80,16 @@ class DFTConfig(TrainingArguments):
             raise ValueError(f"dft_warmup_ratio must be in [0, 1), got {self.dft_warmup_ratio!r}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size!r}.")
+
+
+@dataclass
+class DFTConfig(DFTArguments, TrainingArguments):
+    """``transformers.TrainingArguments`` plus the DFT loss options of :class:`DFTArguments`:
+    ``loss_type``, ``dft_alpha``, ``dft_min_weight``, ``dft_beta``, ``dft_warmup_steps``,
+    ``dft_warmup_ratio``, ``fused_lm_head``, ``loss_chunk_size``. Invalid values raise ``ValueError``."""
+
+    def __post_init__(self) -> None:
+        self.validate_dft_arguments()
         super().__post_init__()
 
 
@@ -110,7 +121,7 @@ class DFTTrainerMixin:
 
     def dft_loss_options(self) -> dict[str, Any]:
         """Keyword options for :func:`dft.causal_lm_loss` at the current step."""
-        sft = self._dft_option("loss_type", "dft") == "sft"
+        sft = self._dft_option("loss_type", "dft") in ("sft", "nll")
         return {
             "alpha": 0.0 if sft else self._dft_option("dft_alpha", 1.0),
             "min_weight": None if sft else self._dft_option("dft_min_weight", None),

@@ -1,0 +1,43 @@
+"""TRL interop: ``DFTSFTTrainer`` gives ``trl.SFTTrainer`` users every DFT variant on the fused head.
+
+Requires the optional extra ``pip install dft[trl]``. Everything SFTTrainer does to the data
+(chat templates, completion-only loss, packing, padding-free) is kept; only ``compute_loss`` and the
+logged diagnostics come from :class:`dft.DFTTrainerMixin`::
+
+    from dft import DFTSFTConfig, DFTSFTTrainer
+    args = DFTSFTConfig(output_dir="out", loss_type="dft", dft_alpha=1.0, dft_min_weight=0.01)
+    DFTSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+
+``loss_type`` keeps TRL's values: ``"dft"`` (default here) or ``"nll"`` (cross-entropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("dft.DFTSFTTrainer needs TRL: pip install 'dft[trl]'.") from e
+
+from .trainer import DFTArguments, DFTTrainerMixin
+
+__all__ = ["DFTSFTConfig", "DFTSFTTrainer"]
+
+
+@dataclass
+class DFTSFTConfig(DFTArguments, SFTConfig):
+    """``trl.SFTConfig`` plus the DFT loss options of :class:`dft.DFTArguments` (``loss_type`` defaults to "dft")."""
+
+    def __post_init__(self) -> None:
+        self.validate_dft_arguments()
+        super().__post_init__()
+
+
+class DFTSFTTrainer(DFTTrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` whose loss is :func:`dft.causal_lm_loss` (fused head, exact normalisation)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dft_init()

@@ -1,0 +1,69 @@
+import pytest
+import torch
+from datasets import Dataset
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+
+import dft
+
+trl = pytest.importorskip("trl")  # dev extra: installed by .ci/run
+
+
+def _data(n=8, seq=10):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (n, seq), generator=g)
+    masks = [[0] * (2 + i % 4) + [1] * (seq - 2 - i % 4) for i in range(n)]
+    return Dataset.from_dict({"input_ids": ids.tolist(), "completion_mask": masks})
+
+
+def _common(tmp_path):
+    return {
+        "output_dir": str(tmp_path),
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 0.5,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "completion_only_loss": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_dft_sft_trainer_matches_trl_dft_update(tmp_path):
+    """One accumulated step of DFTSFTTrainer == TRL's own loss_type="dft" (same data pipeline)."""
+    theirs = tiny_model("llama")
+    trl.SFTTrainer(
+        model=theirs,
+        args=trl.SFTConfig(loss_type="dft", **_common(tmp_path)),
+        train_dataset=_data(),
+        processing_class=tiny_tokenizer(),
+    ).train()
+    ours = tiny_model("llama")
+    trainer = dft.DFTSFTTrainer(
+        model=ours,
+        args=dft.DFTSFTConfig(**_common(tmp_path)),
+        train_dataset=_data(),
+        processing_class=tiny_tokenizer(),
+    )
+    trainer.train()
+    start = tiny_model("llama")
+    for a, b, s in zip(theirs.parameters(), ours.parameters(), start.parameters()):
+        # Compare the updates (lr * grad). TRL's chunked log-probs differ from log_softmax of the model's
+        # logits by ~1e-3 inside SFTTrainer here (ours match the logits path to 1e-6, see test_trainer), so
+        # the bound is 2% of the largest update: loose for rounding, tight for a normalisation bug (x2).
+        upd_theirs, upd_ours = a - s, b - s
+        torch.testing.assert_close(upd_ours, upd_theirs, atol=2e-2 * upd_theirs.abs().max().item() + 1e-8, rtol=0)
+    assert any(not torch.equal(b, s) for b, s in zip(ours.parameters(), start.parameters()))
+    assert "ce" in trainer.state.log_history[0]
+
+
+def test_dft_sft_config_validates(tmp_path):
+    with pytest.raises(ValueError, match="alpha"):
+        dft.DFTSFTConfig(output_dir=str(tmp_path), use_cpu=True, dft_alpha=-1.0)
+    assert dft.DFTSFTConfig(output_dir=str(tmp_path), use_cpu=True).loss_type == "dft"
