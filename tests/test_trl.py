@@ -19,6 +19,7 @@ def _common(tmp_path):
     return {
         "output_dir": str(tmp_path),
         "max_steps": 1,
+        "logging_steps": 1,
         "per_device_train_batch_size": 4,
         "gradient_accumulation_steps": 2,
         "learning_rate": 0.5,
