@@ -8,6 +8,7 @@ on the logits, with one warning naming the model class.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +58,41 @@ def supervised_labels(inputs: Mapping[str, Any], ignore_index: int = -100) -> Te
         starts_next[..., :-1] = position_ids[..., 1:] == 0
         shifted = shifted.masked_fill(starts_next, ignore_index)
     return shifted
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    forward = getattr(unwrap_model(model), "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _run_backbone(model: nn.Module, backbone: nn.Module, model_inputs: dict[str, Any]) -> Tensor:
+    """Final hidden states ``[B, T, H]``, running the forward *through the wrapper* (DDP, FSDP, PEFT).
+
+    DDP/FSDP synchronise gradients and gather parameters only when their own ``forward`` runs, so
+    the backbone is not called directly: the whole model runs with ``logits_to_keep=1`` (one
+    position of logits, negligible) and a forward hook captures the backbone's output.
+    """
+    if not _accepts_logits_to_keep(model):
+        outputs = backbone(**model_inputs, use_cache=False)
+        return outputs["last_hidden_state"] if isinstance(outputs, Mapping) else outputs[0]
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output["last_hidden_state"] if isinstance(output, Mapping) else output[0])
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        model(**model_inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(
+            f"dft: expected one backbone call in {type(unwrap_model(model)).__name__}.forward, got {len(captured)}."
+        )
+    return captured[0]
 
 
 def _warn_logits_path(model: nn.Module) -> None:
@@ -112,8 +148,7 @@ def causal_lm_loss(
             **options,
         )
         return CausalLMLossOutput(loss=loss, stats=stats, fused=False)
-    outputs = parts.backbone(**model_inputs, use_cache=False)
-    hidden = outputs["last_hidden_state"] if isinstance(outputs, Mapping) else outputs[0]
+    hidden = _run_backbone(model, parts.backbone, model_inputs)
     weight, bias = parts.head_weight()
     loss, stats = linear_dft_loss(
         hidden,

@@ -1,0 +1,44 @@
+"""DFT with an `accelerate.Accelerator` loop: exact token normalisation across ranks and accumulation.
+
+    torchrun --nproc_per_node 2 examples/accelerate_train.py          # 2 CPU processes (gloo)
+    accelerate launch examples/accelerate_train.py                    # GPUs: DDP
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/accelerate_train.py
+
+Each rank sees its own shard of the global batch. `dft.global_num_items` all-reduces the number of
+supervised tokens of the whole optimizer step and divides it by the world size, because DDP/FSDP
+*average* gradients over ranks: the update then equals the single-process update of the whole
+global batch, however unevenly the supervised tokens fall on the ranks.
+"""
+
+import torch
+from accelerate import Accelerator
+
+import dft
+from dft.toy import arithmetic_examples, toy_batch, toy_model
+
+steps, micro_batch, accum, lr, seed = 30, 8, 2, 3e-3, 0
+
+accelerator = Accelerator(cpu=not torch.cuda.is_available())
+model = toy_model(seed=seed)
+optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+model, optimizer = accelerator.prepare(model, optimizer)
+
+rank, world = accelerator.process_index, accelerator.num_processes
+data = arithmetic_examples(steps * micro_batch * accum * world, seed=seed)
+
+for step in range(steps):
+    per_step = micro_batch * accum * world
+    mine = data[step * per_step : (step + 1) * per_step][rank::world]  # this rank's shard
+    micro_batches = [{k: v.to(accelerator.device) for k, v in toy_batch(mine[i::accum]).items()} for i in range(accum)]
+    num_items = dft.global_num_items([mb["labels"] for mb in micro_batches])  # all-reduce, / world
+    for i, mb in enumerate(micro_batches):
+        # sync gradients only on the last micro-batch of the step
+        ctx = accelerator.no_sync(model) if i < accum - 1 else torch.enable_grad()
+        with ctx:
+            out = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items, beta=min(1.0, step / 10))
+            accelerator.backward(out.loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if step % 10 == 0 or step == steps - 1:
+        stats = out.stats.all_reduce()
+        accelerator.print(f"step {step:3d} | ranks {world} | ce {stats.ce:.3f} | mean p {stats.mean_p:.3f}")

@@ -1,0 +1,82 @@
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dft
+from dft.toy import toy_batch, toy_model
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from global_batch import LR, global_examples  # noqa: E402
+
+WORKER = Path(__file__).parent / "dist" / "worker.py"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """torchrun forwards SIGTERM to its workers (which run in their own sessions); then kill what is left."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _torchrun(out_dir: Path, mode: str) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        str(out_dir),
+        mode,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, output[-3000:]
+    return torch.load(out_dir / "dist.pt")
+
+
+def _single_process():
+    model = toy_model(hidden_size=32, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    dft.causal_lm_loss(model, toy_batch(global_examples())).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    return grads, dict(model.named_parameters())
+
+
+def test_two_ranks_with_accumulation_equal_single_process(tmp_path):
+    got = _torchrun(tmp_path, "exact")
+    a, b = got["tokens_per_rank"]
+    assert a > 2 * b  # really uneven supervision across ranks
+    grads, params = _single_process()
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_mean_of_means_differs(tmp_path):
+    """The same harness detects the per-rank / per-micro-batch mean bug: the exactness test can fail."""
+    got = _torchrun(tmp_path, "naive")
+    grads, _ = _single_process()
+    diff = max((got["grads"][n] - g).abs().max().item() for n, g in grads.items())
+    assert diff > 1e-4
