@@ -63,13 +63,22 @@ def _is_plain_linear(module: object) -> bool:
     )
 
 
+def _head_is_partitioned(model: nn.Module, head: nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 and FSDP1 free the head's full weight outside their forward: use the logits path."""
+    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return True
+    return any(type(m).__name__ == "FullyShardedDataParallel" for m in (model, *model.modules()))
+
+
 def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     """Backbone + head of a transformers causal LM, or None when the model cannot be seen into.
 
     Works for ``*ForCausalLM`` models (Llama, Qwen2, Mistral, Gemma/Gemma2/3, Phi, Cohere, Granite, ...),
     tied or untied embeddings, PEFT-wrapped models (LoRA inside the backbone), DDP and compiled models.
     Returns None when the output head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``, a
-    quantised head) or when no backbone attribute is found: callers then use the logits path.
+    quantised head), when no backbone attribute is found, or under DeepSpeed ZeRO-3 / FSDP1 (the
+    head's full weight only exists inside their forward): callers then use the logits path.
+    FSDP2 (DTensor parameters) keeps the fused head: the weight is gathered with ``full_tensor()``.
     """
     inner = unwrap_model(model)
     get_head = getattr(inner, "get_output_embeddings", None)
@@ -77,6 +86,8 @@ def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     prefix = getattr(inner, "base_model_prefix", "")
     backbone = getattr(inner, prefix, None) if prefix else None
     if not _is_plain_linear(head) or not isinstance(backbone, nn.Module) or backbone is inner:
+        return None
+    if _head_is_partitioned(model, head):
         return None
     config = getattr(inner, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
