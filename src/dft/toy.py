@@ -15,7 +15,7 @@ import random
 
 import torch
 
-__all__ = ["CHARS", "arithmetic_examples", "decode", "encode", "toy_batch", "toy_model"]
+__all__ = ["CHARS", "arithmetic_examples", "decode", "encode", "toy_batch", "toy_model", "toy_tokenizer"]
 
 PAD, BOS = 0, 1
 CHARS = "0123456789+-=?;.:QA \n"
@@ -83,3 +83,21 @@ def toy_model(hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> torc
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
+
+
+def toy_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` with the same ids as :func:`encode` (built locally).
+
+    ``<pad>`` = 0, ``<bos>`` = 1 (prepended to every encoded text), the newline doubles as ``eos``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<bos>": BOS, **_INDEX}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", BOS)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="\n", padding_side="right"
+    )
