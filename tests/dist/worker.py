@@ -1,0 +1,48 @@
+"""Run under torchrun (2 CPU ranks, gloo): one accumulated DDP step with dft, saved for the test to compare.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist/worker.py OUT_DIR [naive]
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+import dft
+from dft.toy import toy_batch, toy_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from global_batch import ACCUM, LR, global_examples, rank_micro_batches  # noqa: E402
+
+
+def main() -> None:
+    out_dir, mode = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "exact")
+    accelerator = Accelerator(cpu=True)
+    model = toy_model(hidden_size=32, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    micro = [toy_batch(mb) for mb in rank_micro_batches(global_examples(), rank, world)]
+    num_items = dft.global_num_items([mb["labels"] for mb in micro])
+    for i, mb in enumerate(micro):
+        ctx = accelerator.no_sync(model) if i < ACCUM - 1 else torch.enable_grad()
+        with ctx:
+            if mode == "naive":  # per-micro-batch mean, divided by the steps: the mean-of-means bug
+                loss = dft.causal_lm_loss(model, mb).loss / ACCUM
+            else:
+                loss = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss
+            accelerator.backward(loss)
+    grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+    optimizer.step()
+    tokens = sum(int((dft.shift_causal_labels(mb["labels"]) != -100).sum()) for mb in micro)
+    counts = [torch.zeros(1) for _ in range(world)]
+    torch.distributed.all_gather(counts, torch.tensor([float(tokens)]))
+    if rank == 0:
+        params = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
+        torch.save({"grads": grads, "params": params, "tokens_per_rank": [int(c) for c in counts]}, out_dir / "dist.pt")
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
