@@ -8,6 +8,7 @@ on the logits, with one warning naming the model class.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -61,10 +62,15 @@ def supervised_labels(inputs: Mapping[str, Any], ignore_index: int = -100) -> Te
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    forward = getattr(unwrap_model(model), "forward", None)
+    return _forward_takes_logits_to_keep(type(unwrap_model(model)))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Per model class (the signature is read once, not at every training step)."""
     try:
-        return "logits_to_keep" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
         return False
 
 
