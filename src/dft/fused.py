@@ -109,6 +109,7 @@ def _run_chunks(
     b: Tensor | None,
     coef: Tensor | None,
     need: tuple[bool, bool, bool],
+    coef_nonneg: bool = True,
 ) -> tuple[Tensor, TokenStats | None, Tensor | None, Tensor | None, Tensor | None]:
     """One pass over the supervised rows.
 
@@ -116,6 +117,8 @@ def _run_chunks(
         h: ``[n, H]`` supervised hidden rows (mm dtype); w: ``[V, H]``; b: ``[V]`` or None.
         coef: ``[n]`` gradient coefficients (reduction coefficients, or the upstream gradient), or
             None to compute losses only.
+        coef_nonneg: the coefficients are >= 0 (reduction coefficients), which allows folding them
+            into the exponential; False for an upstream gradient of any sign.
         need: which of (dh, dW, db) to compute.
 
     Returns:
@@ -142,13 +145,18 @@ def _run_chunks(
         token_loss[rows] = -(wt * logp)
         if not (want_grad or plan.want_stats):
             continue
-        probs = u.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-        if stats is not None:
-            stats = stats + token_stats_from_probs(probs, logp, y_c, torch.ones_like(y_c, dtype=torch.bool))
-        if not want_grad:
-            continue
-        cw = coef[rows].to(acc_dtype) * wt
-        du = probs.mul_(cw.unsqueeze(1))
+        cw = coef[rows].to(acc_dtype) * wt if want_grad else None
+        if stats is None and coef_nonneg and cw is not None:
+            # c * w * softmax(u) = exp(u - (lse - log(c * w))): the scaling rides on the exp pass
+            # (c * w = 0 gives exp(-inf) = 0), one pass over the chunk fewer than softmax then multiply.
+            du = u.sub_((lse - cw.log()).unsqueeze(1)).exp_()
+        else:
+            probs = u.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            if stats is not None:
+                stats = stats + token_stats_from_probs(probs, logp, y_c, torch.ones_like(y_c, dtype=torch.bool))
+            if cw is None:
+                continue
+            du = probs.mul_(cw.unsqueeze(1))
         du.scatter_add_(1, y_c.unsqueeze(1), -cw.unsqueeze(1))
         dz = plan.head.backward(du, t)
         if db is not None:
@@ -199,6 +207,7 @@ class _LinearDFTFunction(torch.autograd.Function):
         return _scatter_rows(token_loss, plan), packed
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, ...]:
         plan: _Plan = ctx.plan
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
@@ -211,7 +220,7 @@ class _LinearDFTFunction(torch.autograd.Function):
             h = _gather_rows(hidden, plan)
             w = weight.to(plan.mm_dtype)
             b = None if bias is None else bias.to(plan.mm_dtype)
-            _, _, dh, dw, db = _run_chunks(plan, h, w, b, coef, tuple(ctx.needs_input_grad[:3]))
+            _, _, dh, dw, db = _run_chunks(plan, h, w, b, coef, tuple(ctx.needs_input_grad[:3]), coef_nonneg=False)
             dh = None if dh is None else _scatter_rows(dh, plan)
             grad_out = None
         return (
