@@ -30,15 +30,18 @@ for step in range(steps):
     per_step = micro_batch * accum * world
     mine = data[step * per_step : (step + 1) * per_step][rank::world]  # this rank's shard
     micro_batches = [{k: v.to(accelerator.device) for k, v in toy_batch(mine[i::accum]).items()} for i in range(accum)]
-    num_items = dft.global_num_items([mb["labels"] for mb in micro_batches])  # all-reduce, / world
+    num_items = dft.global_num_items(micro_batches)  # all-reduce, / world
+    weighting = dft.DFTWeight(beta=dft.beta_schedule(step, 1.0, 10))  # CE -> DFT warm-up over 10 steps
+    stats = None
     for i, mb in enumerate(micro_batches):
         # sync gradients only on the last micro-batch of the step
         ctx = accelerator.no_sync(model) if i < accum - 1 else torch.enable_grad()
         with ctx:
-            out = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items, beta=min(1.0, step / 10))
+            out = dft.causal_lm_loss(model, mb, weighting, num_items_in_batch=num_items)
             accelerator.backward(out.loss)
+        stats = dft.TokenStats.accumulate(stats, out.stats)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if step % 10 == 0 or step == steps - 1:
-        stats = out.stats.all_reduce()
+        stats = stats.all_reduce()
         accelerator.print(f"step {step:3d} | ranks {world} | ce {stats.ce:.3f} | mean p {stats.mean_p:.3f}")

@@ -34,13 +34,13 @@ for step in range(steps):
     micro_batches = [toy_batch(train[start + i * micro_batch : start + (i + 1) * micro_batch]) for i in range(accum)]
     # Exact accumulation: each micro-batch's *sum* is divided by the supervised tokens of the whole
     # step (not by its own count, which would give a mean of means). No extra division by `accum`.
-    num_items = dft.global_num_items([mb["labels"] for mb in micro_batches])
-    beta = min(1.0, step / warmup)
+    num_items = dft.global_num_items(micro_batches)
+    weighting = dft.DFTWeight(alpha=alpha, beta=dft.beta_schedule(step, 1.0, warmup))
     stats = None
     for mb in micro_batches:
-        out = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items, alpha=alpha, beta=beta)
+        out = dft.causal_lm_loss(model, mb, weighting, num_items_in_batch=num_items)
         out.loss.backward()
-        stats = out.stats if stats is None else stats + out.stats
+        stats = dft.TokenStats.accumulate(stats, out.stats)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -48,7 +48,7 @@ for step in range(steps):
         s = stats.as_dict()
         # the DFT loss is ~p times the CE: log the CE to compare with an SFT run
         print(
-            f"step {step:4d} | beta {beta:.2f} | ce {s['ce']:.3f} | mean p {s['mean_p']:.3f} | acc {s['token_accuracy']:.3f}"
+            f"step {step:4d} | beta {weighting.beta:.2f} | ce {s['ce']:.3f} | mean p {s['mean_p']:.3f} | acc {s['token_accuracy']:.3f}"
             f" | {time.time() - t0:.1f}s"
         )
 

@@ -9,9 +9,9 @@ import torch
 
 import dft
 from dft.toy import toy_batch, toy_model
+from tests.dist.global_batch import LR, global_examples, micro_batches
 
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from global_batch import LR, global_examples  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
 
@@ -39,7 +39,11 @@ def _torchrun(out_dir: Path, mode: str) -> dict:
         str(out_dir),
         mode,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
@@ -55,10 +59,17 @@ def _torchrun(out_dir: Path, mode: str) -> dict:
     return torch.load(out_dir / "dist.pt")
 
 
-def _single_process():
+def _single_process(packed: bool = False):
+    """One process, the global batch: padded rows in one batch, or every packed row summed / all targets."""
     model = toy_model(hidden_size=32, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    dft.causal_lm_loss(model, toy_batch(global_examples())).loss.backward()
+    if packed:
+        rows = [mb for rank in range(2) for mb in micro_batches(global_examples(), rank, 2, packed=True)]
+        total = sum(int((dft.causal_targets(mb) != -100).sum()) for mb in rows)
+        for mb in rows:
+            (dft.causal_lm_loss(model, mb, reduction="sum").loss / total).backward()
+    else:
+        dft.causal_lm_loss(model, toy_batch(global_examples())).loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     optimizer.step()
     return grads, dict(model.named_parameters())
@@ -80,3 +91,20 @@ def test_mean_of_means_differs(tmp_path):
     grads, _ = _single_process()
     diff = max((got["grads"][n] - g).abs().max().item() for n, g in grads.items())
     assert diff > 1e-4
+
+
+def test_two_ranks_packed_rows_equal_single_process(tmp_path):
+    """Padding-free packing: global_num_items counts what the loss averages (no target across a boundary)."""
+    got = _torchrun(tmp_path, "packed")
+    grads, params = _single_process(packed=True)
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_packed_count_by_labels_only_differs(tmp_path):
+    """Counting packed rows as plain shifted labels (the old count) is caught by the same comparison."""
+    got = _torchrun(tmp_path, "packed_naive")
+    grads, _ = _single_process(packed=True)
+    diff = max((got["grads"][n] - g).abs().max().item() for n, g in grads.items())
+    assert diff > 1e-6

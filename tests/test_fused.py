@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import ref_dft_loss, ref_stats
 
 import dft
 from dft.fused import auto_chunk_size
+from tests.helpers.reference import ref_dft_loss, ref_stats
 
 HEAD_OPTIONS = [
     {},

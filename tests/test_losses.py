@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import make_batch, ref_dft_loss, ref_stats
 from torch.autograd.gradcheck import GradcheckError
 
 import dft
+from tests.helpers.reference import make_batch, ref_dft_loss, ref_stats
 
 WEIGHT_OPTIONS = [
     {},

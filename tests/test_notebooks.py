@@ -19,6 +19,8 @@ def test_notebook_executes(notebook, tmp_path):
     work.mkdir()
     for f in path.parent.glob("*.py"):
         (work / f.name).write_text(f.read_text())
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}
+    ).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors

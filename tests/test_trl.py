@@ -1,9 +1,9 @@
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 import dft
+from tests.helpers.tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 trl = pytest.importorskip("trl")  # dev extra: installed by .ci/run
 

@@ -10,9 +10,11 @@ from typing import Any
 
 from .causal import CausalLMLossOutput, causal_lm_loss
 from .fused import LinearDFTLoss, linear_dft_loss
-from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, shift_causal_labels, token_stats
+from .labels import causal_targets, shift_causal_labels
+from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, token_stats
 from .stats import TokenStats
-from .weights import DFTWeight
+from .transform import LogitTransform
+from .weights import DFTWeight, beta_schedule
 
 __version__ = "0.1.0"
 
@@ -37,9 +39,12 @@ __all__ = [
     "DFTTrainerMixin",
     "DFTWeight",
     "LinearDFTLoss",
+    "LogitTransform",
     "TokenStats",
+    "beta_schedule",
     "causal_dft_loss",
     "causal_lm_loss",
+    "causal_targets",
     "compute_loss_func",
     "dft_loss",
     "global_num_items",

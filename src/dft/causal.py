@@ -15,15 +15,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .fused import linear_dft_loss
-from .losses import causal_dft_loss, shift_causal_labels
+from .labels import causal_targets
+from .losses import dft_loss
 from .models import find_causal_lm_parts, unwrap_model
+from .options import LossOptions, Unpack, resolve_options
+from .reduction import Reduction
 from .stats import TokenStats
+from .transform import LogitTransform
+from .weights import DFTWeight
 
-__all__ = ["CausalLMLossOutput", "causal_lm_loss", "supervised_labels"]
+__all__ = ["CausalLMLossOutput", "causal_lm_loss"]
 
 # Inputs that are loss arguments, not model arguments.
 _LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_dict", "logits_to_keep", "use_cache")
@@ -37,28 +41,6 @@ class CausalLMLossOutput:
     loss: Tensor
     stats: TokenStats
     fused: bool
-
-
-def supervised_labels(inputs: Mapping[str, Any], ignore_index: int = -100) -> Tensor:
-    """Next-token targets ``[B, T]`` of a batch, with transformers' semantics.
-
-    ``shift_labels`` when the batch has them (context parallelism, some padding-free collators), else
-    ``labels`` shifted left with ``ignore_index`` appended. With padding-free packing
-    (``position_ids`` restarting at 0 inside a row), a target that would cross into the next packed
-    sequence is ignored too.
-    """
-    if inputs.get("shift_labels") is not None:
-        return inputs["shift_labels"]
-    labels = inputs.get("labels")
-    if labels is None:
-        raise ValueError("The batch has no 'labels' (or 'shift_labels'): nothing to supervise.")
-    shifted = shift_causal_labels(labels, ignore_index)
-    position_ids = inputs.get("position_ids")
-    if isinstance(position_ids, Tensor) and position_ids.shape == labels.shape and labels.shape[-1] > 1:
-        starts_next = torch.zeros_like(shifted, dtype=torch.bool)
-        starts_next[..., :-1] = position_ids[..., 1:] == 0
-        shifted = shifted.masked_fill(starts_next, ignore_index)
-    return shifted
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -113,46 +95,58 @@ def _warn_logits_path(model: nn.Module) -> None:
 def causal_lm_loss(
     model: nn.Module,
     inputs: Mapping[str, Any],
+    weighting: DFTWeight | None = None,
     *,
+    transform: LogitTransform | None = None,
     num_items_in_batch: int | Tensor | None = None,
-    fused: bool = True,
+    reduction: Reduction = "mean",
     ignore_index: int = -100,
-    **loss_options: Any,
+    chunk_size: int | None = None,
+    fused: bool = True,
+    **options: Unpack[LossOptions],
 ) -> CausalLMLossOutput:
     """DFT loss of a Hugging Face causal LM on one batch, through the fused LM head.
+
+    The targets are :func:`dft.labels.causal_targets` of the batch (shifted labels, packing-aware);
+    the model's own logit transform (soft-cap, scale; see :mod:`dft.models`) is applied on both
+    paths, then ``transform`` on top of it. Both paths take exactly the same arguments.
 
     Args:
         model: a transformers ``*ForCausalLM`` (possibly PEFT-, DDP- or compile-wrapped), or any
             module whose ``forward(**inputs)`` returns logits (then the logits path is used).
         inputs: the batch: ``input_ids [B, T]``, ``labels [B, T]`` (unshifted; or ``shift_labels``),
             plus whatever the model takes (``attention_mask``, ``position_ids``, ...).
-        num_items_in_batch: global number of supervised tokens (see :mod:`dft.distributed`); None
-            means the mean over this batch.
+        weighting: :class:`dft.DFTWeight` (default DFT), or give its fields as flat ``**options``.
+        transform: an extra :class:`dft.LogitTransform` after the model's own (e.g. a temperature).
+        num_items_in_batch: global number of supervised tokens (see :func:`dft.global_num_items`);
+            None means the mean over this batch.
+        reduction, ignore_index: as in :func:`dft.dft_loss`.
+        chunk_size: rows per chunk of the fused head (not used on the logits path).
         fused: False forces the logits path.
-        ignore_index: label value that is not supervised.
-        **loss_options: the :func:`dft.linear_dft_loss` options (alpha, min_weight, beta, p_min,
-            p_max, weight_fn, reduction, chunk_size, ...).
 
     Returns:
         :class:`CausalLMLossOutput` with the loss and the batch's :class:`dft.TokenStats`.
     """
-    targets = supervised_labels(inputs, ignore_index)
+    weighting, transform = resolve_options(weighting, transform, dict(options))
+    targets = causal_targets(inputs, ignore_index)
     model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
-    parts = find_causal_lm_parts(model) if fused else None
+    parts = find_causal_lm_parts(model)
+    if parts is not None:
+        model_transform = parts.transform.then(transform)  # validates on both paths (e.g. two soft-caps)
+    if not fused:
+        parts = None
+    common = {
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "num_items_in_batch": num_items_in_batch,
+        "return_stats": True,
+    }
     if parts is None:
         if fused:
             _warn_logits_path(model)
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
-        options = {k: v for k, v in loss_options.items() if k != "chunk_size"}
-        loss, stats = causal_dft_loss(
-            logits,
-            shift_labels=targets,
-            ignore_index=ignore_index,
-            num_items_in_batch=num_items_in_batch,
-            return_stats=True,
-            **options,
-        )
+        loss, stats = dft_loss(logits, targets, weighting, transform=transform, **common)
         return CausalLMLossOutput(loss=loss, stats=stats, fused=False)
     hidden = _run_backbone(model, parts.backbone, model_inputs)
     weight, bias = parts.head_weight()
@@ -160,12 +154,10 @@ def causal_lm_loss(
         hidden,
         weight,
         targets,
+        weighting,
         bias=bias,
-        logit_scale=parts.logit_scale,
-        softcap=parts.softcap,
-        ignore_index=ignore_index,
-        num_items_in_batch=num_items_in_batch,
-        return_stats=True,
-        **loss_options,
+        transform=model_transform,
+        chunk_size=chunk_size,
+        **common,
     )
     return CausalLMLossOutput(loss=loss, stats=stats, fused=True)

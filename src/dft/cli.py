@@ -12,7 +12,6 @@ exits with status 2; the output folder is written to a temporary folder and rena
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -22,6 +21,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from .evaluation import exact_match, token_ce
+from .reporting import format_table, plot_history, write_metrics
 
 __all__ = ["EvalScriptArguments", "TrainScriptArguments", "main"]
 
@@ -185,93 +187,6 @@ def _collator(tokenizer: Any, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
-def _reference_and_prompt(ex: dict, tokenizer: Any) -> tuple[str, Any] | None:
-    if "prompt" in ex and "completion" in ex:
-        return ex["completion"].strip(), tokenizer(ex["prompt"], return_tensors="pt")["input_ids"]
-    if "messages" in ex and ex["messages"] and ex["messages"][-1].get("role") == "assistant":
-        ids = tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, return_tensors="pt")
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        return ex["messages"][-1]["content"].strip(), ids
-    return None
-
-
-def exact_match(model: Any, tokenizer: Any, raw: Any, limit: int, max_new_tokens: int = 64) -> float | None:
-    """Fraction of greedy completions equal to the reference (after stripping); None for plain text."""
-    import torch
-
-    model.eval()
-    hits = total = 0
-    with torch.no_grad():
-        for ex in raw.select(range(min(limit, len(raw)))):
-            pair = _reference_and_prompt(ex, tokenizer)
-            if pair is None:
-                return None
-            reference, ids = pair
-            out = model.generate(
-                ids.to(model.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-            hits += text == reference
-            total += 1
-    return hits / max(total, 1)
-
-
-def token_ce(model: Any, tokenizer: Any, prepared: Any, batch_size: int) -> dict[str, float]:
-    """Mean token CE / p / accuracy / entropy over a prepared dataset (fused head, no logits)."""
-    import torch
-
-    from .causal import causal_lm_loss
-
-    collate = _collator(tokenizer, packing=False)
-    stats = None
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(prepared), batch_size):
-            batch = collate([prepared[i] for i in range(start, min(start + batch_size, len(prepared)))])
-            out = causal_lm_loss(model, {k: v.to(model.device) for k, v in batch.items()}, alpha=0.0)
-            stats = out.stats if stats is None else stats + out.stats
-    return stats.as_dict()
-
-
-def _write_metrics(out: Path, history: list[dict], final: dict[str, Any]) -> None:
-    (out / "metrics.json").write_text(json.dumps({"final": final, "log_history": history}, indent=1))
-    keys = sorted({k for row in history for k in row})
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-
-
-def _plot(out: Path, history: list[dict]) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    rows = [h for h in history if "loss" in h]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
-    for ax, key in zip(axes, ("loss", "ce", "mean_p", "token_accuracy")):
-        ax.plot([h["step"] for h in rows if key in h], [h[key] for h in rows if key in h], marker=".")
-        evals = [h for h in history if f"eval_{key}" in h]
-        if evals:
-            ax.plot([h["step"] for h in evals], [h[f"eval_{key}"] for h in evals], "o", label="eval")
-            ax.legend()
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    path = out / "training.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def run_train(argv: list[str]) -> int:
     script, config = parse_train_args(argv)
     from .trainer import DFTTrainer
@@ -316,25 +231,17 @@ def run_train(argv: list[str]) -> int:
         metrics["eval_exact_match"] = exact_match(trainer.model, tokenizer, eval_raw, script.max_eval_examples)
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _write_metrics(tmp, trainer.state.log_history, metrics)
-        _plot(tmp, trainer.state.log_history)
+        write_metrics(tmp, trainer.state.log_history, metrics)
+        plot_history(tmp, trainer.state.log_history)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp, final_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print("\n" + _table({k: v for k, v in metrics.items() if k.startswith("eval_")}))
+    print("\n" + format_table({k: v for k, v in metrics.items() if k.startswith("eval_")}))
     print(f"\nwrote {final_dir}/: model + tokenizer, metrics.json, metrics.csv, training.png")
     return 0
-
-
-def _table(metrics: dict[str, Any]) -> str:
-    width = max(len(k) for k in metrics)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
-    for k, v in metrics.items():
-        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    return "\n".join(lines)
 
 
 def run_eval(argv: list[str]) -> int:
@@ -346,7 +253,7 @@ def run_eval(argv: list[str]) -> int:
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in token_ce(model, tokenizer, prepared, args.batch_size).items()}
     metrics["eval_exact_match"] = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
     metrics["num_examples"] = len(prepared)
-    print(_table(metrics))
+    print(format_table(metrics))
     out = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
     out.write_text(json.dumps(metrics, indent=1))
     print(f"\nwrote {out}")

@@ -15,19 +15,19 @@ is ``N / R``: then ``sum_rank(grad_rank) / R`` is exactly ``grad(sum of all toke
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .losses import shift_causal_labels
+from .labels import Batch, causal_targets, count_targets, shift_causal_labels
 
 __all__ = ["global_num_items"]
 
 
 def global_num_items(
-    labels: Tensor | Iterable[Tensor],
+    batches: Batch | Tensor | Iterable[Batch | Tensor],
     *,
     ignore_index: int = -100,
     shift: bool = True,
@@ -36,12 +36,16 @@ def global_num_items(
 ) -> Tensor:
     """The ``num_items_in_batch`` that makes accumulated, multi-rank DFT gradients exact.
 
+    Counts exactly the targets the loss averages over (:mod:`dft.labels`): pass the step's batches
+    (mappings) and packed rows (``position_ids``) or pre-shifted ``shift_labels`` are counted right.
+
     Args:
-        labels: this rank's labels ``[B, T]`` for the whole optimizer step: one tensor, or one per
-            micro-batch (accumulation step).
+        batches: this rank's data for the whole optimizer step: one batch or one per micro-batch
+            (accumulation step). A batch is a mapping with ``labels`` (or ``shift_labels``) and
+            optionally ``position_ids``, or a bare labels tensor ``[B, T]``.
         ignore_index: label value that is not supervised.
-        shift: the labels are unshifted causal-LM labels (count ``labels[..., 1:]``), as transformers does.
-            Pass False for labels that are already aligned (``shift_labels``).
+        shift: for bare label tensors only: they are unshifted causal-LM labels (count
+            ``labels[..., 1:]``), as transformers does. False: already aligned targets.
         grads_averaged_over_ranks: the engine averages gradients over ranks (DDP, FSDP, DeepSpeed):
             return ``N / world_size`` so that the average equals the single-process gradient.
             False returns ``N``.
@@ -49,17 +53,21 @@ def global_num_items(
             single process and the local count is returned.
 
     Returns:
-        0-dim float32 tensor on the labels' device.
+        0-dim float32 tensor on the data's device.
     """
-    tensors = [labels] if isinstance(labels, Tensor) else list(labels)
-    if not tensors:
-        raise ValueError("global_num_items needs at least one labels tensor.")
-    count = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
-    for t in tensors:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"labels must be tensors, got {type(t).__name__}.")
-        target = shift_causal_labels(t, ignore_index) if shift else t
-        count = count + (target != ignore_index).sum()
+    items = [batches] if isinstance(batches, (Tensor, Mapping)) else list(batches)
+    if not items:
+        raise ValueError("global_num_items needs at least one batch or labels tensor.")
+    counts = []
+    for item in items:
+        if isinstance(item, Mapping):
+            targets = causal_targets(item, ignore_index)
+        elif isinstance(item, Tensor):
+            targets = shift_causal_labels(item, ignore_index) if shift else item
+        else:
+            raise TypeError(f"global_num_items takes batches (mappings) or labels tensors, got {type(item).__name__}.")
+        counts.append(count_targets(targets, ignore_index).to(torch.float64))
+    count = torch.stack([c.to(counts[0].device) for c in counts]).sum()
     world = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)

@@ -26,10 +26,13 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
-from .losses import check_labels, compute_dtype
+from .labels import check_labels
+from .options import LossOptions, Unpack, resolve_options
+from .precision import compute_dtype, matmul_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
 from .stats import TokenStats, token_stats_from_probs
-from .weights import DFTWeight, WeightFn
+from .transform import LogitTransform
+from .weights import DFTWeight
 
 __all__ = ["LinearDFTLoss", "auto_chunk_size", "linear_dft_loss"]
 
@@ -43,42 +46,11 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = _CHUNK_BUDGET_BYTES) ->
 
 
 @dataclass(frozen=True)
-class _Head:
-    """How logits are made from ``z = h @ W.T + b``: ``u = softcap(logit_scale * z) / temperature``."""
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-    temperature: float = 1.0
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        """In place on float32 ``z``; returns ``u`` and ``tanh`` (kept for the softcap's derivative)."""
-        if self.logit_scale != 1.0:
-            z.mul_(self.logit_scale)
-        t = None
-        if self.softcap is not None:
-            t = z.div_(self.softcap).tanh_()
-            z = t.mul(self.softcap)
-        if self.temperature != 1.0:
-            z.div_(self.temperature)
-        return z, t
-
-    def backward(self, du: Tensor, t: Tensor | None) -> Tensor:
-        """In place: ``dz = du / T * (1 - tanh^2) * logit_scale``."""
-        if self.temperature != 1.0:
-            du.div_(self.temperature)
-        if t is not None:
-            du.mul_(1.0 - t.square_())
-        if self.logit_scale != 1.0:
-            du.mul_(self.logit_scale)
-        return du
-
-
-@dataclass(frozen=True)
 class _Plan:
     """Everything the autograd function needs besides the differentiable tensors."""
 
     weighting: DFTWeight
-    head: _Head
+    transform: LogitTransform
     labels: Tensor  # [n] supervised labels (compacted)
     index: Tensor | None  # [n] their rows in the flattened tokens, None when all rows are supervised
     coef: Tensor | None  # [n] scalar-reduction coefficients; None for reduction="none"
@@ -138,7 +110,7 @@ def _run_chunks(
         rows = slice(start, min(start + plan.chunk_size, n))
         h_c, y_c = h[rows], plan.labels[rows]
         z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())
-        u, t = plan.head.forward(z.to(acc_dtype))
+        u, t = plan.transform.forward_(z.to(acc_dtype))
         lse = torch.logsumexp(u, dim=-1)
         logp = u.gather(1, y_c.unsqueeze(1)).squeeze(1).sub_(lse)
         wt = plan.weighting(logp)
@@ -158,7 +130,7 @@ def _run_chunks(
                 continue
             du = probs.mul_(cw.unsqueeze(1))
         du.scatter_add_(1, y_c.unsqueeze(1), -cw.unsqueeze(1))
-        dz = plan.head.backward(du, t)
+        dz = plan.transform.backward_(du, t)
         if db is not None:
             db.add_(dz.sum(0))
         dz_mm = dz.to(h.dtype)
@@ -240,16 +212,12 @@ def _finish(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype | None
 
 
 def _pack_stats(stats: TokenStats | None, like: Tensor) -> Tensor:
-    if stats is None:
-        return like.new_zeros(0, dtype=torch.float32)
-    return torch.stack([stats.ce_sum, stats.p_sum, stats.correct, stats.entropy_sum, stats.num_tokens])
+    return like.new_zeros(0, dtype=torch.float32) if stats is None else stats.pack()
 
 
-def _check_positive(name: str, value: object, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+def _check_chunk_size(chunk_size: object) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
 
 
 def _validate_head(hidden: object, weight: object, bias: object) -> None:
@@ -275,100 +243,66 @@ def _validate_head(hidden: object, weight: object, bias: object) -> None:
         )
 
 
-def _mm_dtype(hidden: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
-    return hidden.dtype
-
-
 @overload
 def linear_dft_loss(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
+    weighting: DFTWeight | None = ...,
     *,
-    bias: Tensor | None = ...,
-    alpha: float = ...,
-    min_weight: float | None = ...,
-    beta: float = ...,
-    p_min: float | None = ...,
-    p_max: float | None = ...,
-    weight_fn: WeightFn | None = ...,
-    ignore_index: int = ...,
-    reduction: Reduction = ...,
-    num_items_in_batch: int | Tensor | None = ...,
-    logit_scale: float = ...,
-    softcap: float | None = ...,
-    temperature: float = ...,
-    chunk_size: int | None = ...,
-    validate: bool = ...,
     return_stats: Literal[False] = ...,
+    **kw: Any,
 ) -> Tensor: ...
 @overload
 def linear_dft_loss(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
+    weighting: DFTWeight | None = ...,
     *,
-    bias: Tensor | None = ...,
-    alpha: float = ...,
-    min_weight: float | None = ...,
-    beta: float = ...,
-    p_min: float | None = ...,
-    p_max: float | None = ...,
-    weight_fn: WeightFn | None = ...,
-    ignore_index: int = ...,
-    reduction: Reduction = ...,
-    num_items_in_batch: int | Tensor | None = ...,
-    logit_scale: float = ...,
-    softcap: float | None = ...,
-    temperature: float = ...,
-    chunk_size: int | None = ...,
-    validate: bool = ...,
     return_stats: Literal[True],
+    **kw: Any,
 ) -> tuple[Tensor, TokenStats]: ...
 def linear_dft_loss(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
+    weighting: DFTWeight | None = None,
     *,
     bias: Tensor | None = None,
-    alpha: float = 1.0,
-    min_weight: float | None = None,
-    beta: float = 1.0,
-    p_min: float | None = None,
-    p_max: float | None = None,
-    weight_fn: WeightFn | None = None,
+    transform: LogitTransform | None = None,
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    temperature: float = 1.0,
     chunk_size: int | None = None,
     validate: bool = True,
     return_stats: bool = False,
+    **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
 
-    Equals ``dft.dft_loss(u, labels, ...)`` with
+    Equals ``dft.dft_loss(u, labels, ...)`` with ``u = transform(hidden @ weight.T + bias)``, i.e.
     ``u = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature``
     (no tanh when ``softcap`` is None), in value and in gradients w.r.t. ``hidden``, ``weight``
     and ``bias``.
+
+    Naive equivalent (what it saves is the ``[N, V]`` float32 logits and their gradient)::
+
+        dft.dft_loss(F.linear(hidden, weight, bias), labels, weighting, transform=transform)
 
     Args:
         hidden: ``[..., H]`` final hidden states (after the final norm), any float dtype.
         weight: ``[V, H]`` output embedding (``lm_head.weight``); frozen (``requires_grad=False``)
             skips its gradient matmul.
         labels: ``[...]`` targets aligned with ``hidden`` (shift them for a causal LM).
+        weighting: the weight family, :class:`dft.DFTWeight` (default: DFT, ``alpha=1``).
         bias: ``[V]`` optional head bias.
-        alpha, min_weight, beta, p_min, p_max, weight_fn: the weight family (:class:`dft.DFTWeight`).
+        transform: :class:`dft.LogitTransform` (``logit_scale``, ``softcap``, ``temperature``).
         ignore_index, reduction, num_items_in_batch, validate: as in :func:`dft.dft_loss`.
-        logit_scale: multiplies the logits (Cohere-style ``logit_scale``).
-        softcap: final logit soft-capping (Gemma 2 ``final_logit_softcapping``).
-        temperature: divides the logits last.
         chunk_size: token rows per chunk; None picks it so one chunk's float32 logits take ~64 MiB.
         return_stats: also return :class:`dft.TokenStats`, computed inside the same chunks.
+        **options: flat keywords instead of ``weighting``/``transform``: ``alpha``, ``min_weight``,
+            ``beta``, ``p_min``, ``p_max``, ``weight_fn``, ``logit_scale``, ``softcap``, ``temperature``.
 
     Returns:
         The loss (0-dim float32, float64 for float64 inputs; ``[...]`` for ``reduction="none"``), and
@@ -380,20 +314,15 @@ def linear_dft_loss(
     _validate_head(hidden, weight, bias)
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, check_range=validate, what="hidden")
     check_reduction(reduction, labels.shape, num_items_in_batch)
-    _check_positive("logit_scale", logit_scale)
-    _check_positive("temperature", temperature)
-    _check_positive("softcap", softcap, allow_none=True)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
-    weighting = DFTWeight(alpha=alpha, min_weight=min_weight, beta=beta, p_min=p_min, p_max=p_max, weight_fn=weight_fn)
-    head = _Head(logit_scale=float(logit_scale), softcap=softcap, temperature=float(temperature))
+    _check_chunk_size(chunk_size)
+    weighting, transform = resolve_options(weighting, transform, options)
     return _linear_dft_loss(
         hidden,
         weight,
         labels,
         bias,
         weighting,
-        head,
+        transform,
         ignore_index,
         reduction,
         num_items_in_batch,
@@ -408,7 +337,7 @@ def _linear_dft_loss(
     labels: Tensor,
     bias: Tensor | None,
     weighting: DFTWeight,
-    head: _Head,
+    transform: LogitTransform,
     ignore_index: int,
     reduction: str,
     num_items_in_batch: int | Tensor | None,
@@ -427,13 +356,13 @@ def _linear_dft_loss(
         coef = coef if index is None else coef.index_select(0, index)
     plan = _Plan(
         weighting=weighting,
-        head=head,
+        transform=transform,
         labels=sup_labels,
         index=index,
         coef=coef,
         num_rows=num_rows,
         chunk_size=chunk_size or auto_chunk_size(weight.shape[0]),
-        mm_dtype=_mm_dtype(hidden),
+        mm_dtype=matmul_dtype(hidden),
         want_stats=return_stats,
     )
     loss, packed = _LinearDFTFunction.apply(hidden.reshape(num_rows, hidden.shape[-1]), weight, bias, plan)
@@ -441,24 +370,58 @@ def _linear_dft_loss(
         loss = loss.reshape(labels.shape)
     if not return_stats:
         return loss
-    return loss, TokenStats(*packed.unbind())
+    return loss, TokenStats.unpack(packed)
 
 
 class LinearDFTLoss(torch.nn.Module):
     """Module form of :func:`linear_dft_loss`: stores the options; ``forward(hidden, weight, labels, bias=None)``.
 
+    Args: ``weighting``, ``transform``, ``ignore_index``, ``reduction``, ``chunk_size``, ``validate`` and the
+    flat options, as in :func:`linear_dft_loss`.
+
     Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]`` -> loss ``[]`` (``[...]`` for ``"none"``).
     """
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self,
+        weighting: DFTWeight | None = None,
+        *,
+        transform: LogitTransform | None = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        chunk_size: int | None = None,
+        validate: bool = True,
+        **options: Unpack[LossOptions],
+    ) -> None:
         super().__init__()
         if "return_stats" in options:
             raise ValueError("LinearDFTLoss returns the loss only; call linear_dft_loss(return_stats=True) for stats.")
-        linear_dft_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), **options)  # validate
-        self.options = options
+        self.weighting, self.transform = resolve_options(weighting, transform, options)
+        check_reduction(reduction, torch.Size([1, 1]), None)
+        _check_chunk_size(chunk_size)
+        self.ignore_index, self.reduction, self.chunk_size, self.validate = (
+            ignore_index,
+            reduction,
+            chunk_size,
+            validate,
+        )
 
-    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None) -> Tensor:
-        return linear_dft_loss(hidden, weight, labels, bias=bias, **self.options)
+    def forward(
+        self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None, num_items_in_batch: Any = None
+    ) -> Tensor:
+        return linear_dft_loss(
+            hidden,
+            weight,
+            labels,
+            self.weighting,
+            bias=bias,
+            transform=self.transform,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.chunk_size,
+            validate=self.validate,
+        )
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{self.weighting}, {self.transform}, reduction={self.reduction!r}, chunk_size={self.chunk_size}"

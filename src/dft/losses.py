@@ -18,64 +18,25 @@ from collections.abc import Mapping
 from typing import Any, Literal, overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .labels import check_labels, shift_causal_labels
+from .options import LossOptions, Unpack, resolve_options
+from .precision import compute_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
 from .stats import TokenStats, token_stats_from_probs
-from .weights import DFTWeight, WeightFn
+from .transform import LogitTransform
+from .weights import DFTWeight
 
 __all__ = [
     "DFTLoss",
     "causal_dft_loss",
-    "check_labels",
     "compute_loss_func",
-    "compute_dtype",
     "dft_loss",
     "dft_weighted_loss",
     "shift_causal_labels",
     "token_stats",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other float dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_labels(
-    labels: object,
-    expected_shape: torch.Size | tuple[int, ...],
-    num_classes: int,
-    ignore_index: int,
-    *,
-    check_range: bool = True,
-    what: str = "logits",
-) -> None:
-    """Validate labels against the prediction's shape and vocabulary size.
-
-    Raises:
-        TypeError: labels are not an integer tensor.
-        ValueError: shape mismatch, or a label outside ``[0, num_classes)`` other than ``ignore_index``
-            (only checked when ``check_range``; that check syncs with the device).
-    """
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (torch.long), got dtype {labels.dtype}.")
-    if tuple(labels.shape) != tuple(expected_shape):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal the {what} shape without its last dimension "
-            f"{tuple(expected_shape)}. For a causal LM with unshifted labels use dft.causal_dft_loss."
-        )
-    if check_range and labels.numel() > 0:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-        if bool(bad.any()):
-            first = labels[bad][0].item()
-            raise ValueError(
-                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first} "
-                f"(vocabulary size {num_classes}). Check the tokenizer/model vocabulary and the pad label."
-            )
 
 
 def dft_weighted_loss(
@@ -119,6 +80,7 @@ def _dft_loss(
     logits: Tensor,
     labels: Tensor,
     weight: DFTWeight,
+    transform: LogitTransform,
     ignore_index: int,
     reduction: str,
     num_items_in_batch: int | Tensor | None,
@@ -128,7 +90,7 @@ def _dft_loss(
     _check_logits(logits)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, check_range=validate)
     check_reduction(reduction, labels.shape, num_items_in_batch)
-    z = logits.to(compute_dtype(logits.dtype))
+    z = transform.apply(logits.to(compute_dtype(logits.dtype)))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(z, dim=-1)
@@ -146,53 +108,24 @@ def _dft_loss(
 
 @overload
 def dft_loss(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    alpha: float = ...,
-    min_weight: float | None = ...,
-    beta: float = ...,
-    p_min: float | None = ...,
-    p_max: float | None = ...,
-    weight_fn: WeightFn | None = ...,
-    ignore_index: int = ...,
-    reduction: Reduction = ...,
-    num_items_in_batch: int | Tensor | None = ...,
-    validate: bool = ...,
-    return_stats: Literal[False] = ...,
+    logits: Tensor, labels: Tensor, weighting: DFTWeight | None = ..., *, return_stats: Literal[False] = ..., **kw: Any
 ) -> Tensor: ...
 @overload
 def dft_loss(
-    logits: Tensor,
-    labels: Tensor,
-    *,
-    alpha: float = ...,
-    min_weight: float | None = ...,
-    beta: float = ...,
-    p_min: float | None = ...,
-    p_max: float | None = ...,
-    weight_fn: WeightFn | None = ...,
-    ignore_index: int = ...,
-    reduction: Reduction = ...,
-    num_items_in_batch: int | Tensor | None = ...,
-    validate: bool = ...,
-    return_stats: Literal[True],
+    logits: Tensor, labels: Tensor, weighting: DFTWeight | None = ..., *, return_stats: Literal[True], **kw: Any
 ) -> tuple[Tensor, TokenStats]: ...
 def dft_loss(
     logits: Tensor,
     labels: Tensor,
+    weighting: DFTWeight | None = None,
     *,
-    alpha: float = 1.0,
-    min_weight: float | None = None,
-    beta: float = 1.0,
-    p_min: float | None = None,
-    p_max: float | None = None,
-    weight_fn: WeightFn | None = None,
+    transform: LogitTransform | None = None,
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     num_items_in_batch: int | Tensor | None = None,
     validate: bool = True,
     return_stats: bool = False,
+    **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """Dynamic Fine-Tuning loss on logits: a drop-in for ``F.cross_entropy``.
 
@@ -210,7 +143,8 @@ def dft_loss(
         logits: ``[..., V]`` unnormalised scores, any float dtype.
         labels: ``[...]`` integer targets aligned with ``logits`` (already shifted for a causal LM;
             see :func:`causal_dft_loss` otherwise). ``ignore_index`` marks unsupervised positions.
-        alpha, min_weight, beta, p_min, p_max, weight_fn: the weight family, see :class:`dft.DFTWeight`.
+        weighting: the weight family as a value, :class:`dft.DFTWeight` (default: DFT, ``alpha=1``).
+        transform: a :class:`dft.LogitTransform` applied to ``logits`` first (e.g. a temperature).
         ignore_index: label value that is not supervised (``-100`` as in transformers).
         reduction: ``"mean"`` (over supervised tokens), ``"sum"``, ``"none"`` (shape of labels, 0 where
             ignored) or ``"sequence"`` (mean per sequence over the last dim, then over sequences).
@@ -218,6 +152,9 @@ def dft_loss(
             number of supervised tokens over all accumulation steps and ranks.
         validate: check that labels lie in ``[0, V)`` (a device sync); shapes and dtypes are always checked.
         return_stats: also return :class:`dft.TokenStats` (CE, mean p, accuracy, entropy) from the same softmax.
+        **options: the same as flat keywords instead of ``weighting``/``transform``: ``alpha``,
+            ``min_weight``, ``beta``, ``p_min``, ``p_max``, ``weight_fn`` (:class:`dft.DFTWeight`) and
+            ``logit_scale``, ``softcap``, ``temperature`` (:class:`dft.LogitTransform`).
 
     Returns:
         The loss (0-dim float32/64, or ``[...]`` for ``reduction="none"``), and the stats when
@@ -228,8 +165,10 @@ def dft_loss(
         >>> logits, labels = torch.randn(4, 10, 50), torch.randint(0, 50, (4, 10))
         >>> dft.dft_loss(logits.view(-1, 50), labels.view(-1))  # replaces F.cross_entropy(...)
     """
-    weight = DFTWeight(alpha=alpha, min_weight=min_weight, beta=beta, p_min=p_min, p_max=p_max, weight_fn=weight_fn)
-    return _dft_loss(logits, labels, weight, ignore_index, reduction, num_items_in_batch, validate, return_stats)
+    weighting, transform = resolve_options(weighting, transform, options)
+    return _dft_loss(
+        logits, labels, weighting, transform, ignore_index, reduction, num_items_in_batch, validate, return_stats
+    )
 
 
 def token_stats(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, validate: bool = True) -> TokenStats:
@@ -242,19 +181,10 @@ def token_stats(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, val
         :class:`dft.TokenStats` with sums over supervised tokens; ``.as_dict()`` gives the means.
     """
     with torch.no_grad():
-        _, stats = _dft_loss(logits, labels, DFTWeight(alpha=0.0), ignore_index, "sum", None, validate, True)
+        _, stats = _dft_loss(
+            logits, labels, DFTWeight(alpha=0.0), LogitTransform(), ignore_index, "sum", None, validate, True
+        )
     return stats
-
-
-def shift_causal_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Next-token targets: ``shift[..., t] = labels[..., t + 1]`` and ``ignore_index`` at the end.
-
-    Same as transformers' ``ForCausalLMLoss``: pad with ``ignore_index`` then drop the first column,
-    so logits need no slicing (no copy). ``labels``: ``[..., T]`` -> ``[..., T]``.
-    """
-    if not isinstance(labels, Tensor) or labels.dim() < 1:
-        raise TypeError(f"labels must be a tensor of shape [..., T], got {type(labels).__name__}.")
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
 def causal_dft_loss(
@@ -313,29 +243,23 @@ class DFTLoss(nn.Module):
     """Module form of :func:`dft_loss`: stores the options, ``forward(logits, labels)`` forwards.
 
     Args:
-        alpha, min_weight, beta, p_min, p_max, weight_fn: the weight family (:class:`dft.DFTWeight`).
-        ignore_index, reduction, validate: see :func:`dft_loss`.
+        weighting, transform, ignore_index, reduction, validate, **options: see :func:`dft_loss`.
 
     Shapes: ``logits [..., V]``, ``labels [...]`` -> loss ``[]`` (or ``[...]`` for ``"none"``).
     """
 
     def __init__(
         self,
+        weighting: DFTWeight | None = None,
         *,
-        alpha: float = 1.0,
-        min_weight: float | None = None,
-        beta: float = 1.0,
-        p_min: float | None = None,
-        p_max: float | None = None,
-        weight_fn: WeightFn | None = None,
+        transform: LogitTransform | None = None,
         ignore_index: int = -100,
         reduction: Reduction = "mean",
         validate: bool = True,
+        **options: Unpack[LossOptions],
     ) -> None:
         super().__init__()
-        self.weight = DFTWeight(
-            alpha=alpha, min_weight=min_weight, beta=beta, p_min=p_min, p_max=p_max, weight_fn=weight_fn
-        )
+        self.weighting, self.transform = resolve_options(weighting, transform, options)
         check_reduction(reduction, torch.Size([1, 1]), None)
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -343,8 +267,16 @@ class DFTLoss(nn.Module):
 
     def forward(self, logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return _dft_loss(
-            logits, labels, self.weight, self.ignore_index, self.reduction, num_items_in_batch, self.validate, False
+            logits,
+            labels,
+            self.weighting,
+            self.transform,
+            self.ignore_index,
+            self.reduction,
+            num_items_in_batch,
+            self.validate,
+            False,
         )
 
     def extra_repr(self) -> str:
-        return f"{self.weight}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        return f"{self.weighting}, {self.transform}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

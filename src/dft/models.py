@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from .transform import LogitTransform
+
 __all__ = ["CausalLMParts", "find_causal_lm_parts", "unwrap_model"]
 
 
@@ -19,14 +21,20 @@ class CausalLMParts:
     Attributes:
         backbone: module returning the final (normed) hidden states ``[B, T, H]`` as ``outputs[0]``.
         head: the output embedding (``nn.Linear``, tied or not).
-        logit_scale: multiplier of the logits (Cohere ``logit_scale``; ``1 / logits_scaling`` for Granite).
-        softcap: final logit soft-capping (Gemma 2/3 ``final_logit_softcapping``) or None.
+        transform: how the model turns ``head(hidden)`` into logits (:class:`dft.LogitTransform`).
     """
 
     backbone: nn.Module
     head: nn.Linear
-    logit_scale: float = 1.0
-    softcap: float | None = None
+    transform: LogitTransform = LogitTransform()
+
+    @property
+    def logit_scale(self) -> float:
+        return self.transform.logit_scale
+
+    @property
+    def softcap(self) -> float | None:
+        return self.transform.softcap
 
     def head_weight(self) -> tuple[Tensor, Tensor | None]:
         """``(weight [V, H], bias [V] | None)``, gathered to full tensors for FSDP2 / DTensor parameters."""
@@ -96,4 +104,5 @@ def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     if granite:
         scale /= float(granite)
     softcap = getattr(text_config, "final_logit_softcapping", None)
-    return CausalLMParts(backbone=backbone, head=head, logit_scale=scale, softcap=float(softcap) if softcap else None)
+    transform = LogitTransform(logit_scale=scale, softcap=float(softcap) if softcap else None)
+    return CausalLMParts(backbone=backbone, head=head, transform=transform)

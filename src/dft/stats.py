@@ -69,13 +69,29 @@ class TokenStats:
             f"{prefix}entropy": self.entropy.item(),
         }
 
+    def pack(self) -> Tensor:
+        """All sums in one float32 vector ``[num_fields]`` (one collective instead of one per field)."""
+        return torch.stack([getattr(self, f.name).float() for f in fields(self)])
+
+    @classmethod
+    def unpack(cls, packed: Tensor) -> TokenStats:
+        """Inverse of :meth:`pack`."""
+        return cls(*packed.unbind())
+
+    @staticmethod
+    def accumulate(total: TokenStats | None, new: TokenStats | None) -> TokenStats | None:
+        """``total + new`` where either may be None (nothing accumulated yet)."""
+        if total is None:
+            return new
+        return total if new is None else total + new
+
     def all_reduce(self) -> TokenStats:
         """Sum over the ranks of the default process group (a no-op when not distributed)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return self
-        packed = torch.stack([getattr(self, f.name).float() for f in fields(self)])
+        packed = self.pack()
         torch.distributed.all_reduce(packed)
-        return TokenStats(*packed.unbind())
+        return TokenStats.unpack(packed)
 
     @staticmethod
     def zeros(device: torch.device | str | None = None) -> TokenStats:

@@ -12,7 +12,7 @@ The adapter only translates: it finds the backbone and head (:mod:`dft.models`),
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,19 +20,13 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from .causal import causal_lm_loss
+from .labels import causal_targets
 from .stats import TokenStats
-from .weights import DFTWeight
+from .weights import DFTWeight, beta_schedule
 
 __all__ = ["DFTArguments", "DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
 
 LOSS_TYPES = ("dft", "sft", "nll")  # "nll" is TRL's name for cross-entropy
-
-
-def beta_schedule(step: int, final_beta: float, warmup_steps: int) -> float:
-    """CE -> DFT warm-up: ``beta`` ramps linearly from 0 at step 0 to ``final_beta`` at ``warmup_steps``."""
-    if warmup_steps <= 0:
-        return final_beta
-    return final_beta * min(1.0, step / warmup_steps)
 
 
 @dataclass
@@ -73,13 +67,21 @@ class DFTArguments:
         """Raise ``ValueError`` naming the field for an invalid DFT option."""
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
-        DFTWeight(alpha=self.dft_alpha, min_weight=self.dft_min_weight, beta=self.dft_beta)  # validates
+        self.dft_weighting()  # validates the weight options
         if not isinstance(self.dft_warmup_steps, int) or self.dft_warmup_steps < 0:
             raise ValueError(f"dft_warmup_steps must be an int >= 0, got {self.dft_warmup_steps!r}.")
         if not 0.0 <= self.dft_warmup_ratio < 1.0:
             raise ValueError(f"dft_warmup_ratio must be in [0, 1), got {self.dft_warmup_ratio!r}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size!r}.")
+
+    def dft_weighting(self, beta: float | None = None) -> DFTWeight:
+        """The :class:`dft.DFTWeight` these arguments describe (``beta``: the warm-up's current value)."""
+        if self.loss_type in ("sft", "nll"):
+            return DFTWeight(alpha=0.0)
+        return DFTWeight(
+            alpha=self.dft_alpha, min_weight=self.dft_min_weight, beta=self.dft_beta if beta is None else beta
+        )
 
 
 @dataclass
@@ -93,20 +95,53 @@ class DFTConfig(DFTArguments, TrainingArguments):
         super().__post_init__()
 
 
-class DFTTrainerMixin:
-    """The DFT ``compute_loss`` + logging, for any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer).
+class _TrainerTouchPoints:
+    """Every place the adapter relies on ``transformers.Trainer`` internals, in one commented class.
 
-    Reads the loss options from ``self.args`` (a :class:`DFTConfig` or any arguments object with the
-    same fields; missing fields take the DFT defaults).
+    * ``model_accepts_loss_kwargs = True``: makes Trainer count ``num_items_in_batch`` for every model
+      and not divide our (already ``num_items``-normalised) loss again by the accumulation steps.
+    * ``_get_num_items_in_batch``: Trainer counts ``labels[..., 1:]``, which over-counts packed rows
+      (targets that cross a ``position_ids`` restart). We hand it batches whose ``shift_labels`` are
+      our targets (:func:`dft.labels.causal_targets`), so its count — and its gather over ranks and
+      its TP/CP divisions — is taken over exactly what the loss averages.
+    * :meth:`_undo_rank_average`: with ``average_tokens_across_devices`` the count covers all ranks
+      and DDP averages gradients, so the loss is multiplied by the number of data-parallel ranks,
+      as Trainer does for its own losses.
     """
 
-    def _dft_init(self) -> None:
+    def _claim_loss_kwargs(self) -> None:
+        self.model_accepts_loss_kwargs = True
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        batches = [
+            {"labels": b["labels"], "shift_labels": causal_targets(b)} if _has_labels(b) else b for b in batch_samples
+        ]
+        return super()._get_num_items_in_batch(batches, device)
+
+    def _undo_rank_average(self, loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tp)
+        return loss
+
+
+def _has_labels(batch: Any) -> bool:
+    return isinstance(batch, dict) and (batch.get("labels") is not None or batch.get("shift_labels") is not None)
+
+
+class DFTTrainerMixin(_TrainerTouchPoints):
+    """The DFT ``compute_loss`` + logging, for any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer).
+
+    Put it first in the bases (``class MyTrainer(DFTTrainerMixin, Trainer)``); its ``__init__`` is
+    cooperative. Reads the loss options from ``self.args`` (a :class:`DFTConfig` or any arguments
+    object with the same fields; missing fields take the DFT defaults).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_beta_used: float | None = None
-        # The loss is normalised by num_items_in_batch: make Trainer count it (shift-aware) for every
-        # model and not divide the loss again by the accumulation steps.
-        self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True
+        self._claim_loss_kwargs()
 
     def _dft_option(self, name: str, default: Any) -> Any:
         return getattr(self.args, name, default)
@@ -119,15 +154,10 @@ class DFTTrainerMixin:
             steps = int(ratio * max(self.state.max_steps, 1) + 0.5)
         return beta_schedule(self.state.global_step, self._dft_option("dft_beta", 1.0), steps)
 
-    def dft_loss_options(self) -> dict[str, Any]:
-        """Keyword options for :func:`dft.causal_lm_loss` at the current step."""
-        sft = self._dft_option("loss_type", "dft") in ("sft", "nll")
-        return {
-            "alpha": 0.0 if sft else self._dft_option("dft_alpha", 1.0),
-            "min_weight": None if sft else self._dft_option("dft_min_weight", None),
-            "beta": 1.0 if sft else self.current_dft_beta(),
-            "chunk_size": self._dft_option("loss_chunk_size", None),
-        }
+    def dft_weighting(self) -> DFTWeight:
+        """The :class:`dft.DFTWeight` of the current step (warm-up applied)."""
+        args = self.args if isinstance(self.args, DFTArguments) else DFTArguments()  # plain args: DFT defaults
+        return args.dft_weighting(beta=self.current_dft_beta())
 
     def compute_loss(
         self,
@@ -136,33 +166,28 @@ class DFTTrainerMixin:
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        options = self.dft_loss_options()
+        weighting = self.dft_weighting()
         out = causal_lm_loss(
             model,
             inputs,
+            weighting,
             num_items_in_batch=num_items_in_batch,
+            chunk_size=self._dft_option("loss_chunk_size", None),
             fused=self._dft_option("fused_lm_head", True),
-            **options,
         )
         mode = "train" if model.training else "eval"
-        if mode == "train":
-            self._dft_beta_used = options["beta"]
-        previous = self._dft_stats.get(mode)
-        self._dft_stats[mode] = out.stats if previous is None else previous + out.stats
-        loss = out.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch counts every rank's tokens and DDP averages gradients: undo the average.
-            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            loss = loss * (self.accelerator.num_processes // tp)
+        if mode == "train" and self._dft_option("loss_type", "dft") not in ("sft", "nll"):
+            self._dft_beta_used = weighting.beta
+        self._dft_stats[mode] = TokenStats.accumulate(self._dft_stats.get(mode), out.stats)
+        loss = self._undo_rank_average(out.loss, num_items_in_batch)
         return (loss, {}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         for mode, prefix, key in (("train", "", "loss"), ("eval", "eval_", "eval_loss")):
             stats = self._dft_stats.get(mode)
             if key in logs and stats is not None:
-                packed = torch.stack([getattr(stats, f.name) for f in fields(TokenStats)])
-                packed = self.accelerator.reduce(packed, reduction="sum")
-                logs.update(TokenStats(*packed.unbind()).as_dict(prefix))
+                packed = self.accelerator.reduce(stats.pack(), reduction="sum")
+                logs.update(TokenStats.unpack(packed).as_dict(prefix))
                 self._dft_stats[mode] = None
         if "loss" in logs and self._dft_beta_used is not None:
             logs["dft_beta"] = self._dft_beta_used  # the beta of the last step the logged loss covers
@@ -175,9 +200,5 @@ class DFTTrainer(DFTTrainerMixin, Trainer):
     Logs ``loss`` (the DFT loss), ``ce``, ``mean_p``, ``token_accuracy``, ``entropy`` and ``dft_beta``
     during training, and ``eval_loss`` (DFT), ``eval_ce``, ``eval_mean_p``, ``eval_token_accuracy``,
     ``eval_entropy`` from ``evaluate()`` (which needs no logits). Gradient accumulation and
-    ``average_tokens_across_devices`` give the same update as one big batch.
+    ``average_tokens_across_devices`` give the same update as one big batch, packed batches included.
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._dft_init()

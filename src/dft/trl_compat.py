@@ -14,7 +14,6 @@ logged diagnostics come from :class:`dft.DFTTrainerMixin`::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 try:
     from trl import SFTConfig, SFTTrainer
@@ -37,7 +36,3 @@ class DFTSFTConfig(DFTArguments, SFTConfig):
 
 class DFTSFTTrainer(DFTTrainerMixin, SFTTrainer):
     """``trl.SFTTrainer`` whose loss is :func:`dft.causal_lm_loss` (fused head, exact normalisation)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._dft_init()

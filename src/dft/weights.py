@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
 
-__all__ = ["DFTWeight", "WeightFn"]
+__all__ = ["DFTWeight", "WeightFn", "WeightOptions", "beta_schedule"]
 
 WeightFn = Callable[[Tensor], Tensor]
 """A user weight: detached float32/64 log-probabilities ``[N]`` -> non-negative weights ``[N]``."""
@@ -135,3 +136,46 @@ class DFTWeight:
             if self.p_max is not None:
                 w = w * (p <= self.p_max)
         return w
+
+    @classmethod
+    def resolve(cls, weighting: DFTWeight | None, options: dict[str, Any]) -> DFTWeight:
+        """The ONE place a weight is built from user input: a :class:`DFTWeight` or flat keyword options.
+
+        ``options`` holds only weight options (``alpha``, ``min_weight``, ...); giving both a
+        ``weighting`` object and flat options is ambiguous and raises ``ValueError``.
+        """
+        if weighting is not None:
+            if not isinstance(weighting, DFTWeight):
+                raise TypeError(f"weighting must be a dft.DFTWeight, got {type(weighting).__name__}.")
+            if options:
+                raise ValueError(
+                    f"pass either weighting=DFTWeight(...) or the flat options {sorted(options)}, not both; "
+                    "use dataclasses.replace(weighting, ...) to change a field."
+                )
+            return weighting
+        return cls(**options)
+
+    def with_beta(self, beta: float) -> DFTWeight:
+        """A copy with another ``beta`` (the CE -> DFT warm-up changes it every step)."""
+        return replace(self, beta=beta)
+
+
+class WeightOptions(TypedDict, total=False):
+    """The fields of :class:`DFTWeight` as flat keyword arguments (``dft_loss(..., alpha=0.5)``)."""
+
+    alpha: float
+    min_weight: float | None
+    beta: float
+    p_min: float | None
+    p_max: float | None
+    weight_fn: WeightFn | None
+
+
+WEIGHT_OPTION_NAMES: frozenset[str] = frozenset(f.name for f in fields(DFTWeight))
+
+
+def beta_schedule(step: int, final_beta: float, warmup_steps: int) -> float:
+    """CE -> DFT warm-up: ``beta`` ramps linearly from 0 at step 0 to ``final_beta`` at ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return final_beta
+    return final_beta * min(1.0, step / warmup_steps)

@@ -1,6 +1,8 @@
 """The global batch shared by the 2-rank worker and the single-process reference."""
 
-from dft.toy import arithmetic_examples
+import torch
+
+from dft.toy import arithmetic_examples, toy_batch
 
 ACCUM = 2
 LR = 0.5
@@ -19,3 +21,24 @@ def rank_micro_batches(examples, rank, world):
     mine = examples[rank * per_rank : (rank + 1) * per_rank]
     step = len(mine) // ACCUM
     return [mine[i * step : (i + 1) * step] for i in range(ACCUM)]
+
+
+def packed_batch(examples):
+    """One padding-free row: the examples' tokens end to end, position_ids restarting at 0 for each.
+
+    Every token is a label (text-style SFT, ``labels = input_ids``), so a naive shift would supervise
+    the first token of each sequence from the last token of the previous one.
+    """
+    padded = toy_batch(examples)
+    keep = padded["attention_mask"].bool()
+    rows = [padded["input_ids"][i][keep[i]] for i in range(len(examples))]
+    return {
+        "input_ids": torch.cat(rows)[None],
+        "labels": torch.cat(rows)[None],
+        "position_ids": torch.cat([torch.arange(len(ids)) for ids in rows])[None],
+    }
+
+
+def micro_batches(examples, rank, world, packed):
+    make = packed_batch if packed else toy_batch
+    return [make(mb) for mb in rank_micro_batches(examples, rank, world)]

@@ -1,6 +1,9 @@
 """Run under torchrun (2 CPU ranks, gloo): one accumulated DDP step with dft, saved for the test to compare.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist/worker.py OUT_DIR [naive]
+    PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/dist/worker.py OUT_DIR MODE
+
+MODE: ``exact`` (padded rows), ``naive`` (mean of means), ``packed`` (padding-free rows with
+position_ids), ``packed_naive`` (packed rows counted by shifting labels only, the old bug).
 """
 
 import sys
@@ -10,10 +13,9 @@ import torch
 from accelerate import Accelerator
 
 import dft
-from dft.toy import toy_batch, toy_model
+from dft.toy import toy_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from global_batch import ACCUM, LR, global_examples, rank_micro_batches  # noqa: E402
+from tests.dist.global_batch import ACCUM, LR, global_examples, micro_batches
 
 
 def main() -> None:
@@ -23,8 +25,11 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
-    micro = [toy_batch(mb) for mb in rank_micro_batches(global_examples(), rank, world)]
-    num_items = dft.global_num_items([mb["labels"] for mb in micro])
+    micro = micro_batches(global_examples(), rank, world, packed=mode.startswith("packed"))
+    if mode == "packed_naive":  # counts targets that cross a packed boundary
+        num_items = dft.global_num_items([mb["labels"] for mb in micro])
+    else:
+        num_items = dft.global_num_items(micro)
     for i, mb in enumerate(micro):
         ctx = accelerator.no_sync(model) if i < ACCUM - 1 else torch.enable_grad()
         with ctx:
@@ -35,7 +40,7 @@ def main() -> None:
             accelerator.backward(loss)
     grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
     optimizer.step()
-    tokens = sum(int((dft.shift_causal_labels(mb["labels"]) != -100).sum()) for mb in micro)
+    tokens = sum(int((dft.causal_targets(mb) != -100).sum()) for mb in micro)
     counts = [torch.zeros(1) for _ in range(world)]
     torch.distributed.all_gather(counts, torch.tensor([float(tokens)]))
     if rank == 0:

@@ -1,0 +1,109 @@
+"""Which tokens are supervised: the ONE definition used by every loss, counter and adapter.
+
+A *target* tensor holds, at each position, the token id the prediction at that position must
+produce, or ``ignore_index`` where nothing is supervised. For a causal LM the targets of a batch
+are (transformers' semantics, :func:`causal_targets`):
+
+* ``shift_labels`` when the batch carries them (context parallelism, some padding-free collators);
+* otherwise ``labels`` shifted left by one with ``ignore_index`` appended, and, for padding-free
+  packed rows (``position_ids`` restarting at 0 inside a row), no target that crosses from one
+  packed sequence into the next.
+
+The losses average over exactly the positions :func:`count_targets` counts, so
+``dft.global_num_items`` (accumulation steps, ranks) and ``DFTTrainer``'s ``num_items_in_batch``
+agree with the loss for padded, packed and pre-shifted batches alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Batch", "causal_targets", "check_labels", "count_targets", "shift_causal_labels"]
+
+Batch = Mapping[str, Any]
+"""A batch as collators make it: ``labels [B, T]`` (or ``shift_labels``), optional ``position_ids [B, T]``."""
+
+
+def check_labels(
+    labels: object,
+    expected_shape: torch.Size | tuple[int, ...],
+    num_classes: int,
+    ignore_index: int,
+    *,
+    check_range: bool = True,
+    what: str = "logits",
+) -> None:
+    """Validate targets against the prediction's shape and vocabulary size.
+
+    Raises:
+        TypeError: labels are not an integer tensor.
+        ValueError: shape mismatch, or a label outside ``[0, num_classes)`` other than ``ignore_index``
+            (only checked when ``check_range``; that check syncs with the device).
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (torch.long), got dtype {labels.dtype}.")
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the {what} shape without its last dimension "
+            f"{tuple(expected_shape)}. For a causal LM with unshifted labels use dft.causal_dft_loss."
+        )
+    if check_range and labels.numel() > 0:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(
+                f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first} "
+                f"(vocabulary size {num_classes}). Check the tokenizer/model vocabulary and the pad label."
+            )
+
+
+def shift_causal_labels(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token targets: ``shift[..., t] = labels[..., t + 1]`` and ``ignore_index`` at the end.
+
+    Same as transformers' ``ForCausalLMLoss``: pad with ``ignore_index`` then drop the first column,
+    so logits need no slicing (no copy). ``labels``: ``[..., T]`` -> ``[..., T]``.
+    """
+    if not isinstance(labels, Tensor) or labels.dim() < 1:
+        raise TypeError(f"labels must be a tensor of shape [..., T], got {type(labels).__name__}.")
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
+    """Next-token targets ``[B, T]`` of a causal-LM batch (see the module docstring).
+
+    Args:
+        batch: mapping with ``labels [B, T]`` (unshifted: ``labels[t]`` is token ``t``) or
+            ``shift_labels [B, T]`` (already aligned with the predictions), and optionally
+            ``position_ids [B, T]`` (padding-free packing: a row holds several sequences, each
+            restarting at position 0).
+        ignore_index: label value that is not supervised.
+
+    Returns:
+        ``[B, T]`` targets aligned with the model's predictions; ``ignore_index`` where not supervised.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping with 'labels' or 'shift_labels', got {type(batch).__name__}.")
+    if batch.get("shift_labels") is not None:
+        return batch["shift_labels"]
+    labels = batch.get("labels")
+    if labels is None:
+        raise ValueError("The batch has no 'labels' (or 'shift_labels'): nothing to supervise.")
+    shifted = shift_causal_labels(labels, ignore_index)
+    position_ids = batch.get("position_ids")
+    if isinstance(position_ids, Tensor) and position_ids.shape == labels.shape and labels.shape[-1] > 1:
+        starts_next = torch.zeros_like(shifted, dtype=torch.bool)
+        starts_next[..., :-1] = position_ids[..., 1:] == 0
+        shifted = shifted.masked_fill(starts_next, ignore_index)
+    return shifted
+
+
+def count_targets(targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Number of supervised positions (0-dim int64 tensor on the targets' device)."""
+    return (targets != ignore_index).sum()

@@ -1,0 +1,41 @@
+"""Flat keyword options -> option objects, in one place.
+
+The public losses take their options either as values (``weighting=dft.DFTWeight(...)``,
+``transform=dft.LogitTransform(...)``) or as flat keywords (``alpha=0.5, softcap=30.0``), as users
+of ``F.cross_entropy``-style functions expect. :func:`resolve_options` is the only code that turns
+the flat form into the objects; below it every layer passes the objects through unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from .transform import TRANSFORM_OPTION_NAMES, LogitTransform, TransformOptions
+from .weights import WEIGHT_OPTION_NAMES, DFTWeight, WeightOptions
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover - Python 3.10
+    from typing_extensions import Unpack
+
+__all__ = ["LossOptions", "Unpack", "resolve_options"]
+
+
+class LossOptions(WeightOptions, TransformOptions, total=False):
+    """Every flat option of the loss functions: the :class:`dft.DFTWeight` and :class:`dft.LogitTransform` fields."""
+
+
+def resolve_options(
+    weighting: DFTWeight | None, transform: LogitTransform | None, options: dict[str, Any]
+) -> tuple[DFTWeight, LogitTransform]:
+    """``(DFTWeight, LogitTransform)`` from objects and/or flat options; unknown names raise ``TypeError``."""
+    unknown = set(options) - WEIGHT_OPTION_NAMES - TRANSFORM_OPTION_NAMES
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {sorted(unknown)}; weight options are {sorted(WEIGHT_OPTION_NAMES)}, "
+            f"logit options are {sorted(TRANSFORM_OPTION_NAMES)}."
+        )
+    weight_options = {k: v for k, v in options.items() if k in WEIGHT_OPTION_NAMES}
+    transform_options = {k: v for k, v in options.items() if k in TRANSFORM_OPTION_NAMES}
+    return DFTWeight.resolve(weighting, weight_options), LogitTransform.resolve(transform, transform_options)

@@ -1,0 +1,101 @@
+import warnings
+
+import pytest
+import torch
+
+import dft
+from dft.causal import causal_lm_loss
+from tests.helpers.tiny_models import VOCAB, tiny_model, token_batch
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "qwen2", "gemma2"])
+@pytest.mark.parametrize("options", [{}, {"alpha": 0.5, "min_weight": 0.01, "beta": 0.7}])
+def test_fused_path_equals_logits_path(kind, options):
+    model = tiny_model(kind)
+    batch = token_batch(3, 11)
+    fused = causal_lm_loss(model, batch, **options)
+    logits = causal_lm_loss(model, batch, fused=False, **options)
+    assert fused.fused and not logits.fused
+    g_fused = torch.autograd.grad(fused.loss, list(model.parameters()), allow_unused=True)
+    g_logits = torch.autograd.grad(logits.loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(fused.loss, logits.loss, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_fused, g_logits):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # and the logits path is the model's own logits + dft.causal_dft_loss
+    with torch.no_grad():
+        model_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(
+        logits.loss.detach(), dft.causal_dft_loss(model_logits, batch["labels"], **options), atol=1e-6, rtol=1e-5
+    )
+
+
+def test_packed_batch_equals_separate_sequences():
+    """Padding-free packing (position_ids) gives the same loss as the two sequences in a padded batch."""
+    model = tiny_model("llama")
+    a, b = torch.randint(0, VOCAB, (5,)), torch.randint(0, VOCAB, (7,))
+    packed = {
+        "input_ids": torch.cat([a, b])[None],
+        "labels": torch.cat([a, b])[None],
+        "position_ids": torch.cat([torch.arange(5), torch.arange(7)])[None],
+    }
+    separate = [causal_lm_loss(model, {"input_ids": x[None], "labels": x[None]}, reduction="sum") for x in (a, b)]
+    got = causal_lm_loss(model, packed, reduction="sum")
+    torch.testing.assert_close(got.loss, separate[0].loss + separate[1].loss, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_model_falls_back_with_one_warning():
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, 8)
+            self.out = torch.nn.Linear(8, VOCAB)
+
+        def forward(self, input_ids, attention_mask=None):
+            return {"logits": self.out(self.emb(input_ids))}
+
+    model = Bare()
+    batch = token_batch()
+    with pytest.warns(RuntimeWarning, match="Bare"):
+        out = causal_lm_loss(model, batch)
+    assert not out.fused
+    logits = model(batch["input_ids"])["logits"]
+    torch.testing.assert_close(out.loss, dft.causal_dft_loss(logits, batch["labels"]))
+
+
+def test_no_warning_for_known_models():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        causal_lm_loss(tiny_model("qwen2"), token_batch())
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = tiny_model("llama")
+    batch = token_batch(2, 10)
+    g_plain = torch.autograd.grad(causal_lm_loss(model, batch).loss, list(model.parameters()))
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    g_ckpt = torch.autograd.grad(causal_lm_loss(model, batch).loss, list(model.parameters()))
+    for a, b in zip(g_plain, g_ckpt):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_both_paths_take_the_same_arguments(kind):
+    """temperature, chunk_size, reduction and a weighting object mean the same on both paths."""
+    model = tiny_model(kind)
+    batch = token_batch(3, 11)
+    kwargs = {"temperature": 1.7, "chunk_size": 4, "reduction": "sequence"}
+    w = dft.DFTWeight(alpha=0.5, beta=0.8)
+    fused = causal_lm_loss(model, batch, w, **kwargs)
+    logits = causal_lm_loss(model, batch, w, fused=False, **kwargs)
+    assert fused.fused and not logits.fused
+    torch.testing.assert_close(fused.loss, logits.loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused.stats.ce, logits.stats.ce, atol=1e-6, rtol=1e-5)
+
+
+def test_softcap_on_a_softcapped_model_is_refused():
+    with pytest.raises(ValueError, match="soft-cap twice"):
+        causal_lm_loss(tiny_model("gemma2"), token_batch(), softcap=3.0)
