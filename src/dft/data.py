@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from .labels import count_targets, shift_causal_labels
 
 __all__ = ["DataError", "PrepReport", "detect_format", "load_local_dataset", "prepare_dataset"]
 
@@ -149,7 +152,8 @@ def prepare_dataset(ds: Dataset, tokenizer: Any, max_length: int) -> tuple[Datas
         ids, labels = encode(ex, tokenizer)
         truncated = len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
-        if sum(label != -100 for label in labels[1:]) == 0:  # nothing to predict after the shift
+        targets = int(count_targets(shift_causal_labels(torch.tensor(labels))))
+        if targets == 0:  # nothing to predict after the shift
             report.dropped += 1
             continue
         report.truncated += truncated
@@ -157,7 +161,7 @@ def prepare_dataset(ds: Dataset, tokenizer: Any, max_length: int) -> tuple[Datas
         rows["labels"].append(labels)
         report.kept += 1
         report.tokens += len(ids)
-        report.supervised_tokens += sum(label != -100 for label in labels[1:])
+        report.supervised_tokens += targets
     if report.kept == 0:
         raise DataError(
             f"no example has a supervised token left after truncation to max_length={max_length} "
