@@ -14,6 +14,7 @@ from tests.dist.global_batch import LR, global_examples, micro_batches
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
+FSDP2_WORKER = Path(__file__).parent / "dist" / "fsdp2_worker.py"
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -27,7 +28,7 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _torchrun(out_dir: Path, mode: str) -> dict:
+def _torchrun(out_dir: Path, mode: str, worker: Path = WORKER, result: str = "dist.pt") -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -35,7 +36,7 @@ def _torchrun(out_dir: Path, mode: str) -> dict:
         "--standalone",
         "--nproc_per_node",
         "2",
-        str(WORKER),
+        str(worker),
         str(out_dir),
         mode,
     ]
@@ -56,7 +57,7 @@ def _torchrun(out_dir: Path, mode: str) -> dict:
     finally:
         _stop(proc)
     assert proc.returncode == 0, output[-3000:]
-    return torch.load(out_dir / "dist.pt")
+    return torch.load(out_dir / result)
 
 
 def _single_process(packed: bool = False):
@@ -108,3 +109,25 @@ def test_packed_count_by_labels_only_differs(tmp_path):
     grads, _ = _single_process(packed=True)
     diff = max((got["grads"][n] - g).abs().max().item() for n, g in grads.items())
     assert diff > 1e-6
+
+
+@pytest.mark.parametrize("case", ["tied-reshard", "untied-reshard", "tied-keep", "untied-keep", "untied-reshard-bf16"])
+def test_fsdp2_fused_head_equals_single_process(tmp_path, case):
+    """FSDP2 (fully_shard on each layer and the root, 2 gloo ranks): the fused head inside the forward.
+
+    reshard_after_forward=True used to crash (SIGSEGV) when the head weight was gathered outside
+    the forward; bf16 is MixedPrecisionPolicy(param_dtype=bfloat16), checked against fp32.
+    """
+    got = _torchrun(tmp_path, case, worker=FSDP2_WORKER, result="fsdp2.pt")["grads"]
+    model = toy_model(hidden_size=32, seed=0)
+    if case.startswith("untied"):
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    dft.causal_lm_loss(model, toy_batch(global_examples())).loss.backward()
+    assert sorted(got) == sorted(n for n, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        if case.endswith("bf16"):
+            rel = ((got[name] - p.grad).norm() / p.grad.norm()).item()
+            assert rel < 3e-2, (name, rel)
+        else:
+            torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)

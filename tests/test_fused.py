@@ -256,3 +256,68 @@ def test_bad_input(kwargs, error, match):
             args[k] = kwargs.pop(k)
     with pytest.raises(error, match=match):
         dft.linear_dft_loss(args["hidden"], args["weight"], args["labels"], **kwargs)
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the input dtypes of every matmul that touches a dimension of size ``dim``."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.seen = dim, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if any(self.dim in t.shape for t in tensors):
+                self.seen.append(tuple(t.dtype for t in tensors))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_under_no_grad(gen):
+    """Under torch.no_grad() (every evaluate()), only the logits matmul runs, even if W requires grad."""
+    h, w, _, y = make_head(2, 16, 8, 37, dtype=torch.float32, bias=False, generator=gen)
+    with _MatmulDtypes(37) as rec, torch.no_grad():
+        loss = dft.linear_dft_loss(h, w, y, chunk_size=8)
+    n_chunks = -(-int((y != -100).sum()) // 8)
+    assert len(rec.seen) == n_chunks  # one matmul per chunk, no dh/dW matmuls
+    with _MatmulDtypes(37) as rec:
+        again = dft.linear_dft_loss(h, w, y, chunk_size=8)
+    assert len(rec.seen) == 3 * n_chunks
+    torch.testing.assert_close(loss, again.detach())
+
+
+def test_negative_weights_from_weight_fn_are_exact(gen):
+    """A weight_fn may return negative weights (e.g. unlikelihood terms): fused == materialised, finite."""
+    h, w, b, y = make_head(2, 9, 8, 23, generator=gen)
+    fn = lambda logp: logp.exp() - 0.5  # noqa: E731 - negative for p < 0.5
+    fused = dft.linear_dft_loss(h, w, y, bias=b, weight_fn=fn)
+    naive = dft.dft_loss(reference_logits(h, w, b), y, weight_fn=fn)
+    torch.testing.assert_close(fused, naive)
+    for a, r in zip(_grads(fused, [h, w, b]), _grads(naive, [h, w, b])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("accum", [1, 8])
+def test_fp16_loss_scale_keeps_small_gradients(accum):
+    """fp16 under a 65536 GradScaler-style scale: gradients formed in the forward (c = 1/num_items) must
+    not underflow before the scale is applied. Budget: within 2x of the materialised fp16 path."""
+    g = torch.Generator().manual_seed(0)
+    n, hid, vocab, scale = 512, 64, 2003, 65536.0
+    h = torch.randn(n, hid, dtype=torch.float64, generator=g)
+    w = torch.randn(vocab, hid, dtype=torch.float64, generator=g) * (2 / hid**0.5)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.25] = -100
+    num = int((y != -100).sum()) * accum  # the step's count over `accum` micro-batches
+
+    def grads(fn, dtype):
+        hh, ww = h.to(dtype).detach().requires_grad_(), w.to(dtype).detach().requires_grad_()
+        (fn(hh, ww) * scale).backward()
+        return hh.grad.double() / scale, ww.grad.double() / scale
+
+    ref = grads(lambda a, b: dft.linear_dft_loss(a, b, y, num_items_in_batch=num), torch.float64)
+    fused = grads(lambda a, b: dft.linear_dft_loss(a, b, y, num_items_in_batch=num), torch.float16)
+    naive = grads(lambda a, b: dft.dft_loss(F.linear(a, b), y, num_items_in_batch=num), torch.float16)
+    for got, mat, exact in zip(fused, naive, ref):
+        err, budget = (got - exact).norm() / exact.norm(), (mat - exact).norm() / exact.norm()
+        assert err <= 2 * budget + 1e-5, (err.item(), budget.item())

@@ -197,3 +197,15 @@ def test_trainer_counts_packed_batches_like_the_loss(tmp_path):
     n = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     assert float(n) == 9.0
     assert float(n) == float(dft.causal_lm_loss(trainer.model, batch).stats.num_tokens)
+
+
+def test_bf16_head_matmuls_run_in_bf16(tmp_path):
+    """DFTTrainer(bf16=True) on an fp32 model: the fused head's matmuls run in bf16, as Trainer's own CE."""
+    from tests.test_fused import _MatmulDtypes
+
+    trainer = dft.DFTTrainer(model=tiny_model("llama"), args=_args(tmp_path, bf16=True), train_dataset=_dataset(4))
+    with _MatmulDtypes(VOCAB) as rec:
+        trainer.train()
+    assert len(rec.seen) >= 3  # logits, dh and dW of the fused head (plus the model's one-position head)
+    assert all(dtype == torch.bfloat16 for dtypes in rec.seen for dtype in dtypes), rec.seen
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -11,16 +11,17 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .fused import linear_dft_loss
 from .labels import causal_targets
 from .losses import dft_loss
-from .models import find_causal_lm_parts, unwrap_model
+from .models import CausalLMParts, find_causal_lm_parts, unwrap_model
 from .options import LossOptions, Unpack, resolve_options
 from .reduction import Reduction
 from .stats import TokenStats
@@ -56,31 +57,79 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
         return False
 
 
-def _run_backbone(model: nn.Module, backbone: nn.Module, model_inputs: dict[str, Any]) -> Tensor:
-    """Final hidden states ``[B, T, H]``, running the forward *through the wrapper* (DDP, FSDP, PEFT).
+HeadLoss = Callable[[Tensor, Tensor, "Tensor | None"], Any]
+"""``head_loss(hidden [B, T, H], head weight [V, H], head bias [V] | None)`` -> anything."""
+
+
+def _run_fused(
+    model: nn.Module, parts: CausalLMParts, model_inputs: dict[str, Any], head_loss: HeadLoss
+) -> tuple[Any, Any]:
+    """Run the model and call ``head_loss`` on the final hidden states *inside* the model's forward.
 
     DDP/FSDP synchronise gradients and gather parameters only when their own ``forward`` runs, so
     the backbone is not called directly: the whole model runs with ``logits_to_keep=1`` (one
-    position of logits, negligible) and a forward hook captures the backbone's output.
+    position of logits, negligible) and a forward hook on the backbone computes the loss there. At
+    that point FSDP2 has gathered the root's parameters (the head weight is a plain tensor, even with
+    ``reshard_after_forward=True``) and the training's autocast is active (accelerate wraps the
+    model's forward in it), so the head's matmuls run in the compute dtype. The fused head forms its
+    gradients in the forward, so backward needs no gathered weight.
+
+    Returns ``(head_loss(...), model outputs)`` (outputs None when the backbone ran directly).
     """
     if not _accepts_logits_to_keep(model):
-        outputs = backbone(**model_inputs, use_cache=False)
-        return outputs["last_hidden_state"] if isinstance(outputs, Mapping) else outputs[0]
-    captured: list[Tensor] = []
+        outputs = parts.backbone(**model_inputs, use_cache=False)
+        hidden = outputs["last_hidden_state"] if isinstance(outputs, Mapping) else outputs[0]
+        return _call_head_loss(head_loss, hidden, parts), None
+    results: list[Any] = []
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.append(output["last_hidden_state"] if isinstance(output, Mapping) else output[0])
+        hidden = output["last_hidden_state"] if isinstance(output, Mapping) else output[0]
+        results.append(_call_head_loss(head_loss, hidden, parts))
 
-    handle = backbone.register_forward_hook(hook)
+    handle = parts.backbone.register_forward_hook(hook)
     try:
-        model(**model_inputs, logits_to_keep=1, use_cache=False)
+        outputs = model(**model_inputs, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
-    if len(captured) != 1:
+    if len(results) != 1:
         raise RuntimeError(
-            f"dft: expected one backbone call in {type(unwrap_model(model)).__name__}.forward, got {len(captured)}."
+            f"dft: expected one backbone call in {type(unwrap_model(model)).__name__}.forward, got {len(results)}."
         )
-    return captured[0]
+    return results[0], outputs
+
+
+class _AfterOutputs(torch.autograd.Function):
+    """``loss`` unchanged, made to depend on the model's outputs (zero gradient to them).
+
+    FSDP2 re-gathers a unit's parameters for backward from a hook on that unit's forward *outputs*.
+    A loss computed inside the forward does not depend on the root's outputs, so without this the
+    final norm's backward would run on freed (resharded) storage. The zero gradient costs one
+    ``[B, 1, V]`` head backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor, *outputs: Tensor) -> Tensor:
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in outputs]
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+
+
+def _after_outputs(loss: Tensor, outputs: Any) -> Tensor:
+    values = outputs.values() if isinstance(outputs, Mapping) else (outputs if isinstance(outputs, tuple) else ())
+    tensors = [t for t in values if isinstance(t, Tensor) and t.requires_grad]
+    if not tensors or not loss.requires_grad:
+        return loss
+    return _AfterOutputs.apply(loss, *tensors)
+
+
+@torch.compiler.disable
+def _call_head_loss(head_loss: HeadLoss, hidden: Tensor, parts: CausalLMParts) -> Any:
+    """Outside any ``torch.compile`` graph: the chunk loop has data-dependent shapes."""
+    weight, bias = parts.head_weight()
+    return head_loss(hidden, weight, bias)
 
 
 def _warn_logits_path(model: nn.Module) -> None:
@@ -148,16 +197,19 @@ def causal_lm_loss(
         logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
         loss, stats = dft_loss(logits, targets, weighting, transform=transform, **common)
         return CausalLMLossOutput(loss=loss, stats=stats, fused=False)
-    hidden = _run_backbone(model, parts.backbone, model_inputs)
-    weight, bias = parts.head_weight()
-    loss, stats = linear_dft_loss(
-        hidden,
-        weight,
-        targets,
-        weighting,
-        bias=bias,
-        transform=model_transform,
-        chunk_size=chunk_size,
-        **common,
-    )
+
+    def head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, TokenStats]:
+        return linear_dft_loss(
+            hidden,
+            weight,
+            targets,
+            weighting,
+            bias=bias,
+            transform=model_transform,
+            chunk_size=chunk_size,
+            **common,
+        )
+
+    (loss, stats), outputs = _run_fused(model, parts, model_inputs, head_loss)
+    loss = _after_outputs(loss, outputs)
     return CausalLMLossOutput(loss=loss, stats=stats, fused=True)

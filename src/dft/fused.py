@@ -58,20 +58,35 @@ class _Plan:
     chunk_size: int
     mm_dtype: torch.dtype
     want_stats: bool
+    grad_enabled: bool  # grad mode at call time: no gradient work under torch.no_grad()
 
 
-def _mm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in float32/64 whatever the dtype of ``a`` and ``b``."""
-    if a.dtype == acc.dtype:
+def _mm_into(acc: Tensor, a: Tensor, b: Tensor, inv_scale: Tensor | None = None) -> None:
+    """``acc += (a @ b) * inv_scale`` with ``acc`` in float32/64 whatever the dtype of ``a`` and ``b``."""
+    if a.dtype == acc.dtype and inv_scale is None:
         acc.addmm_(a, b)
         return
+    prod = None
     if a.is_cuda:
         try:
-            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
-            return
+            prod = torch.mm(a, b, out_dtype=acc.dtype)
         except (RuntimeError, TypeError):
-            pass
-    acc.add_(torch.mm(a, b))
+            prod = None
+    if prod is None:
+        prod = torch.mm(a, b).to(acc.dtype)
+    acc.add_(prod if inv_scale is None else prod.mul_(inv_scale))
+
+
+def _pow2_scale(dz: Tensor) -> Tensor:
+    """A power of two ``s`` with ``max|dz * s|`` in ``(0.5, 1]`` (1 for an all-zero block); no host sync.
+
+    float16 has 5 exponent bits: gradients formed in the forward pass are tiny (``c = 1 / num_items``,
+    and the loss scale is only applied in backward), so they are scaled before the cast to float16
+    and the scale is undone in float32 after the matmuls. Powers of two make both steps exact.
+    """
+    amax = dz.abs().amax()
+    exponent = torch.where(amax > 0, -torch.ceil(torch.log2(amax)), torch.zeros_like(amax))
+    return torch.exp2(exponent)
 
 
 def _run_chunks(
@@ -102,7 +117,8 @@ def _run_chunks(
     token_loss = torch.empty(n, dtype=acc_dtype, device=device)
     want_grad = coef is not None
     need_dh, need_dw, need_db = (x and want_grad for x in need)
-    dh = torch.empty_like(h) if need_dh else None
+    fp16 = h.dtype == torch.float16
+    dh = (torch.empty(h.shape, dtype=acc_dtype, device=device) if fp16 else torch.empty_like(h)) if need_dh else None
     dw = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_dw else None
     db = torch.zeros(w.shape[0], dtype=acc_dtype, device=device) if need_db else None
     stats = TokenStats.zeros(device) if plan.want_stats else None
@@ -133,11 +149,17 @@ def _run_chunks(
         dz = plan.transform.backward_(du, t)
         if db is not None:
             db.add_(dz.sum(0))
-        dz_mm = dz.to(h.dtype)
-        if dh is not None:
-            torch.mm(dz_mm, w, out=dh[rows])
+        if fp16:  # pre-scale by a power of two before the cast (see _pow2_scale), undo in float32
+            scale = _pow2_scale(dz)
+            dz_mm, inv_scale = dz.mul_(scale).to(h.dtype), scale.reciprocal()
+            if dh is not None:
+                dh[rows].copy_(torch.mm(dz_mm, w)).mul_(inv_scale)  # float32 dh
+        else:
+            dz_mm, inv_scale = dz.to(h.dtype), None
+            if dh is not None:
+                torch.mm(dz_mm, w, out=dh[rows])
         if dw is not None:
-            _mm_into(dw, dz_mm.t(), h_c)
+            _mm_into(dw, dz_mm.t(), h_c, inv_scale)
     return token_loss, stats, dh, dw, db
 
 
@@ -160,11 +182,13 @@ class _LinearDFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> tuple[Tensor, Tensor]:
         need = tuple(ctx.needs_input_grad[:3])
-        grad_in_forward = plan.coef is not None and any(need)
+        grad_in_forward = plan.coef is not None and plan.grad_enabled and any(need)
         h = _gather_rows(hidden, plan)
         w = weight.to(plan.mm_dtype)
         b = None if bias is None else bias.to(plan.mm_dtype)
-        token_loss, stats, dh, dw, db = _run_chunks(plan, h, w, b, plan.coef if grad_in_forward else None, need)
+        token_loss, stats, dh, dw, db = _run_chunks(
+            plan, h, w, b, plan.coef if grad_in_forward else None, need, coef_nonneg=plan.weighting.is_nonnegative
+        )
         packed = _pack_stats(stats, token_loss)
         ctx.mark_non_differentiable(packed)
         ctx.plan = plan
@@ -172,7 +196,10 @@ class _LinearDFTFunction(torch.autograd.Function):
         if plan.coef is not None:
             loss = (plan.coef.to(token_loss.dtype) * token_loss).sum()
             if grad_in_forward:
-                dh_full = None if dh is None else _scatter_rows(dh, plan).to(hidden.dtype)
+                # float16: dh stays float32 until backward has applied the (loss-scaled) upstream gradient
+                dh_full = None if dh is None else _scatter_rows(dh, plan)
+                if dh_full is not None and plan.mm_dtype != torch.float16:
+                    dh_full = dh_full.to(hidden.dtype)
                 ctx.save_for_backward(dh_full, dw, db)
             return loss, packed
         ctx.save_for_backward(hidden, weight, bias)
@@ -364,6 +391,7 @@ def _linear_dft_loss(
         chunk_size=chunk_size or auto_chunk_size(weight.shape[0]),
         mm_dtype=matmul_dtype(hidden),
         want_stats=return_stats,
+        grad_enabled=torch.is_grad_enabled(),
     )
     loss, packed = _LinearDFTFunction.apply(hidden.reshape(num_rows, hidden.shape[-1]), weight, bias, plan)
     if reduction == "none":

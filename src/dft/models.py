@@ -37,17 +37,28 @@ class CausalLMParts:
         return self.transform.softcap
 
     def head_weight(self) -> tuple[Tensor, Tensor | None]:
-        """``(weight [V, H], bias [V] | None)``, gathered to full tensors for FSDP2 / DTensor parameters."""
+        """``(weight [V, H], bias [V] | None)`` as the head's own forward would see them.
+
+        Call it inside the model's forward (see :func:`dft.causal_lm_loss`): FSDP2 has then swapped
+        in the gathered parameters. A sharded ``DTensor`` here means the head is not gathered (it is
+        its own FSDP unit, or this is called outside the forward): gathering it ourselves would
+        bypass FSDP's gradient reduction, so that is an error.
+        """
         weight, bias = self.head.weight, self.head.bias
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without distributed
-            return weight, bias
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-        if isinstance(bias, DTensor):
-            bias = bias.full_tensor()
+        if _is_dtensor(weight) or _is_dtensor(bias):
+            raise RuntimeError(
+                "dft: the LM head weight is a sharded DTensor at loss time; call the fused head inside the model's "
+                "forward (dft.causal_lm_loss does) or use fused=False."
+            )
         return weight, bias
+
+
+def _is_dtensor(t: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -72,10 +83,27 @@ def _is_plain_linear(module: object) -> bool:
 
 
 def _head_is_partitioned(model: nn.Module, head: nn.Module) -> bool:
-    """DeepSpeed ZeRO-3 and FSDP1 free the head's full weight outside their forward: use the logits path."""
+    """Engines where the fused head would not see the head's gathered weight: use the logits path.
+
+    * DeepSpeed ZeRO-3 gathers a module's parameters only around that module's own forward (the
+      head's forward runs on one position only, after the backbone).
+    * FSDP1 flattens parameters; the original ``lm_head.weight`` is not a usable view in our hook.
+    * FSDP2 with the head as its own unit (``fully_shard(model.lm_head)``): gathered only in its
+      own forward, like ZeRO-3. The head inside the root unit (accelerate's default) is fused.
+    """
     if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
         return True
+    if _is_fsdp2_unit(head):
+        return True
     return any(type(m).__name__ == "FullyShardedDataParallel" for m in (model, *model.modules()))
+
+
+def _is_fsdp2_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
@@ -86,7 +114,8 @@ def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     Returns None when the output head is not a plain ``nn.Linear`` (e.g. LoRA on ``lm_head``, a
     quantised head), when no backbone attribute is found, or under DeepSpeed ZeRO-3 / FSDP1 (the
     head's full weight only exists inside their forward): callers then use the logits path.
-    FSDP2 (DTensor parameters) keeps the fused head: the weight is gathered with ``full_tensor()``.
+    FSDP2 keeps the fused head when the head lies in the root unit: the loss runs inside the
+    model's forward, where FSDP2 has gathered the weight.
     """
     inner = unwrap_model(model)
     get_head = getattr(inner, "get_output_embeddings", None)

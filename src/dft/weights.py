@@ -100,6 +100,11 @@ class DFTWeight:
             and self.p_max is None
         )
 
+    @property
+    def is_nonnegative(self) -> bool:
+        """True when every weight is known to be >= 0 (all built-in weights; a ``weight_fn`` may not be)."""
+        return self.weight_fn is None
+
     def __call__(self, logp: Tensor) -> Tensor:
         """Weights for detached target log-probabilities.
 
