@@ -42,19 +42,38 @@ def worker(case: str, a: argparse.Namespace) -> dict:
     import dft
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden,
-                      num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=a.seq, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=2 * a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=a.seq,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     n = a.batch * (a.steps + 1)
     ids = torch.randint(3, a.vocab, (n, a.seq))
     labels = ids.clone()
     labels[:, : a.seq // 4] = -100  # prompt masked
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * a.seq] * n, "labels": labels.tolist()})
+    data = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * a.seq] * n, "labels": labels.tolist()}
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    common = dict(output_dir=f"/tmp/trainer_step_{case}", per_device_train_batch_size=a.batch, max_steps=a.steps + 1,
-                  learning_rate=1e-4, report_to=[], save_strategy="no", logging_steps=10_000, disable_tqdm=True,
-                  use_cpu=device == "cpu", bf16=device == "cuda", dataloader_num_workers=0)
+    common = dict(
+        output_dir=f"/tmp/trainer_step_{case}",
+        per_device_train_batch_size=a.batch,
+        max_steps=a.steps + 1,
+        learning_rate=1e-4,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        dataloader_num_workers=0,
+    )
 
     times: list[float] = []
     mem: dict[str, int] = {}
@@ -79,17 +98,25 @@ def worker(case: str, a: argparse.Namespace) -> dict:
     if case == "trainer_ce":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
     elif case in ("dft", "dft_logits"):
-        trainer = dft.DFTTrainer(model=model, args=dft.DFTConfig(**common, fused_lm_head=case == "dft"),
-                                 train_dataset=data, callbacks=[Clock()])
+        trainer = dft.DFTTrainer(
+            model=model,
+            args=dft.DFTConfig(**common, fused_lm_head=case == "dft"),
+            train_dataset=data,
+            callbacks=[Clock()],
+        )
     elif case == "trl_dft":
         import trl
 
         from dft.toy import toy_tokenizer
 
         tok = toy_tokenizer()
-        trainer = trl.SFTTrainer(model=model, args=trl.SFTConfig(**common, loss_type="dft", max_length=None),
-                                 train_dataset=data.remove_columns(["labels"]), processing_class=tok,
-                                 callbacks=[Clock()])
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=trl.SFTConfig(**common, loss_type="dft", max_length=None),
+            train_dataset=data.remove_columns(["labels"]),
+            processing_class=tok,
+            callbacks=[Clock()],
+        )
     else:
         raise ValueError(case)
     trainer.train()
@@ -121,8 +148,10 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-    print(f"# trainer step on {device}: Llama hidden {a.hidden}, {a.layers} layers, V={a.vocab}, "
-          f"seq {a.seq}, batch {a.batch}; median of {a.steps} steps\n")
+    print(
+        f"# trainer step on {device}: Llama hidden {a.hidden}, {a.layers} layers, V={a.vocab}, "
+        f"seq {a.seq}, batch {a.batch}; median of {a.steps} steps\n"
+    )
     print("| case | step (s) | x trainer_ce | peak extra (MB) | mem x trainer_ce | mem x trl_dft |")
     print("|---|---|---|---|---|---|")
     results = {}
