@@ -209,3 +209,27 @@ def test_bf16_head_matmuls_run_in_bf16(tmp_path):
     assert len(rec.seen) >= 3  # logits, dh and dW of the fused head (plus the model's one-position head)
     assert all(dtype == torch.bfloat16 for dtypes in rec.seen for dtype in dtypes), rec.seen
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_moe_router_aux_loss_is_trained_and_logged(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    )
+    torch.manual_seed(0)
+    trainer = dft.DFTTrainer(
+        model=MixtralForCausalLM(config), args=_args(tmp_path, max_steps=2), train_dataset=_dataset(4)
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("aux_loss" in h and h["aux_loss"] > 1.0 for h in logged)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .fused import linear_dft_loss
 from .labels import causal_targets
 from .losses import dft_loss
-from .models import CausalLMParts, find_causal_lm_parts, unwrap_model
+from .models import CausalLMParts, inspect_causal_lm, unwrap_model
 from .options import LossOptions, Unpack, resolve_options
 from .reduction import Reduction
 from .stats import TokenStats
@@ -36,12 +36,15 @@ _LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_dict", "lo
 
 @dataclass
 class CausalLMLossOutput:
-    """``loss``: 0-dim tensor with its graph; ``stats``: :class:`dft.TokenStats` of the batch;
-    ``fused``: whether the fused head was used (False: logits path)."""
+    """``loss``: 0-dim tensor with its graph (the DFT loss, plus ``router_aux_loss_coef * aux_loss``
+    for a mixture-of-experts model that returns a router load-balancing loss, as the model's own loss
+    does); ``stats``: :class:`dft.TokenStats` of the batch; ``fused``: whether the fused head was used
+    (False: logits path); ``aux_loss``: the router loss before its coefficient (detached), or None."""
 
     loss: Tensor
     stats: TokenStats
     fused: bool
+    aux_loss: Tensor | None = None
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
@@ -132,10 +135,10 @@ def _call_head_loss(head_loss: HeadLoss, hidden: Tensor, parts: CausalLMParts) -
     return head_loss(hidden, weight, bias)
 
 
-def _warn_logits_path(model: nn.Module) -> None:
+def _warn_logits_path(model: nn.Module, reason: str | None) -> None:
     warnings.warn(
-        f"dft: cannot find a plain linear output head and a backbone in {type(unwrap_model(model)).__name__}; "
-        "computing the DFT loss on full logits instead of the fused head (more memory).",
+        f"dft: {type(unwrap_model(model)).__name__}: {reason or 'cannot see into this model'}; "
+        "computing the DFT loss on full logits instead of the fused head (correct, more memory).",
         RuntimeWarning,
         stacklevel=3,
     )
@@ -179,7 +182,7 @@ def causal_lm_loss(
     weighting, transform = resolve_options(weighting, transform, dict(options))
     targets = causal_targets(inputs, ignore_index)
     model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
-    parts = find_causal_lm_parts(model)
+    parts, reason = inspect_causal_lm(model)
     if parts is not None:
         model_transform = parts.transform.then(transform)  # validates on both paths (e.g. two soft-caps)
     if not fused:
@@ -192,11 +195,12 @@ def causal_lm_loss(
     }
     if parts is None:
         if fused:
-            _warn_logits_path(model)
+            _warn_logits_path(model, reason)
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
         loss, stats = dft_loss(logits, targets, weighting, transform=transform, **common)
-        return CausalLMLossOutput(loss=loss, stats=stats, fused=False)
+        loss, aux = _add_router_aux_loss(loss, model, outputs)
+        return CausalLMLossOutput(loss=loss, stats=stats, fused=False, aux_loss=aux)
 
     def head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, TokenStats]:
         return linear_dft_loss(
@@ -212,4 +216,29 @@ def causal_lm_loss(
 
     (loss, stats), outputs = _run_fused(model, parts, model_inputs, head_loss)
     loss = _after_outputs(loss, outputs)
-    return CausalLMLossOutput(loss=loss, stats=stats, fused=True)
+    loss, aux = _add_router_aux_loss(loss, model, outputs)
+    return CausalLMLossOutput(loss=loss, stats=stats, fused=True, aux_loss=aux)
+
+
+def _add_router_aux_loss(loss: Tensor, model: nn.Module, outputs: Any) -> tuple[Tensor, Tensor | None]:
+    """``loss + router_aux_loss_coef * aux_loss`` when the model returned a router loss.
+
+    Exactly what transformers' MoE models (Mixtral, Qwen3-MoE, OLMoE, ...) add to their own loss when
+    ``output_router_logits`` is on: per micro-batch, not normalised by ``num_items_in_batch``.
+    """
+    aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else None
+    if not isinstance(aux, Tensor):
+        return loss, None
+    config = getattr(unwrap_model(model), "config", None)
+    coef = getattr(config, "router_aux_loss_coef", None)
+    if coef is None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        coef = getattr(text, "router_aux_loss_coef", None)
+    if coef is None:
+        warnings.warn(
+            "dft: the model returned aux_loss but its config has no router_aux_loss_coef; the aux loss is not added.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return loss, aux.detach()
+    return loss + float(coef) * aux.to(loss.device, loss.dtype), aux.detach()

@@ -140,6 +140,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
+        self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
         self._dft_beta_used: float | None = None
         self._claim_loss_kwargs()
 
@@ -179,6 +180,10 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         if mode == "train" and self._dft_option("loss_type", "dft") not in ("sft", "nll"):
             self._dft_beta_used = weighting.beta
         self._dft_stats[mode] = TokenStats.accumulate(self._dft_stats.get(mode), out.stats)
+        if out.aux_loss is not None:
+            new = torch.stack([out.aux_loss.float(), torch.ones((), device=out.aux_loss.device)])
+            previous_aux = self._dft_aux.get(mode)
+            self._dft_aux[mode] = new if previous_aux is None else previous_aux + new
         loss = self._undo_rank_average(out.loss, num_items_in_batch)
         return (loss, {}) if return_outputs else loss
 
@@ -189,6 +194,11 @@ class DFTTrainerMixin(_TrainerTouchPoints):
                 packed = self.accelerator.reduce(stats.pack(), reduction="sum")
                 logs.update(TokenStats.unpack(packed).as_dict(prefix))
                 self._dft_stats[mode] = None
+            aux = self._dft_aux.get(mode)
+            if key in logs and aux is not None:  # MoE router load-balancing loss, mean over micro-batches
+                total, count = self.accelerator.reduce(aux, reduction="sum").tolist()
+                logs[f"{prefix}aux_loss"] = total / max(count, 1.0)
+                self._dft_aux[mode] = None
         if "loss" in logs and self._dft_beta_used is not None:
             logs["dft_beta"] = self._dft_beta_used  # the beta of the last step the logged loss covers
         super().log(logs, *args, **kwargs)
@@ -197,7 +207,8 @@ class DFTTrainerMixin(_TrainerTouchPoints):
 class DFTTrainer(DFTTrainerMixin, Trainer):
     """``transformers.Trainer`` whose loss is DFT on the fused LM head.
 
-    Logs ``loss`` (the DFT loss), ``ce``, ``mean_p``, ``token_accuracy``, ``entropy`` and ``dft_beta``
+    Logs ``loss`` (the DFT loss), ``ce``, ``mean_p``, ``token_accuracy``, ``entropy``, ``dft_beta`` (and
+    ``aux_loss`` for MoE models with a router loss, which is added to the loss as the model does)
     during training, and ``eval_loss`` (DFT), ``eval_ce``, ``eval_mean_p``, ``eval_token_accuracy``,
     ``eval_entropy`` from ``evaluate()`` (which needs no logits). Gradient accumulation and
     ``average_tokens_across_devices`` give the same update as one big batch, packed batches included.
