@@ -8,6 +8,7 @@ on the logits, with one warning naming the model class.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from .fused import linear_dft_loss
 from .labels import causal_targets
-from .losses import dft_loss
+from .losses import check_kl, dft_loss
 from .models import CausalLMParts, inspect_causal_lm, unwrap_model
 from .options import LossOptions, Unpack, resolve_options
 from .reduction import Reduction
@@ -155,6 +156,8 @@ def causal_lm_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     fused: bool = True,
+    ref_model: nn.Module | None = None,
+    kl_coef: float = 0.0,
     **options: Unpack[LossOptions],
 ) -> CausalLMLossOutput:
     """DFT loss of a Hugging Face causal LM on one batch, through the fused LM head.
@@ -175,6 +178,11 @@ def causal_lm_loss(
         reduction, ignore_index: as in :func:`dft.dft_loss`.
         chunk_size: rows per chunk of the fused head (not used on the logits path).
         fused: False forces the logits path.
+        ref_model: ASFT's frozen reference (e.g. a copy of the base model), run under ``no_grad``.
+            For a PEFT model it may be omitted: the reference is then the same model with its
+            adapters disabled (no extra weights in memory).
+        kl_coef: ASFT: add ``kl_coef * KL(reference || model)`` per supervised token (see
+            :func:`dft.dft_loss`); the mean KL is in ``stats.kl``.
 
     Returns:
         :class:`CausalLMLossOutput` with the loss and the batch's :class:`dft.TokenStats`.
@@ -193,14 +201,38 @@ def causal_lm_loss(
         "num_items_in_batch": num_items_in_batch,
         "return_stats": True,
     }
+    check_kl(kl_coef, True, "")
+    reference = _reference_runner(model, ref_model) if kl_coef > 0 or ref_model is not None else None
+    ref_parts = None
+    if reference is not None and parts is not None:
+        ref_parts, ref_reason = inspect_causal_lm(reference.model)
+        if ref_parts is None:
+            parts, reason = None, f"the reference model: {ref_reason}"
     if parts is None:
         if fused:
             _warn_logits_path(model, reason)
+        ref_logits = None
+        if reference is not None:
+            with torch.no_grad(), reference.context():
+                ref_logits = _logits(reference.model(**model_inputs)).detach()
         outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
-        loss, stats = dft_loss(logits, targets, weighting, transform=transform, **common)
+        loss, stats = dft_loss(
+            _logits(outputs), targets, weighting, transform=transform, ref_logits=ref_logits, kl_coef=kl_coef, **common
+        )
         loss, aux = _add_router_aux_loss(loss, model, outputs)
         return CausalLMLossOutput(loss=loss, stats=stats, fused=False, aux_loss=aux)
+    ref_kwargs: dict[str, Any] = {}
+    if reference is not None:
+        with torch.no_grad(), reference.context():
+            ref_hidden, _ = _run_fused(reference.model, ref_parts, model_inputs, lambda h, _w, _b: h.detach())
+        ref_weight, ref_bias = ref_parts.frozen_head_weight()
+        ref_kwargs = {
+            "ref_hidden": ref_hidden,
+            "ref_weight": ref_weight,
+            "ref_bias": ref_bias,
+            "ref_transform": ref_parts.transform,
+            "kl_coef": kl_coef,
+        }
 
     def head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, TokenStats]:
         return linear_dft_loss(
@@ -211,6 +243,7 @@ def causal_lm_loss(
             bias=bias,
             transform=model_transform,
             chunk_size=chunk_size,
+            **ref_kwargs,
             **common,
         )
 
@@ -218,6 +251,43 @@ def causal_lm_loss(
     loss = _after_outputs(loss, outputs)
     loss, aux = _add_router_aux_loss(loss, model, outputs)
     return CausalLMLossOutput(loss=loss, stats=stats, fused=True, aux_loss=aux)
+
+
+def _logits(outputs: Any) -> Tensor:
+    return outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
+
+
+@dataclass
+class _ReferenceRunner:
+    """How to run ASFT's reference: a separate frozen model, or the policy with its adapters disabled."""
+
+    model: nn.Module
+    peft_model: nn.Module | None = None  # set when the reference is ``model`` with adapters disabled
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()
+
+
+def _find_peft(model: nn.Module) -> nn.Module | None:
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
+            return model
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    return None
+
+
+def _reference_runner(model: nn.Module, ref_model: nn.Module | None) -> _ReferenceRunner:
+    if ref_model is not None:
+        return _ReferenceRunner(model=ref_model)
+    peft = _find_peft(model)
+    if peft is None:
+        raise ValueError(
+            "kl_coef > 0 (ASFT) needs a reference: pass ref_model= (a frozen copy of the base model), or train a "
+            "PEFT model, whose reference is itself with its adapters disabled."
+        )
+    return _ReferenceRunner(model=model, peft_model=peft)
 
 
 def _add_router_aux_loss(loss: Tensor, model: nn.Module, outputs: Any) -> tuple[Tensor, Tensor | None]:

@@ -19,6 +19,7 @@ Peak extra memory is ``O(C x V)`` plus the float32 ``dW`` accumulator, independe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, overload
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .labels import check_labels
+from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
 from .precision import compute_dtype, matmul_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
@@ -46,6 +48,29 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = _CHUNK_BUDGET_BYTES) ->
 
 
 @dataclass(frozen=True)
+class _Reference:
+    """ASFT's frozen reference head, rows already gathered: logits ``transform(h @ w.T + b)``, no gradient."""
+
+    h: Tensor  # [n, H_ref] supervised rows, mm dtype
+    w: Tensor  # [V, H_ref]
+    b: Tensor | None
+    transform: LogitTransform
+    kl_coef: float
+
+    def log_probs(self, rows: slice, acc_dtype: torch.dtype) -> Tensor:
+        """``log softmax`` of the reference logits of ``rows``: ``[C, V]`` in ``acc_dtype``."""
+        h = self.h[rows]
+        r = torch.mm(h, self.w.t()) if self.b is None else torch.addmm(self.b, h, self.w.t())
+        r, _ = self.transform.forward_(r.to(acc_dtype))
+        return r.sub_(torch.logsumexp(r, dim=-1, keepdim=True))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum(-1)`` for ``[C, V]`` blocks without a ``[C, V]`` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+@dataclass(frozen=True)
 class _Plan:
     """Everything the autograd function needs besides the differentiable tensors."""
 
@@ -59,6 +84,7 @@ class _Plan:
     mm_dtype: torch.dtype
     want_stats: bool
     grad_enabled: bool  # grad mode at call time: no gradient work under torch.no_grad()
+    reference: _Reference | None = None  # ASFT
 
 
 def _mm_into(acc: Tensor, a: Tensor, b: Tensor, inv_scale: Tensor | None = None) -> None:
@@ -122,6 +148,7 @@ def _run_chunks(
     dw = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_dw else None
     db = torch.zeros(w.shape[0], dtype=acc_dtype, device=device) if need_db else None
     stats = TokenStats.zeros(device) if plan.want_stats else None
+    ref = plan.reference
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h_c, y_c = h[rows], plan.labels[rows]
@@ -129,22 +156,33 @@ def _run_chunks(
         u, t = plan.transform.forward_(z.to(acc_dtype))
         lse = torch.logsumexp(u, dim=-1)
         logp = u.gather(1, y_c.unsqueeze(1)).squeeze(1).sub_(lse)
-        wt = plan.weighting(logp)
+        wt = plan.weighting(logp, u if plan.weighting.needs_logits else None)
         token_loss[rows] = -(wt * logp)
+        q = kl = None
+        if ref is not None:  # ASFT: KL(q || p) = sum q log q - sum q u + lse (u is still the logits here)
+            logq = ref.log_probs(rows, acc_dtype)
+            q = logq.exp()
+            kl = _rowdot(q, logq).sub_(_rowdot(q, u)).add_(lse)
+            token_loss[rows] += ref.kl_coef * kl
         if not (want_grad or plan.want_stats):
             continue
-        cw = coef[rows].to(acc_dtype) * wt if want_grad else None
+        c = coef[rows].to(acc_dtype) if want_grad else None
+        cw = c * wt if want_grad else None
+        cp = cw if ref is None or cw is None else cw + c * ref.kl_coef  # coefficient of softmax(u) in du
         if stats is None and coef_nonneg and cw is not None:
             # c * w * softmax(u) = exp(u - (lse - log(c * w))): the scaling rides on the exp pass
             # (c * w = 0 gives exp(-inf) = 0), one pass over the chunk fewer than softmax then multiply.
-            du = u.sub_((lse - cw.log()).unsqueeze(1)).exp_()
+            du = u.sub_((lse - cp.log()).unsqueeze(1)).exp_()
         else:
             probs = u.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
             if stats is not None:
-                stats = stats + token_stats_from_probs(probs, logp, y_c, torch.ones_like(y_c, dtype=torch.bool))
+                valid = torch.ones_like(y_c, dtype=torch.bool)
+                stats = stats + token_stats_from_probs(probs, logp, y_c, valid, kl)
             if cw is None:
                 continue
-            du = probs.mul_(cw.unsqueeze(1))
+            du = probs.mul_(cp.unsqueeze(1))
+        if q is not None:  # d KL / du = p - q
+            du.sub_(q.mul_((c * ref.kl_coef).unsqueeze(1)))
         du.scatter_add_(1, y_c.unsqueeze(1), -cw.unsqueeze(1))
         dz = plan.transform.backward_(du, t)
         if db is not None:
@@ -247,26 +285,29 @@ def _check_chunk_size(chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
 
 
-def _validate_head(hidden: object, weight: object, bias: object) -> None:
-    for name, t in (("hidden", hidden), ("weight", weight)):
+def _validate_head(hidden: object, weight: object, bias: object, prefix: str = "") -> None:
+    h_name, w_name, b_name = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    for name, t in ((h_name, hidden), (w_name, weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}.")
     if weight.dim() != 2:
-        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}.")
+        raise ValueError(f"{w_name} must have shape [V, H], got {tuple(weight.shape)}.")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"hidden must have shape [..., H] with H = weight.shape[1] = {weight.shape[1]}, got {tuple(hidden.shape)}."
+            f"{h_name} must have shape [..., H] with H = {w_name}.shape[1] = {weight.shape[1]}, "
+            f"got {tuple(hidden.shape)}."
         )
     if bias is not None:
         if not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]:
             got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {got}.")
+            raise ValueError(f"{b_name} must have shape [V] = ({weight.shape[0]},), got {got}.")
     dtypes = {t.dtype for t in (hidden, weight, bias) if isinstance(t, Tensor)}
     if len(dtypes) > 1 and not torch.is_autocast_enabled(hidden.device.type):
         raise TypeError(
-            f"hidden, weight and bias must share a dtype, got {sorted(map(str, dtypes))}; cast them or use torch.autocast."
+            f"{h_name}, {w_name} and {b_name} must share a dtype, got {sorted(map(str, dtypes))}; "
+            "cast them or use torch.autocast."
         )
 
 
@@ -304,6 +345,11 @@ def linear_dft_loss(
     chunk_size: int | None = None,
     validate: bool = True,
     return_stats: bool = False,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    ref_transform: LogitTransform | None = None,
+    kl_coef: float = 0.0,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
@@ -328,6 +374,12 @@ def linear_dft_loss(
         ignore_index, reduction, num_items_in_batch, validate: as in :func:`dft.dft_loss`.
         chunk_size: token rows per chunk; None picks it so one chunk's float32 logits take ~64 MiB.
         return_stats: also return :class:`dft.TokenStats`, computed inside the same chunks.
+        ref_hidden, ref_weight, ref_bias: ASFT's frozen reference head: ``ref_hidden [..., H_ref]``
+            (same leading shape as ``hidden``), ``ref_weight [V, H_ref]``, ``ref_bias [V]``; no gradient.
+            Per chunk one extra matmul gives the reference logits; neither ``[N, V]`` matrix is built.
+        ref_transform: the reference's :class:`dft.LogitTransform` (default: ``transform``).
+        kl_coef: ASFT weight: each supervised token adds ``kl_coef * KL(softmax(ref) || softmax(u))``,
+            whose gradient ``kl_coef * (softmax(u) - softmax(ref))`` is folded into the same pass.
         **options: flat keywords instead of ``weighting``/``transform``: ``alpha``, ``min_weight``,
             ``beta``, ``p_min``, ``p_max``, ``weight_fn``, ``logit_scale``, ``softcap``, ``temperature``.
 
@@ -343,6 +395,9 @@ def linear_dft_loss(
     check_reduction(reduction, labels.shape, num_items_in_batch)
     _check_chunk_size(chunk_size)
     weighting, transform = resolve_options(weighting, transform, options)
+    reference = _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef)
+    if reference is not None and reference[3] is None:
+        reference = (*reference[:3], transform, reference[4])
     return _linear_dft_loss(
         hidden,
         weight,
@@ -355,7 +410,33 @@ def linear_dft_loss(
         num_items_in_batch,
         chunk_size,
         return_stats,
+        reference,
     )
+
+
+def _check_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: object,
+    ref_weight: object,
+    ref_bias: object,
+    ref_transform: object,
+    kl_coef: object,
+) -> tuple[Tensor, Tensor, Tensor | None, LogitTransform | None, float] | None:
+    check_kl(kl_coef, ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight")
+    if ref_hidden is None and ref_weight is None:
+        return None
+    if ref_hidden is None or ref_weight is None:
+        raise ValueError("ASFT needs both ref_hidden and ref_weight (and ref_bias if the reference head has one).")
+    _validate_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_hidden {tuple(ref_hidden.shape)} / ref_weight {tuple(ref_weight.shape)} must match hidden "
+            f"{tuple(hidden.shape[:-1])} + (H_ref,) and the vocabulary size {weight.shape[0]}."
+        )
+    if ref_transform is not None and not isinstance(ref_transform, LogitTransform):
+        raise TypeError(f"ref_transform must be a dft.LogitTransform, got {type(ref_transform).__name__}.")
+    return ref_hidden, ref_weight, ref_bias, ref_transform, float(kl_coef)
 
 
 def _linear_dft_loss(
@@ -370,6 +451,7 @@ def _linear_dft_loss(
     num_items_in_batch: int | Tensor | None,
     chunk_size: int | None,
     return_stats: bool,
+    reference: tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None = None,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     valid = labels != ignore_index
     flat_valid = valid.reshape(-1)
@@ -393,6 +475,19 @@ def _linear_dft_loss(
         want_stats=return_stats,
         grad_enabled=torch.is_grad_enabled(),
     )
+    if reference is not None:
+        ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef = reference
+        mm = plan.mm_dtype
+        ref_rows = ref_hidden.detach().reshape(num_rows, ref_hidden.shape[-1])
+        ref_rows = ref_rows if index is None else ref_rows.index_select(0, index)
+        ref = _Reference(
+            h=ref_rows.to(mm),
+            w=ref_weight.detach().to(mm),
+            b=None if ref_bias is None else ref_bias.detach().to(mm),
+            transform=ref_transform,
+            kl_coef=float(kl_coef),
+        )
+        plan = dataclasses.replace(plan, reference=ref)
     loss, packed = _LinearDFTFunction.apply(hidden.reshape(num_rows, hidden.shape[-1]), weight, bias, plan)
     if reduction == "none":
         loss = loss.reshape(labels.shape)

@@ -14,6 +14,7 @@ Everything is computed in float32 whatever the input dtype (float64 stays float6
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, overload
 
@@ -33,38 +34,10 @@ __all__ = [
     "causal_dft_loss",
     "compute_loss_func",
     "dft_loss",
-    "dft_weighted_loss",
+    "check_kl",
     "shift_causal_labels",
     "token_stats",
 ]
-
-
-def dft_weighted_loss(
-    target_logp: Tensor,
-    valid: Tensor,
-    weight: DFTWeight,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-) -> Tensor:
-    """Apply the DFT weight and the reduction to target log-probabilities (the shared tail).
-
-    Args:
-        target_logp: ``[...]`` ``log p_t`` with its graph (ignored positions hold any finite value).
-        valid: ``[...]`` bool, True where supervised.
-        weight: the weight family.
-        reduction, num_items_in_batch: see :mod:`dft.reduction`.
-
-    Returns:
-        The reduced loss (0-dim), or ``[...]`` per-token losses for ``reduction="none"``.
-    """
-    w = weight(target_logp.detach())
-    token_loss = torch.where(
-        valid, -(w * target_logp), torch.zeros((), dtype=target_logp.dtype, device=target_logp.device)
-    )
-    if reduction == "none":
-        return token_loss
-    coef = reduction_coefficients(valid, reduction, num_items_in_batch, dtype=token_loss.dtype)
-    return (coef * token_loss).sum()
 
 
 def _check_logits(logits: object) -> None:
@@ -86,24 +59,58 @@ def _dft_loss(
     num_items_in_batch: int | Tensor | None,
     validate: bool,
     return_stats: bool,
+    ref_logits: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     _check_logits(logits)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, check_range=validate)
     check_reduction(reduction, labels.shape, num_items_in_batch)
+    check_kl(kl_coef, ref_logits is not None, "ref_logits")
+    if ref_logits is not None:
+        _check_logits(ref_logits)
+        if ref_logits.shape != logits.shape:
+            raise ValueError(
+                f"ref_logits must have the logits' shape {tuple(logits.shape)}, got {tuple(ref_logits.shape)}."
+            )
     z = transform.apply(logits.to(compute_dtype(logits.dtype)))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(z, dim=-1)
     target_logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
-    loss = dft_weighted_loss(target_logp, valid, weight, reduction, num_items_in_batch)
+    w = weight(target_logp.detach(), z.detach() if weight.needs_logits else None)
+    token_loss = -(w * target_logp)
+    kl = None
+    if ref_logits is not None:  # ASFT: KL(q_ref || p) over the whole vocabulary, reference detached
+        logq = torch.log_softmax(ref_logits.detach().to(z.dtype), dim=-1)
+        kl = (logq.exp() * (logq - (z - lse.unsqueeze(-1)))).sum(-1)
+        if kl_coef:
+            token_loss = token_loss + kl_coef * kl
+    token_loss = torch.where(valid, token_loss, torch.zeros((), dtype=z.dtype, device=z.device))
+    if reduction == "none":
+        loss = token_loss
+    else:
+        coef = reduction_coefficients(valid, reduction, num_items_in_batch, dtype=token_loss.dtype)
+        loss = (coef * token_loss).sum()
     if not return_stats:
         return loss
     with torch.no_grad():
         probs = torch.exp(z.detach() - lse.detach().unsqueeze(-1))
         stats = token_stats_from_probs(
-            probs.reshape(-1, z.shape[-1]), target_logp.reshape(-1), safe.reshape(-1), valid.reshape(-1)
+            probs.reshape(-1, z.shape[-1]),
+            target_logp.reshape(-1),
+            safe.reshape(-1),
+            valid.reshape(-1),
+            None if kl is None else kl.reshape(-1),
         )
     return loss, stats
+
+
+def check_kl(kl_coef: object, has_reference: bool, reference_name: str) -> None:
+    """``kl_coef`` is a finite float >= 0, and a reference is given when it is > 0."""
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not math.isfinite(kl_coef) or kl_coef < 0:
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}.")
+    if kl_coef > 0 and not has_reference:
+        raise ValueError(f"kl_coef={kl_coef} (ASFT) needs the reference model's {reference_name}.")
 
 
 @overload
@@ -125,6 +132,8 @@ def dft_loss(
     num_items_in_batch: int | Tensor | None = None,
     validate: bool = True,
     return_stats: bool = False,
+    ref_logits: Tensor | None = None,
+    kl_coef: float = 0.0,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """Dynamic Fine-Tuning loss on logits: a drop-in for ``F.cross_entropy``.
@@ -152,6 +161,10 @@ def dft_loss(
             number of supervised tokens over all accumulation steps and ranks.
         validate: check that labels lie in ``[0, V)`` (a device sync); shapes and dtypes are always checked.
         return_stats: also return :class:`dft.TokenStats` (CE, mean p, accuracy, entropy) from the same softmax.
+        ref_logits: ``[..., V]`` a frozen reference model's logits of the same tokens (ASFT, Anchored
+            SFT, arXiv 2509.23753); detached. With ``kl_coef > 0`` each supervised token adds
+            ``kl_coef * KL(softmax(ref_logits) || softmax(logits))``; the mean KL is in the stats.
+        kl_coef: weight of the KL anchor (``0``: plain DFT; LLaMA-Factory's ``asft_alpha`` is 0.1).
         **options: the same as flat keywords instead of ``weighting``/``transform``: ``alpha``,
             ``min_weight``, ``beta``, ``p_min``, ``p_max``, ``weight_fn`` (:class:`dft.DFTWeight`) and
             ``logit_scale``, ``softcap``, ``temperature`` (:class:`dft.LogitTransform`).
@@ -167,7 +180,17 @@ def dft_loss(
     """
     weighting, transform = resolve_options(weighting, transform, options)
     return _dft_loss(
-        logits, labels, weighting, transform, ignore_index, reduction, num_items_in_batch, validate, return_stats
+        logits,
+        labels,
+        weighting,
+        transform,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        validate,
+        return_stats,
+        ref_logits=ref_logits,
+        kl_coef=kl_coef,
     )
 
 

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from .transform import LogitTransform
@@ -61,6 +62,18 @@ class CausalLMParts:
                 "forward (dft.causal_lm_loss does) or use fused=False."
             )
         return weight, bias
+
+    def frozen_head_weight(self) -> tuple[Tensor, Tensor | None]:
+        """The head's full weight and bias, detached, outside any forward (a frozen reference model).
+
+        A sharded ``DTensor`` (FSDP2) is gathered with ``full_tensor()`` under ``no_grad``: no gradient
+        flows to a reference, so nothing bypasses the engine's gradient reduction.
+        """
+        weight, bias = self.head.weight, self.head.bias
+        with torch.no_grad():
+            weight = weight.full_tensor() if _is_dtensor(weight) else weight
+            bias = bias.full_tensor() if _is_dtensor(bias) else bias
+        return weight.detach(), None if bias is None else bias.detach()
 
 
 def _is_dtensor(t: object) -> bool:

@@ -25,6 +25,7 @@ class TokenStats:
         p_sum: sum of ``p_t``.
         correct: number of tokens with ``argmax(logits_t) == y_t``.
         entropy_sum: sum of the predictive entropies ``H(softmax(logits_t))``.
+        kl_sum: sum of ``KL(q_ref || p)`` to a reference model (ASFT); 0 without a reference.
         num_tokens: number of supervised tokens.
     """
 
@@ -32,6 +33,7 @@ class TokenStats:
     p_sum: Tensor
     correct: Tensor
     entropy_sum: Tensor
+    kl_sum: Tensor
     num_tokens: Tensor
 
     def __add__(self, other: TokenStats) -> TokenStats:
@@ -60,14 +62,23 @@ class TokenStats:
         """Mean predictive entropy (nats)."""
         return self._mean(self.entropy_sum)
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """Means as Python floats, ready for a logger: ``ce``, ``mean_p``, ``token_accuracy``, ``entropy``."""
-        return {
+    @property
+    def kl(self) -> Tensor:
+        """Mean ``KL(q_ref || p)`` to the reference model (ASFT), nats."""
+        return self._mean(self.kl_sum)
+
+    def as_dict(self, prefix: str = "", kl: bool | None = None) -> dict[str, float]:
+        """Means as Python floats, ready for a logger: ``ce``, ``mean_p``, ``token_accuracy``, ``entropy``,
+        and ``kl`` when ``kl=True`` (None: when it is non-zero)."""
+        out = {
             f"{prefix}ce": self.ce.item(),
             f"{prefix}mean_p": self.mean_p.item(),
             f"{prefix}token_accuracy": self.accuracy.item(),
             f"{prefix}entropy": self.entropy.item(),
         }
+        if kl or (kl is None and bool(self.kl_sum != 0)):
+            out[f"{prefix}kl"] = self.kl.item()
+        return out
 
     def pack(self) -> Tensor:
         """All sums in one float32 vector ``[num_fields]`` (one collective instead of one per field)."""
@@ -99,7 +110,9 @@ class TokenStats:
 
 
 @torch.no_grad()
-def token_stats_from_probs(probs: Tensor, target_logp: Tensor, labels: Tensor, valid: Tensor) -> TokenStats:
+def token_stats_from_probs(
+    probs: Tensor, target_logp: Tensor, labels: Tensor, valid: Tensor, kl: Tensor | None = None
+) -> TokenStats:
     """Stats from a softmax that is already computed (no second pass over the logits).
 
     Args:
@@ -107,6 +120,7 @@ def token_stats_from_probs(probs: Tensor, target_logp: Tensor, labels: Tensor, v
         target_logp: ``[N]`` ``log p`` of the labels.
         labels: ``[N]`` labels with ignored positions replaced by any valid index.
         valid: ``[N]`` bool mask of supervised tokens.
+        kl: ``[N]`` per-token ``KL(q_ref || p)`` (ASFT), or None.
     """
     target_logp = target_logp.detach()
     entropy = torch.special.entr(probs).sum(-1)
@@ -117,5 +131,6 @@ def token_stats_from_probs(probs: Tensor, target_logp: Tensor, labels: Tensor, v
         p_sum=torch.where(valid, target_logp.exp(), zero).sum().float(),
         correct=(correct & valid).sum().float(),
         entropy_sum=torch.where(valid, entropy, zero).sum().float(),
+        kl_sum=zero.float() if kl is None else torch.where(valid, kl.detach(), zero).sum().float(),
         num_tokens=valid.sum().float(),
     )

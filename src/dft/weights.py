@@ -9,10 +9,14 @@ in this order::
     w = p ** alpha                      # alpha=0: cross-entropy, alpha=1: DFT (Wu et al. 2025)
     w = max(w, min_weight)              # floor (authors' pre-release code used 0.01)
     w = beta * w + (1 - beta)           # mix: beta=0 is CE, beta=1 is the weight above
+    w = w * (H_k / ln k) ** eaft_alpha  # EAFT: entropy of the model's top-k distribution (k = eaft_top_k)
     w = w * [p >= p_min] * [p <= p_max] # thresholds: tokens outside get weight 0
                                         # (they still count in the mean's denominator)
 
-A user callable ``weight_fn(logp) -> w`` replaces the first three steps (thresholds still apply).
+A user callable ``weight_fn(logp) -> w`` replaces the first three steps (EAFT and thresholds still
+apply). EAFT (Entropy-Adaptive Fine-Tuning, arXiv 2601.02151) needs the token's whole detached
+distribution: ``H_k`` is the entropy of ``softmax`` over the ``k`` largest logits, in ``[0, ln k]``,
+so the factor lies in ``[0, 1]`` (confident tokens, small entropy: small weight).
 The token loss is then ``-w * log p`` with ``w`` treated as a constant (stop-gradient).
 """
 
@@ -26,7 +30,7 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor
 
-__all__ = ["DFTWeight", "WeightFn", "WeightOptions", "beta_schedule"]
+__all__ = ["DFTWeight", "WeightFn", "WeightOptions", "beta_schedule", "topk_entropy_ratio"]
 
 WeightFn = Callable[[Tensor], Tensor]
 """A user weight: detached float32/64 log-probabilities ``[N]`` -> non-negative weights ``[N]``."""
@@ -63,6 +67,11 @@ class DFTWeight:
         weight_fn (`Callable[[Tensor], Tensor]`, *optional*):
             Replaces power, floor and mix: ``weight_fn(logp)`` with ``logp`` of shape ``[N]`` (detached,
             float32 or float64) returns weights of shape ``[N]``.
+        eaft_alpha (`float`, *optional*, defaults to `0.0`):
+            EAFT: multiply by ``(H_k / ln k) ** eaft_alpha`` with ``H_k`` the entropy of the model's
+            top-``k`` distribution (detached). ``0`` disables it; EAFT proper is ``alpha=0, eaft_alpha=1``.
+        eaft_top_k (`int`, *optional*, defaults to `20`):
+            ``k`` of the EAFT entropy (LLaMA-Factory's default).
 
     Example::
 
@@ -77,6 +86,8 @@ class DFTWeight:
     p_min: float | None = None
     p_max: float | None = None
     weight_fn: WeightFn | None = None
+    eaft_alpha: float = 0.0
+    eaft_top_k: int = 20
 
     def __post_init__(self) -> None:
         _check_number("alpha", self.alpha, low=0.0)
@@ -89,6 +100,14 @@ class DFTWeight:
             raise ValueError(f"p_min ({self.p_min}) must be <= p_max ({self.p_max}).")
         if self.weight_fn is not None and not callable(self.weight_fn):
             raise TypeError(f"weight_fn must be callable, got {type(self.weight_fn).__name__}.")
+        _check_number("eaft_alpha", self.eaft_alpha, low=0.0)
+        if isinstance(self.eaft_top_k, bool) or not isinstance(self.eaft_top_k, int) or self.eaft_top_k < 2:
+            raise ValueError(f"eaft_top_k must be an int >= 2, got {self.eaft_top_k!r}.")
+
+    @property
+    def needs_logits(self) -> bool:
+        """True when the weight depends on the whole distribution (EAFT), not only on ``log p``."""
+        return self.eaft_alpha != 0.0
 
     @property
     def is_constant_one(self) -> bool:
@@ -98,6 +117,7 @@ class DFTWeight:
             and (self.alpha == 0.0 or self.beta == 0.0)
             and self.p_min is None
             and self.p_max is None
+            and not self.needs_logits
         )
 
     @property
@@ -105,11 +125,13 @@ class DFTWeight:
         """True when every weight is known to be >= 0 (all built-in weights; a ``weight_fn`` may not be)."""
         return self.weight_fn is None
 
-    def __call__(self, logp: Tensor) -> Tensor:
+    def __call__(self, logp: Tensor, logits: Tensor | None = None) -> Tensor:
         """Weights for detached target log-probabilities.
 
         Args:
             logp: ``[...]`` log-probabilities of the targets, float32 or float64 (detached inside).
+            logits: ``[..., V]`` the (transformed) logits of the same tokens; needed only when
+                :attr:`needs_logits` (EAFT), read without a gradient.
 
         Returns:
             ``[...]`` weights, same shape and dtype as ``logp``, no graph attached.
@@ -134,6 +156,10 @@ class DFTWeight:
                 w = w.clamp_min(self.min_weight)
             if self.beta != 1.0:
                 w = w * self.beta + (1.0 - self.beta)
+        if self.needs_logits:
+            if logits is None or logits.shape[:-1] != logp.shape:
+                raise ValueError("EAFT weights (eaft_alpha > 0) need the logits [..., V] of the same tokens.")
+            w = w * topk_entropy_ratio(logits, self.eaft_top_k).to(w.dtype).pow(self.eaft_alpha)
         if self.p_min is not None or self.p_max is not None:
             p = logp.exp()
             if self.p_min is not None:
@@ -165,6 +191,21 @@ class DFTWeight:
         return replace(self, beta=beta)
 
 
+@torch.no_grad()
+def topk_entropy_ratio(logits: Tensor, k: int) -> Tensor:
+    """``H_k / ln k``: entropy of ``softmax`` over the ``k`` largest logits of each row, in ``[0, 1]``.
+
+    ``logits``: ``[..., V]`` (float32/64); returns ``[...]``. With ``V < k`` the ``V`` logits are used
+    (and ``ln V``).
+    """
+    k = min(k, logits.shape[-1])
+    if k < 2:
+        return torch.zeros(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+    top = torch.topk(logits.detach(), k, dim=-1, sorted=False).values
+    logq = torch.log_softmax(top, dim=-1)
+    return -(logq.exp() * logq).sum(-1) / math.log(k)
+
+
 class WeightOptions(TypedDict, total=False):
     """The fields of :class:`DFTWeight` as flat keyword arguments (``dft_loss(..., alpha=0.5)``)."""
 
@@ -174,6 +215,8 @@ class WeightOptions(TypedDict, total=False):
     p_min: float | None
     p_max: float | None
     weight_fn: WeightFn | None
+    eaft_alpha: float
+    eaft_top_k: int
 
 
 WEIGHT_OPTION_NAMES: frozenset[str] = frozenset(f.name for f in fields(DFTWeight))

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def ref_weights(logp, alpha=1.0, min_weight=None, beta=1.0, p_min=None, p_max=None, weight_fn=None):
+def ref_topk_entropy(logits, k):
+    """EAFT's entropy of the top-k distribution over ln k, written from the definition (sort, softmax)."""
+    k = min(k, logits.shape[-1])
+    top = logits.double().sort(dim=-1, descending=True).values[..., :k]
+    q = F.softmax(top, dim=-1)
+    return -(q * q.log()).sum(-1) / math.log(k)
+
+
+def ref_weights(
+    logp,
+    alpha=1.0,
+    min_weight=None,
+    beta=1.0,
+    p_min=None,
+    p_max=None,
+    weight_fn=None,
+    eaft_alpha=0.0,
+    eaft_top_k=20,
+    logits=None,
+):
     p = logp.exp()
     if weight_fn is not None:
         w = weight_fn(logp)
@@ -15,6 +36,8 @@ def ref_weights(logp, alpha=1.0, min_weight=None, beta=1.0, p_min=None, p_max=No
         if min_weight is not None:
             w = torch.maximum(w, torch.full_like(w, min_weight))
         w = beta * w + (1 - beta)
+    if eaft_alpha:
+        w = w * ref_topk_entropy(logits, eaft_top_k) ** eaft_alpha
     if p_min is not None:
         w = torch.where(p >= p_min, w, torch.zeros_like(w))
     if p_max is not None:
@@ -22,16 +45,33 @@ def ref_weights(logp, alpha=1.0, min_weight=None, beta=1.0, p_min=None, p_max=No
     return w
 
 
-def ref_dft_loss(logits, labels, *, ignore_index=-100, reduction="mean", num_items_in_batch=None, **weight_options):
-    """Reference DFT loss in float64 via log_softmax + gather; python loop for 'sequence'."""
+def ref_dft_loss(
+    logits,
+    labels,
+    *,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
+    ref_logits=None,
+    kl_coef=0.0,
+    **weight_options,
+):
+    """Reference DFT loss in float64 via log_softmax + gather; python loop for 'sequence'.
+
+    ASFT: ``+ kl_coef * sum_v q_v (log q_v - log p_v)`` with ``q = softmax(ref_logits)``.
+    """
     z = logits.double()
     logp_all = F.log_softmax(z, dim=-1)
     valid = labels != ignore_index
     safe = labels.clone()
     safe[~valid] = 0
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    w = ref_weights(logp.detach(), **weight_options)
-    per = -(w * logp) * valid.double()
+    w = ref_weights(logp.detach(), logits=z.detach(), **weight_options)
+    per = -(w * logp)
+    if ref_logits is not None:
+        logq = F.log_softmax(ref_logits.double(), dim=-1)
+        per = per + kl_coef * (logq.exp() * (logq - logp_all)).sum(-1)
+    per = per * valid.double()
     if reduction == "none":
         return per
     if reduction == "sum":
