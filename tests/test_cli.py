@@ -161,3 +161,13 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("loss", "logged"), [("asft", "kl"), ("eaft", "ce")])
+def test_variant_losses_from_the_command_line(tmp_path, loss, logged):
+    out = tmp_path / loss
+    args = ("--loss", loss, "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "3", "--max_eval_examples", "1")
+    proc = dft_cli("train", "--output_dir", out, *args, "--kl_coef", "0.2", "--disable_tqdm", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    assert any(logged in h for h in history)

@@ -60,7 +60,7 @@ def _torchrun(out_dir: Path, mode: str, worker: Path = WORKER, result: str = "di
     return torch.load(out_dir / result)
 
 
-def _single_process(packed: bool = False):
+def _single_process(packed: bool = False, asft: bool = False):
     """One process, the global batch: padded rows in one batch, or every packed row summed / all targets."""
     model = toy_model(hidden_size=32, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -69,6 +69,9 @@ def _single_process(packed: bool = False):
         total = sum(int((dft.causal_targets(mb) != -100).sum()) for mb in rows)
         for mb in rows:
             (dft.causal_lm_loss(model, mb, reduction="sum").loss / total).backward()
+    elif asft:
+        ref = toy_model(hidden_size=32, seed=1).eval()
+        dft.causal_lm_loss(model, toy_batch(global_examples()), ref_model=ref, kl_coef=0.5).loss.backward()
     else:
         dft.causal_lm_loss(model, toy_batch(global_examples())).loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -131,3 +134,12 @@ def test_fsdp2_fused_head_equals_single_process(tmp_path, case):
             assert rel < 3e-2, (name, rel)
         else:
             torch.testing.assert_close(got[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_two_ranks_asft_equal_single_process(tmp_path):
+    """ASFT (kl_coef > 0): the KL term is normalised like the DFT term, exact over ranks and accumulation."""
+    got = _torchrun(tmp_path, "asft")
+    grads, params = _single_process(asft=True)
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)

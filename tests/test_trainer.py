@@ -233,3 +233,50 @@ def test_moe_router_aux_loss_is_trained_and_logged(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all("aux_loss" in h and h["aux_loss"] > 1.0 for h in logged)
+
+
+@pytest.mark.parametrize("loss_type", ["asft", "eaft"])
+def test_variants_train_and_log(tmp_path, loss_type):
+    """DFTConfig(loss_type="asft") with a frozen reference, and "eaft": trains, logs kl for ASFT."""
+    import copy
+
+    model = tiny_model("llama")
+    kwargs = {"ref_model": copy.deepcopy(model)} if loss_type == "asft" else {}
+    args = _args(tmp_path, loss_type=loss_type, max_steps=2, learning_rate=20.0)
+    trainer = dft.DFTTrainer(model=model, args=args, train_dataset=_dataset(4), **kwargs)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(math.isfinite(h["loss"]) for h in logged)
+    if loss_type == "asft":
+        assert abs(logged[0]["kl"]) < 1e-5 and logged[1]["kl"] > 1e-4  # policy == reference at step 0, then drifts
+        assert all(not p.requires_grad for p in trainer.ref_model.parameters())
+    else:
+        assert "kl" not in logged[0] and "dft_beta" not in logged[0]
+
+
+def test_asft_without_reference_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needs a reference"):
+        dft.DFTTrainer(model=tiny_model("llama"), args=_args(tmp_path, loss_type="asft"), train_dataset=_dataset(2))
+
+
+def test_asft_trainer_accumulation_equals_big_batch(tmp_path):
+    """kl_coef > 0 with gradient accumulation: same update as one big batch (LLaMA-Factory sums means)."""
+    import copy
+
+    data = _dataset(8)
+    base = tiny_model("llama")
+    runs = {}
+    for name, bs, accum in (("big", 4, 1), ("accum", 1, 4)):
+        model = copy.deepcopy(base)
+        args = _args(
+            tmp_path / name,
+            loss_type="asft",
+            kl_coef=0.5,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+            max_steps=2,
+        )
+        dft.DFTTrainer(model=model, args=args, train_dataset=data, ref_model=tiny_model("llama", seed=3)).train()
+        runs[name] = model
+    for (n, a), b in zip(runs["big"].named_parameters(), runs["accum"].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)

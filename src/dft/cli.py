@@ -62,7 +62,10 @@ class TrainScriptArguments:
     eval_data: str | None = field(
         default=None, metadata={"help": "Held-out data; default: the shipped test split, or 5%% of --data."}
     )
-    loss: str | None = field(default=None, metadata={"help": "Shortcut for --loss_type: dft or sft."})
+    loss: str | None = field(
+        default=None,
+        metadata={"help": "Shortcut for --loss_type: dft, sft, asft (DFT + KL to the initial model) or eaft."},
+    )
     max_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
     packing: bool = field(
         default=False, metadata={"help": "Padding-free packing (position_ids; needs an attention that honours them)."}
@@ -144,8 +147,8 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any]:
     if unknown:
         raise UsageError(f"unknown flag(s) {unknown}; see 'dft train --help' for the flags.")
     if script.loss is not None:
-        if script.loss not in ("dft", "sft"):
-            raise UsageError(f"--loss must be 'dft' or 'sft', got {script.loss!r}.")
+        if script.loss not in ("dft", "sft", "asft", "eaft"):
+            raise UsageError(f"--loss must be one of dft, sft, asft, eaft; got {script.loss!r}.")
         config.loss_type = script.loss
     return script, config
 
@@ -218,7 +221,11 @@ def run_train(argv: list[str]) -> int:
             f"warm-up ratio {config.dft_warmup_ratio}) for {config.max_steps} steps",
             flush=True,
         )
+        ref_model = None
+        if config.effective_kl_coef() > 0:  # ASFT: the reference is a frozen copy of the starting model
+            ref_model, _ = _load_model_and_tokenizer(script.model)
         trainer = DFTTrainer(
+            ref_model=ref_model,
             model=model,
             args=config,
             train_dataset=train_set,

@@ -26,7 +26,8 @@ from .weights import DFTWeight, beta_schedule
 
 __all__ = ["DFTArguments", "DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
 
-LOSS_TYPES = ("dft", "sft", "nll")  # "nll" is TRL's name for cross-entropy
+LOSS_TYPES = ("dft", "sft", "nll", "asft", "eaft")  # "nll" is TRL's name for cross-entropy
+DEFAULT_ASFT_KL_COEF = 0.1  # LLaMA-Factory's asft_alpha
 
 
 @dataclass
@@ -36,7 +37,9 @@ class DFTArguments:
     Args:
         loss_type (`str`, *optional*, defaults to `"dft"`):
             `"dft"` for Dynamic Fine-Tuning, `"sft"` (or TRL's `"nll"`) for plain cross-entropy through the
-            same code path (`alpha=0`), handy for side-by-side runs.
+            same code path (`alpha=0`), handy for side-by-side runs; `"asft"`: DFT plus a KL anchor to a
+            reference model (`kl_coef`, default 0.1; give `DFTTrainer(ref_model=...)` or train a PEFT
+            model); `"eaft"`: cross-entropy weighted by the top-k entropy (`eaft_alpha`, `eaft_top_k`).
         dft_alpha (`float`, *optional*, defaults to `1.0`):
             Power of the detached target probability in the token weight, `w = p ** alpha`.
         dft_min_weight (`float`, *optional*):
@@ -52,6 +55,13 @@ class DFTArguments:
             the `[tokens, vocab]` logits. False uses the logits path.
         loss_chunk_size (`int`, *optional*):
             Token rows per chunk of the fused head; None picks it from a ~64 MiB budget.
+        kl_coef (`float`, *optional*):
+            Weight of the per-token `KL(reference || model)` anchor (ASFT). None: 0.1 for
+            `loss_type="asft"`, 0 otherwise. Any value > 0 needs a reference.
+        eaft_alpha (`float`, *optional*, defaults to `1.0`):
+            EAFT's power of the normalised top-k entropy (used with `loss_type="eaft"`).
+        eaft_top_k (`int`, *optional*, defaults to `20`):
+            EAFT's `k`.
     """
 
     loss_type: str = field(default="dft", metadata={"help": "'dft' (Dynamic Fine-Tuning) or 'sft' (cross-entropy)."})
@@ -62,6 +72,11 @@ class DFTArguments:
     dft_warmup_ratio: float = field(default=0.0, metadata={"help": "CE -> DFT ramp as a fraction of training."})
     fused_lm_head: bool = field(default=True, metadata={"help": "Fused LM-head loss (no full logits)."})
     loss_chunk_size: int | None = field(default=None, metadata={"help": "Rows per chunk of the fused head."})
+    kl_coef: float | None = field(
+        default=None, metadata={"help": "ASFT: weight of KL(reference || model); default 0.1 for --loss asft."}
+    )
+    eaft_alpha: float = field(default=1.0, metadata={"help": "EAFT: power of the top-k entropy weight."})
+    eaft_top_k: int = field(default=20, metadata={"help": "EAFT: k of the top-k entropy."})
 
     def validate_dft_arguments(self) -> None:
         """Raise ``ValueError`` naming the field for an invalid DFT option."""
@@ -74,11 +89,21 @@ class DFTArguments:
             raise ValueError(f"dft_warmup_ratio must be in [0, 1), got {self.dft_warmup_ratio!r}.")
         if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size!r}.")
+        if self.kl_coef is not None and (not isinstance(self.kl_coef, (int, float)) or self.kl_coef < 0):
+            raise ValueError(f"kl_coef must be a number >= 0 or None, got {self.kl_coef!r}.")
+
+    def effective_kl_coef(self) -> float:
+        """The ASFT weight in use: ``kl_coef``, or 0.1 for ``loss_type="asft"`` when unset."""
+        if self.kl_coef is not None:
+            return float(self.kl_coef)
+        return DEFAULT_ASFT_KL_COEF if self.loss_type == "asft" else 0.0
 
     def dft_weighting(self, beta: float | None = None) -> DFTWeight:
         """The :class:`dft.DFTWeight` these arguments describe (``beta``: the warm-up's current value)."""
         if self.loss_type in ("sft", "nll"):
             return DFTWeight(alpha=0.0)
+        if self.loss_type == "eaft":
+            return DFTWeight(alpha=0.0, eaft_alpha=self.eaft_alpha, eaft_top_k=self.eaft_top_k)
         return DFTWeight(
             alpha=self.dft_alpha, min_weight=self.dft_min_weight, beta=self.dft_beta if beta is None else beta
         )
@@ -88,7 +113,8 @@ class DFTArguments:
 class DFTConfig(DFTArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus the DFT loss options of :class:`DFTArguments`:
     ``loss_type``, ``dft_alpha``, ``dft_min_weight``, ``dft_beta``, ``dft_warmup_steps``,
-    ``dft_warmup_ratio``, ``fused_lm_head``, ``loss_chunk_size``. Invalid values raise ``ValueError``."""
+    ``dft_warmup_ratio``, ``fused_lm_head``, ``loss_chunk_size``, ``kl_coef``, ``eaft_alpha``,
+    ``eaft_top_k``. Invalid values raise ``ValueError``."""
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
@@ -137,12 +163,29 @@ class DFTTrainerMixin(_TrainerTouchPoints):
     object with the same fields; missing fields take the DFT defaults).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.ref_model = self._prepare_reference(ref_model)
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
         self._dft_beta_used: float | None = None
         self._claim_loss_kwargs()
+
+    def _prepare_reference(self, ref_model: nn.Module | None) -> nn.Module | None:
+        """ASFT's reference: frozen, in eval mode, placed and wrapped by the accelerator like the model."""
+        if self.dft_kl_coef() > 0 and ref_model is None and not hasattr(self.model, "disable_adapter"):
+            raise ValueError(
+                "kl_coef > 0 (loss_type='asft') needs a reference: DFTTrainer(..., ref_model=frozen copy of the base "
+                "model), or a PEFT model (its reference is itself with the adapters disabled)."
+            )
+        if ref_model is None:
+            return None
+        ref_model.eval().requires_grad_(False)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def dft_kl_coef(self) -> float:
+        args = self.args if isinstance(self.args, DFTArguments) else DFTArguments()
+        return args.effective_kl_coef()
 
     def _dft_option(self, name: str, default: Any) -> Any:
         return getattr(self.args, name, default)
@@ -175,9 +218,11 @@ class DFTTrainerMixin(_TrainerTouchPoints):
             num_items_in_batch=num_items_in_batch,
             chunk_size=self._dft_option("loss_chunk_size", None),
             fused=self._dft_option("fused_lm_head", True),
+            ref_model=self.ref_model,
+            kl_coef=self.dft_kl_coef(),
         )
         mode = "train" if model.training else "eval"
-        if mode == "train" and self._dft_option("loss_type", "dft") not in ("sft", "nll"):
+        if mode == "train" and self._dft_option("loss_type", "dft") in ("dft", "asft"):
             self._dft_beta_used = weighting.beta
         self._dft_stats[mode] = TokenStats.accumulate(self._dft_stats.get(mode), out.stats)
         if out.aux_loss is not None:
@@ -192,7 +237,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
             stats = self._dft_stats.get(mode)
             if key in logs and stats is not None:
                 packed = self.accelerator.reduce(stats.pack(), reduction="sum")
-                logs.update(TokenStats.unpack(packed).as_dict(prefix))
+                logs.update(TokenStats.unpack(packed).as_dict(prefix, kl=self.dft_kl_coef() > 0))
                 self._dft_stats[mode] = None
             aux = self._dft_aux.get(mode)
             if key in logs and aux is not None:  # MoE router load-balancing loss, mean over micro-batches

@@ -3,7 +3,8 @@
     PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/dist/worker.py OUT_DIR MODE
 
 MODE: ``exact`` (padded rows), ``naive`` (mean of means), ``packed`` (padding-free rows with
-position_ids), ``packed_naive`` (packed rows counted by shifting labels only, the old bug).
+position_ids), ``packed_naive`` (packed rows counted by shifting labels only, the old bug), ``asft``
+(kl_coef=0.5 to a frozen reference).
 """
 
 import sys
@@ -24,6 +25,7 @@ def main() -> None:
     model = toy_model(hidden_size=32, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ref = toy_model(hidden_size=32, seed=1).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     micro = micro_batches(global_examples(), rank, world, packed=mode.startswith("packed"))
     if mode == "packed_naive":  # counts targets that cross a packed boundary
@@ -35,6 +37,8 @@ def main() -> None:
         with ctx:
             if mode == "naive":  # per-micro-batch mean, divided by the steps: the mean-of-means bug
                 loss = dft.causal_lm_loss(model, mb).loss / ACCUM
+            elif mode == "asft":  # KL anchor to a frozen reference (each rank holds its own copy)
+                loss = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items, ref_model=ref, kl_coef=0.5).loss
             else:
                 loss = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss
             accelerator.backward(loss)
