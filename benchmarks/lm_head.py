@@ -1,21 +1,28 @@
 """LM-head loss benchmark: forward+backward time and peak extra memory, each case in its own process.
 
+Tokens come in rows of --row-len; the first --prompt-frac of each row is a masked prompt (labels
+-100), as in chat SFT, so the cases that skip masked rows show that gain.
+
 Cases (all compute gradients w.r.t. hidden and weight):
-  naive      dft.dft_loss on full logits F.linear(hidden, weight)
-  trl        trl.kernels ChunkedLogProbFunction + DFT weighting (if trl is installed)
-  torch_ce   torch's F.linear_cross_entropy(options=LinearCrossEntropyOptions()), plain CE: the speed bar
-  torch_dft  torch's F.linear_cross_entropy(reduction="none") + DFT weighting
-  dft        dft.linear_dft_loss (fused, grad-in-forward)
-  floor      the three matmuls alone (logits, dH, dW) over the same chunks
+  naive       dft.dft_loss on full logits F.linear(hidden, weight)
+  trl         trl.kernels ChunkedLogProbFunction + DFT weighting (if trl is installed)
+  torch_ce    torch's F.linear_cross_entropy (chunked, plain CE: no DFT weight): the speed bar
+  torch_dft   torch's F.linear_cross_entropy(reduction="none") + DFT weighting
+  dft         dft.linear_dft_loss (fused, grad-in-forward); with --chunk-sizes, one case per size (dft@C)
+  floor       the three matmuls alone (logits, dH, dW) over the *supervised* rows, same chunks
+  asft_naive  ASFT on full logits: dft_loss(F.linear(h, W), ref_logits=F.linear(h_ref, W_ref), kl_coef=0.1)
+  asft        ASFT fused: linear_dft_loss(..., ref_hidden, ref_weight, kl_coef=0.1)
 
 Usage:
-  python benchmarks/lm_head.py                         # the target: N=4096 H=512 V=32000 fp32 + N scaling
-  python benchmarks/lm_head.py --grid                  # N {1024,4096,16384} x H {512,2048} x V {32000,128256}
-  python benchmarks/lm_head.py --n 4096 --h 512 --v 32000 --dtypes float32 bfloat16 --repeats 3
+  python benchmarks/lm_head.py --n 8192 --repeats 4                  # the README table
+  python benchmarks/lm_head.py --n 8192 --cases dft floor --chunk-sizes 256 512 1024 2048
+  python benchmarks/lm_head.py --n 4096 --cases asft_naive asft
+  python benchmarks/lm_head.py --device cuda --dtypes bfloat16 --h 1536 --v 151936 --n 8192   # on a GPU
 
-Peak extra memory: on CUDA max_memory_allocated minus what the inputs hold; on CPU the process's peak
-RSS (ru_maxrss) minus its RSS after the inputs were allocated. Skips a case whose naive logits would
-not fit in --max-gb. Prints a markdown table with ratios to naive and to the floor.
+Time: min over --repeats after one warm-up; the spread (max/min - 1) is printed too. Peak extra
+memory: on CUDA max_memory_allocated minus what the inputs hold; on CPU the process's peak RSS
+(ru_maxrss) minus its RSS after the inputs were allocated. Skips a case whose naive logits would not
+fit in --max-gb. Prints a markdown table with ratios to naive and to the floor.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import subprocess
 import sys
 import time
 
-CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "floor"]
+CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "floor", "asft_naive", "asft"]
+DEFAULT_CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "floor"]
 
 
 def _rss_bytes() -> int:
@@ -37,43 +45,61 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(case: str, n: int, h: int, v: int, dtype_name: str, repeats: int, device: str) -> dict:
+def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
     import dft
 
+    device = args.device
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     hidden = torch.randn(n, h, device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(v, h, device=device, dtype=dtype) * h**-0.5).requires_grad_(True)
     labels = torch.randint(0, v, (n,), device=device)
-    chunk = dft.fused.auto_chunk_size(v)
+    row = min(args.row_len, n)
+    prompt = int(args.prompt_frac * row)
+    labels.view(-1, row)[:, :prompt] = -100  # masked prompts
+    if case.startswith("asft"):
+        ref_hidden = torch.randn(n, h, device=device, dtype=dtype)
+        ref_weight = torch.randn(v, h, device=device, dtype=dtype) * h**-0.5
+    chunk = int(case.split("@")[1]) if "@" in case else dft.fused.auto_chunk_size(v)
+    supervised = (labels != -100).nonzero().squeeze(1)
 
     def run() -> None:
         if case == "naive":
             loss = dft.dft_loss(F.linear(hidden, weight), labels)
-        elif case == "dft":
-            loss = dft.linear_dft_loss(hidden, weight, labels)
+        elif case.startswith("dft"):
+            loss = dft.linear_dft_loss(hidden, weight, labels, chunk_size=chunk)
+        elif case == "asft_naive":
+            ref_logits = F.linear(ref_hidden, ref_weight)
+            loss = dft.dft_loss(F.linear(hidden, weight), labels, ref_logits=ref_logits, kl_coef=0.1)
+        elif case == "asft":
+            loss = dft.linear_dft_loss(
+                hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=0.1
+            )
         elif case == "torch_ce":
             loss = F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
         elif case == "torch_dft":
             ce = F.linear_cross_entropy(
                 hidden, weight, labels, reduction="none", options=torch.nn.LinearCrossEntropyOptions()
             )
-            loss = (torch.exp(-ce).detach() * ce).sum() / n
+            valid = labels != -100
+            loss = (torch.exp(-ce).detach() * ce)[valid].sum() / valid.sum()
         elif case == "trl":
             from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-            logp = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, 4096, None, 1.0, ())[0]
-            loss = -(logp.exp().detach() * logp).sum() / n
+            logp = ChunkedLogProbFunction.apply(hidden, weight, None, labels.clamp_min(0), 1.0, 4096, None, 1.0, ())[0]
+            valid = labels != -100
+            loss = -(logp.exp().detach() * logp)[valid].sum() / valid.sum()
         elif case == "floor":
             with torch.no_grad():
+                hs = hidden.index_select(0, supervised)
                 dw = torch.zeros(v, h, device=device, dtype=torch.float32)
-                for s in range(0, n, chunk):
-                    z = hidden[s : s + chunk] @ weight.t()
+                for s in range(0, hs.shape[0], chunk):
+                    z = hs[s : s + chunk] @ weight.t()
                     z @ weight  # noqa: B018  (dH)
-                    dw += (z.t() @ hidden[s : s + chunk]).float()
+                    dw += (z.t() @ hs[s : s + chunk]).float()
             return
         else:
             raise ValueError(case)
@@ -90,7 +116,7 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, repeats: int, dev
     run()  # warm-up (also counted in the peak: same for every case)
     sync()
     times = []
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         t0 = time.perf_counter()
         run()
         sync()
@@ -99,18 +125,20 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, repeats: int, dev
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"time_s": min(times), "peak_extra_mb": peak / 2**20}
+    return {"time_s": min(times), "spread": max(times) / min(times) - 1, "peak_extra_mb": peak / 2**20}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--n", type=int, nargs="+", default=[8192])
     parser.add_argument("--h", type=int, nargs="+", default=[512])
     parser.add_argument("--v", type=int, nargs="+", default=[32000])
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
-    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
-    parser.add_argument("--grid", action="store_true", help="N {1024,4096,16384} x H {512,2048} x V {32000,128256}")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=CASES)
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=None, help="sweep the fused head's chunk size")
+    parser.add_argument("--prompt-frac", type=float, default=0.3, help="masked prompt fraction of each row")
+    parser.add_argument("--row-len", type=int, default=1024, help="tokens per row")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gb", type=float, default=20.0, help="skip shapes whose naive logits exceed this")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -118,65 +146,59 @@ def main() -> None:
     args = parser.parse_args()
     if args._worker:
         case, n, h, v, dtype = args._worker
-        print(json.dumps(worker(case, int(n), int(h), int(v), dtype, args.repeats, args.device)))
+        print(json.dumps(worker(case, int(n), int(h), int(v), dtype, args)))
         return
-    if args.grid:
-        args.n, args.h, args.v = [1024, 4096, 16384], [512, 2048], [32000, 128256]
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cases = list(args.cases)
     try:
         import trl  # noqa: F401
     except ImportError:
-        args.cases = [c for c in args.cases if c != "trl"]
+        cases = [c for c in cases if c != "trl"]
+    if args.chunk_sizes and "dft" in cases:
+        i = cases.index("dft")
+        cases[i : i + 1] = [f"dft@{c}" for c in args.chunk_sizes]
     machine = (
         torch.cuda.get_device_name()
         if device == "cuda"
         else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     )
-    print(f"# lm_head benchmark on {device} ({machine}), torch {torch.__version__}, fwd+bwd, min of {args.repeats}\n")
-    print("| N | H | V | dtype | case | time (s) | x naive | x floor | peak extra (MB) | mem x naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"# lm_head benchmark on {device} ({machine}), torch {torch.__version__}, fwd+bwd, min of {args.repeats}, "
+        f"prompt fraction {args.prompt_frac} of rows of {args.row_len}\n"
+    )
+    print("| N | H | V | dtype | case | time (s) | spread | x naive | x floor | peak extra (MB) | mem x naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for dtype in args.dtypes:
         for v in args.v:
             for h in args.h:
                 for n in args.n:
                     if n * v * 4 * 3 / 2**30 > args.max_gb:
-                        print(
-                            f"| {n} | {h} | {v} | {dtype} | skipped: naive logits exceed {args.max_gb} GB | | | | | |"
-                        )
+                        print(f"| {n} | {h} | {v} | {dtype} | skipped: naive logits exceed {args.max_gb} GB |||||||")
                         continue
                     results = {}
-                    for case in args.cases:
-                        cmd = [
-                            sys.executable,
-                            __file__,
-                            "--_worker",
-                            case,
-                            str(n),
-                            str(h),
-                            str(v),
-                            dtype,
-                            "--repeats",
-                            str(args.repeats),
-                            "--device",
-                            device,
-                        ]
+                    for case in cases:
+                        cmd = [sys.executable, __file__, "--_worker", case, str(n), str(h), str(v), dtype]
+                        cmd += ["--repeats", str(args.repeats), "--device", device]
+                        cmd += ["--prompt-frac", str(args.prompt_frac), "--row-len", str(args.row_len)]
                         proc = subprocess.run(cmd, capture_output=True, text=True)
                         if proc.returncode != 0:
                             err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                            print(f"| {n} | {h} | {v} | {dtype} | {case} failed: {err[:80]} | | | | | |")
+                            print(f"| {n} | {h} | {v} | {dtype} | {case} failed: {err[:80]} |||||||")
                             continue
                         results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-                    naive, floor = results.get("naive"), results.get("floor")
+                    naive = results.get("naive") or results.get("asft_naive")
+                    floor = results.get("floor")
                     for case, r in results.items():
-                        xn = f"{r['time_s'] / naive['time_s']:.2f}" if naive else "-"
+                        base = results.get("asft_naive") if case.startswith("asft") else naive
+                        xn = f"{r['time_s'] / base['time_s']:.2f}" if base else "-"
                         xf = f"{r['time_s'] / floor['time_s']:.2f}" if floor else "-"
-                        mn = f"{r['peak_extra_mb'] / naive['peak_extra_mb']:.2f}" if naive else "-"
+                        mn = f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f}" if base else "-"
                         print(
-                            f"| {n} | {h} | {v} | {dtype} | {case} | {r['time_s']:.3f} | {xn} | {xf} | "
-                            f"{r['peak_extra_mb']:.0f} | {mn} |",
+                            f"| {n} | {h} | {v} | {dtype} | {case} | {r['time_s']:.3f} | {r['spread']:.0%} | {xn} | "
+                            f"{xf} | {r['peak_extra_mb']:.0f} | {mn} |",
                             flush=True,
                         )
                         rows.append({"n": n, "h": h, "v": v, "dtype": dtype, "case": case, **r})
