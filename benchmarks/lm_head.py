@@ -8,7 +8,9 @@ Cases (all compute gradients w.r.t. hidden and weight):
   trl         trl.kernels ChunkedLogProbFunction + DFT weighting (if trl is installed)
   torch_ce    torch's F.linear_cross_entropy (chunked, plain CE: no DFT weight): the speed bar
   torch_dft   torch's F.linear_cross_entropy(reduction="none") + DFT weighting
-  dft         dft.linear_dft_loss (fused, grad-in-forward); with --chunk-sizes, one case per size (dft@C)
+  dft         dft.linear_dft_loss (fused, grad-in-forward), eager epilogue (DFT_COMPILE_EPILOGUE=0);
+              with --chunk-sizes, one case per size (dft@C)
+  dft_compiled  the same with DFT_COMPILE_EPILOGUE=1 (inductor-fused elementwise passes; compiled in the warm-up)
   floor       the three matmuls alone (logits, dH, dW) over the *supervised* rows, same chunks
   asft_naive  ASFT on full logits: dft_loss(F.linear(h, W), ref_logits=F.linear(h_ref, W_ref), kl_coef=0.1)
   asft        ASFT fused: linear_dft_loss(..., ref_hidden, ref_weight, kl_coef=0.1)
@@ -36,8 +38,8 @@ import subprocess
 import sys
 import time
 
-CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "floor", "asft_naive", "asft"]
-DEFAULT_CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "floor"]
+CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "dft_compiled", "floor", "asft_naive", "asft"]
+DEFAULT_CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "dft_compiled", "floor"]
 
 
 def _rss_bytes() -> int:
@@ -52,6 +54,7 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Na
     import dft
 
     device = args.device
+    os.environ["DFT_COMPILE_EPILOGUE"] = "1" if case.startswith("dft_compiled") else "0"
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     hidden = torch.randn(n, h, device=device, dtype=dtype).requires_grad_(True)
@@ -99,7 +102,10 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Na
                 for s in range(0, hs.shape[0], chunk):
                     z = hs[s : s + chunk] @ weight.t()
                     z @ weight  # noqa: B018  (dH)
-                    dw += (z.t() @ hs[s : s + chunk]).float()
+                    if dw.dtype == z.dtype:
+                        dw.addmm_(z.t(), hs[s : s + chunk])  # in place, as the fused head does
+                    else:
+                        dw += (z.t() @ hs[s : s + chunk]).float()
             return
         else:
             raise ValueError(case)
@@ -156,9 +162,10 @@ def main() -> None:
         import trl  # noqa: F401
     except ImportError:
         cases = [c for c in cases if c != "trl"]
-    if args.chunk_sizes and "dft" in cases:
-        i = cases.index("dft")
-        cases[i : i + 1] = [f"dft@{c}" for c in args.chunk_sizes]
+    for name in ("dft", "dft_compiled"):
+        if args.chunk_sizes and name in cases:
+            i = cases.index(name)
+            cases[i : i + 1] = [f"{name}@{c}" for c in args.chunk_sizes]
     machine = (
         torch.cuda.get_device_name()
         if device == "cuda"

@@ -321,3 +321,38 @@ def test_fp16_loss_scale_keeps_small_gradients(accum):
     for got, mat, exact in zip(fused, naive, ref):
         err, budget = (got - exact).norm() / exact.norm(), (mat - exact).norm() / exact.norm()
         assert err <= 2 * budget + 1e-5, (err.item(), budget.item())
+
+
+@pytest.fixture
+def compiled_epilogue(monkeypatch):
+    from dft import epilogue
+
+    monkeypatch.setenv("DFT_COMPILE_EPILOGUE", "1")
+    monkeypatch.setattr(epilogue, "_compiled", None)
+    monkeypatch.setattr(epilogue, "_compile_failed", False)
+    return epilogue
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 3.0, "alpha": 0.5}, {"weight_fn": lambda lp: lp.exp() - 0.3}])
+def test_compiled_epilogue_equals_eager(gen, compiled_epilogue, options):
+    """Inductor's fused epilogue == eager to 1e-6 (float32), values, stats and gradients; no recompile per step."""
+    import warnings
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    h, w, b, y = make_head(4, 64, 16, 1003, dtype=torch.float32, generator=gen)
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure must not pass silently here
+        for mode in ("1", "0"):
+            compiled_epilogue.os.environ["DFT_COMPILE_EPILOGUE"] = mode
+            loss, stats = dft.linear_dft_loss(h, w, y, bias=b, chunk_size=48, return_stats=True, **options)
+            results.append((loss, stats.ce, *_grads(loss, [h, w, b])))
+    for a, r in zip(*results):
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-6)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it really compiled
+    compiled_epilogue.os.environ["DFT_COMPILE_EPILOGUE"] = "1"
+    for rows in (3, 4, 2):  # more steps, other numbers of rows: no new graphs
+        dft.linear_dft_loss(h[:rows], w, y[:rows], bias=b, chunk_size=48, **options).backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

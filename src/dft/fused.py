@@ -27,6 +27,7 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
+from .epilogue import epilogue_for
 from .labels import check_labels
 from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
@@ -149,12 +150,13 @@ def _run_chunks(
     db = torch.zeros(w.shape[0], dtype=acc_dtype, device=device) if need_db else None
     stats = TokenStats.zeros(device) if plan.want_stats else None
     ref = plan.reference
+    ep = epilogue_for(h.device, n * w.shape[0])
     for start in range(0, n, plan.chunk_size):
         rows = slice(start, min(start + plan.chunk_size, n))
         h_c, y_c = h[rows], plan.labels[rows]
         z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())
         u, t = plan.transform.forward_(z.to(acc_dtype))
-        lse = torch.logsumexp(u, dim=-1)
+        lse = ep.logsumexp(u)
         logp = u.gather(1, y_c.unsqueeze(1)).squeeze(1).sub_(lse)
         wt = plan.weighting(logp, u if plan.weighting.needs_logits else None)
         token_loss[rows] = -(wt * logp)
@@ -172,9 +174,9 @@ def _run_chunks(
         if stats is None and coef_nonneg and cw is not None:
             # c * w * softmax(u) = exp(u - (lse - log(c * w))): the scaling rides on the exp pass
             # (c * w = 0 gives exp(-inf) = 0), one pass over the chunk fewer than softmax then multiply.
-            du = u.sub_((lse - cp.log()).unsqueeze(1)).exp_()
+            du = ep.shifted_exp_(u, lse - cp.log())
         else:
-            probs = u.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+            probs = ep.shifted_exp_(u, lse)  # softmax, in place
             if stats is not None:
                 valid = torch.ones_like(y_c, dtype=torch.bool)
                 stats = stats + token_stats_from_probs(probs, logp, y_c, valid, kl)
