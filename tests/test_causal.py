@@ -99,3 +99,21 @@ def test_both_paths_take_the_same_arguments(kind):
 def test_softcap_on_a_softcapped_model_is_refused():
     with pytest.raises(ValueError, match="soft-cap twice"):
         causal_lm_loss(tiny_model("gemma2"), token_batch(), softcap=3.0)
+
+
+def test_compiled_model_no_recompile_per_step():
+    """causal_lm_loss under torch.compile(model): one deliberate graph break (the fused head runs outside
+    the graph: data-dependent chunking), no new graphs and no new breaks after the first step."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(tiny_model("llama"))
+    seen = []
+    for step in range(3):
+        out = causal_lm_loss(compiled, token_batch(2, 12, seed=step))
+        out.loss.backward()
+        seen.append((counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())))
+    assert seen[0][0] >= 1 and seen[1:] == [seen[0]] * 2, seen
+    eager = causal_lm_loss(tiny_model("llama"), token_batch(2, 12, seed=2))
+    torch.testing.assert_close(out.loss, eager.loss, atol=1e-5, rtol=1e-5)
