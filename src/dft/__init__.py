@@ -8,6 +8,7 @@ lazily, on first access.
 
 from typing import Any
 
+from ._version import __version__
 from .causal import CausalLMLossOutput, causal_lm_loss
 from .fused import LinearDFTLoss, linear_dft_loss
 from .labels import causal_targets, shift_causal_labels
@@ -15,8 +16,6 @@ from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, token
 from .stats import TokenStats
 from .transform import LogitTransform
 from .weights import DFTWeight, beta_schedule
-
-__version__ = "0.1.0"
 
 _LAZY = {
     "DFTConfig": "trainer",
@@ -29,6 +28,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "__version__",
     "CausalLMLossOutput",
     "DFTArguments",
     "DFTConfig",
