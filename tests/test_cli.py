@@ -43,6 +43,19 @@ def toy_model_dir(tmp_path_factory):
     return path
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _model_without_tokenizer(tmp_path: Path) -> Path:
+    from dft.toy import toy_model
+
+    path = tmp_path / "bare-model"
+    toy_model(hidden_size=16, num_layers=1).save_pretrained(path)
+    return path
+
+
 def _write_jsonl(path: Path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -95,7 +108,14 @@ def test_local_model_and_data_formats(tmp_path, toy_model_dir, fmt):
         proc = dft_cli("train", "--model", toy_model_dir, "--data", data, "--output_dir", out, "--loss", "sft", *TINY)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (out / "metrics.json").is_file()
-        assert "loss_type=sft" in proc.stdout
+        assert "training sft (cross-entropy)" in proc.stdout and "alpha" not in proc.stdout  # only what applies
+        run_config = json.loads((out / "run_config.json").read_text())
+        # a user's model and data: TrainingArguments' defaults, not the toy recipe's
+        assert run_config["recipe"] is None and run_config["learning_rate"] == 5e-05
+        assert run_config["loss_type"] == "sft" and run_config["eval_examples"] == 2  # 5% of 40
+        assert "split: 38 train / 2 eval examples (5% of --data held out" in proc.stdout
+        history = json.loads((out / "metrics.json").read_text())["log_history"]
+        assert not any("dft_beta" in h for h in history)
     ev = dft_cli(
         "eval",
         "--model",
@@ -106,11 +126,13 @@ def test_local_model_and_data_formats(tmp_path, toy_model_dir, fmt):
         "3",
         "--max_new_tokens",
         "8",
-        "--output",
-        tmp_path / "eval_results.json",
+        "--output_dir",
+        tmp_path / "ev",
     )
     assert ev.returncode == 0, ev.stderr[-3000:]
-    result = json.loads((tmp_path / "eval_results.json").read_text())
+    result = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    predictions = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == (0 if fmt == "text" else 3)
     assert "eval_ce" in ev.stdout
     assert result["eval_ce"] > 0 and result["num_examples"] == 40
     assert (result["eval_exact_match"] is None) == (fmt == "text")
@@ -138,6 +160,15 @@ def test_config_file_and_flag_override(tmp_path):
         ("unknown_flag", r"unknown flag\(s\) \['--no_such_flag', '1'\]"),
         ("bad_value", "dft_alpha|alpha must be >= 0"),
         ("bad_loss", "--loss must be"),
+        ("broken_yaml", r"run.yaml is not valid YAML"),
+        ("broken_json", r"run.json is not valid JSON"),
+        ("null_completion", r"n.jsonl:2: 'completion' must be a string, got null"),
+        ("messages_not_a_list", r"m.jsonl:1: 'messages' must be a non-empty list"),
+        ("malformed_jsonl", r"x.jsonl:2: not valid JSON"),
+        ("report_to_missing", r"--report_to tensorboard: not installed"),
+        ("model_without_tokenizer", r"has no tokenizer"),
+        ("bad_float", r"invalid float value: 'abc'"),
+        ("bad_resume", r"not a checkpoint folder"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
@@ -152,6 +183,23 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
         "unknown_flag": ["--no_such_flag", "1"],
         "bad_value": ["--dft_alpha", "-1"],
         "bad_loss": ["--loss", "dpo"],
+        "broken_yaml": ["--config", _write(tmp_path / "run.yaml", "max_steps: [1, 2\n")],
+        "broken_json": ["--config", _write(tmp_path / "run.json", '{"max_steps": ')],
+        "null_completion": [
+            "--data",
+            _write_jsonl(
+                tmp_path / "n.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": None}]
+            ),
+        ],
+        "messages_not_a_list": ["--data", _write_jsonl(tmp_path / "m.jsonl", [{"messages": "oops"}])],
+        "malformed_jsonl": [
+            "--data",
+            _write(tmp_path / "x.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n'),
+        ],
+        "report_to_missing": ["--report_to", "tensorboard"],
+        "model_without_tokenizer": ["--model", _model_without_tokenizer(tmp_path), "--data", good],
+        "bad_float": ["--learning_rate", "abc"],
+        "bad_resume": ["--resume_from_checkpoint", tmp_path],
     }[case]
     if case == "empty":
         (tmp_path / "e.jsonl").write_text("")
@@ -161,6 +209,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
     assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no usage dump
 
 
 @pytest.mark.parametrize(("loss", "logged"), [("asft", "kl"), ("eaft", "ce")])
@@ -171,3 +220,115 @@ def test_variant_losses_from_the_command_line(tmp_path, loss, logged):
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((out / "metrics.json").read_text())["log_history"]
     assert any(logged in h for h in history)
+
+
+def test_bare_command_prints_usage_and_writes_nothing(tmp_path):
+    proc = dft_cli(cwd=tmp_path)
+    assert proc.returncode == 2 and "usage: dft {train,eval}" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_shows_the_defaults_used():
+    proc = dft_cli("train", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    assert text.index("--dft_alpha") < text.index("--learning_rate")  # DFT flags first after the script flags
+    assert "(default: 5e-05)" in text  # TrainingArguments' default, used for a user's model/data
+    assert "--learning_rate 3e-3" in text and "built-in recipe" in text  # the toy recipe, stated
+
+
+def _train_until_signal(out, sig, *extra):
+    import signal as _signal
+    import time
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "dft",
+        "train",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2000",
+        "--logging_steps",
+        "1",
+    ]
+    cmd += [
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "3",
+        "--max_eval_examples",
+        "1",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("checkpoint-*")):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(getattr(_signal, sig))
+    stdout, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_keeps_checkpoints_and_resume_continues(tmp_path, sig, code):
+    out = tmp_path / "run"
+    rc, _, stderr = _train_until_signal(out, sig)
+    assert rc == code, stderr[-2000:]
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("dft:")]
+    assert len(lines) == 1 and f"stopped by {sig}" in lines[0] and "--resume_from_checkpoint true" in lines[0]
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints and not (out / "metrics.json").exists()
+    last = int(checkpoints[-1].name.split("-")[1])
+    if sig == "SIGTERM":
+        return
+    resumed = dft_cli(
+        "train", "--output_dir", out, "--resume_from_checkpoint", "true", "--max_steps", str(last + 2),
+        "--logging_steps", "1", "--save_strategy", "no", "--max_eval_examples", "1", "--disable_tqdm", "true",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoints[-1]}" in resumed.stdout
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    new = [h for h in history if "loss" in h and h["step"] > last]
+    assert [h["step"] for h in new] == [last + 1, last + 2]  # logs continue at the checkpoint's step
+    assert new[0]["dft_beta"] > 0  # the CE -> DFT warm-up continues, it does not restart at 0
+
+
+def test_eval_on_the_built_in_model_uses_the_shipped_test_split(tmp_path):
+    out = tmp_path / "run"
+    assert dft_cli("train", "--output_dir", out, *TINY).returncode == 0
+    ev = dft_cli(
+        "eval", "--model", out, "--max_eval_examples", "2", "--max_new_tokens", "4", "--output_dir", tmp_path / "ev"
+    )
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    result = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert result["num_examples"] == 200 and result["eval_exact_match_examples"] == 2
+    assert len((tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()) == 2
+    assert not (out / "eval_results.json").exists()  # nothing written into the model folder
+
+
+def test_lora_and_load_dtype_flags(tmp_path, toy_model_dir):
+    pytest.importorskip("peft")
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1+1=?\n", "completion": "A: 2\n"}] * 8)
+    out = tmp_path / "lora"
+    proc = dft_cli(
+        "train", "--model", toy_model_dir, "--data", data, "--output_dir", out, "--lora_r", "4",
+        "--lora_target_modules", "q_proj,v_proj", "--torch_dtype", "float32", "--attn_implementation", "eager", *TINY,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_config.json").is_file()
+    assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 4
+
+
+def test_hub_id_offline_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dft", "train", "--model", "some-org/some-model", "--output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "hub id" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

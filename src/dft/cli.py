@@ -1,20 +1,25 @@
-"""The ``dft`` command: ``dft train`` (DFT fine-tuning, offline embedded default) and ``dft eval``.
+"""The ``dft`` command: ``dft train`` (DFT fine-tuning) and ``dft eval``. Parsing and dispatch only.
 
-    dft train                                   # tiny model + shipped arithmetic data, < 3 min on CPU
+    dft train                                   # built-in toy recipe: tiny Llama + shipped arithmetic, CPU, ~3 min
     dft train --model ./my-llama --data train.jsonl --loss dft --learning_rate 1e-5 --output_dir out
-    dft train --config run.yaml                 # any flag below, as a YAML/JSON mapping
-    dft eval --model out --data test.jsonl      # exact match of greedy answers + mean token CE
+    dft train --model M --data D --lora_r 16 --torch_dtype bfloat16 --bf16 true
+    dft train --config run.yaml                 # any flag below, as a YAML/JSON mapping (command line wins)
+    dft train ... --resume_from_checkpoint true # continue from the latest checkpoint in output_dir
+    dft eval --model out [--data test.jsonl] [--output_dir results]
 
-Flags are parsed by ``transformers.HfArgumentParser`` from :class:`TrainScriptArguments` and
-:class:`dft.DFTConfig` (every ``TrainingArguments`` flag works). Bad input prints one message and
-exits with status 2; the output folder is written to a temporary folder and renamed at the end.
+Flags come from :class:`TrainScriptArguments` and :class:`dft.DFTConfig` (every ``TrainingArguments``
+flag works, with its own default). The toy recipe's settings apply only when neither ``--model``
+nor ``--data`` is given (or with ``--recipe toy``). Bad input prints one line and exits with status 2;
+Ctrl-C / SIGTERM stop after the current step, keep the checkpoints and exit 130 / 143.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -27,8 +32,7 @@ from .reporting import format_table, plot_history, write_metrics
 
 __all__ = ["EvalScriptArguments", "TrainScriptArguments", "main"]
 
-DEFAULT_TRAIN_FLAGS = {
-    "output_dir": "dft-output",
+TOY_RECIPE = {
     "per_device_train_batch_size": "32",
     "per_device_eval_batch_size": "64",
     "learning_rate": "3e-3",
@@ -44,27 +48,37 @@ DEFAULT_TRAIN_FLAGS = {
     "use_cpu": "true",
     "seed": "0",
 }
+"""The built-in job's settings (a model trained from scratch needs a high lr and a CE -> DFT warm-up)."""
+
+DEFAULT_OUTPUT_DIR = "dft-output"
 
 
 @dataclass
 class TrainScriptArguments:
-    """What to train on. With no ``--model``/``--data``: a tiny Llama built from config and the
-    arithmetic dataset shipped in the package (``dft/assets``)."""
+    """What to train on, and how to load it."""
 
     model: str | None = field(
         default=None,
-        metadata={"help": "Local model folder (save_pretrained). Default: a tiny Llama built from config."},
+        metadata={"help": "Model folder (save_pretrained) or hub id. Default: a tiny Llama built from config."},
     )
     data: str | None = field(
         default=None,
         metadata={"help": "Local .jsonl/.json/.parquet/.csv or save_to_disk folder. Default: shipped arithmetic."},
     )
     eval_data: str | None = field(
-        default=None, metadata={"help": "Held-out data; default: the shipped test split, or 5%% of --data."}
+        default=None, metadata={"help": "Held-out data; default: the shipped test split, or --eval_fraction of --data."}
     )
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of --data held out when no --eval_data."})
     loss: str | None = field(
         default=None,
         metadata={"help": "Shortcut for --loss_type: dft, sft, asft (DFT + KL to the initial model) or eaft."},
+    )
+    recipe: str = field(
+        default="auto",
+        metadata={
+            "help": "toy: the built-in job's settings; none: TrainingArguments defaults; auto: toy only "
+            "when neither --model nor --data is given."
+        },
     )
     max_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
     packing: bool = field(
@@ -73,29 +87,66 @@ class TrainScriptArguments:
     max_eval_examples: int = field(default=100, metadata={"help": "Examples for the exact-match evaluation."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty output_dir."})
     config: str | None = field(default=None, metadata={"help": "YAML or JSON file of flags (command-line flags win)."})
+    torch_dtype: str = field(
+        default="float32", metadata={"help": "Load dtype: float32, bfloat16, float16 or auto (the checkpoint's)."}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code from its folder/hub."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: full fine-tuning). Needs peft."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Comma-separated module names, or all-linear."}
+    )
 
 
 @dataclass
 class EvalScriptArguments:
-    model: str = field(metadata={"help": "Local model folder (with its tokenizer)."})
-    data: str = field(
-        metadata={"help": "Local data file or save_to_disk folder (prompt/completion, messages or text)."}
+    model: str = field(metadata={"help": "Model folder (with its tokenizer), e.g. a `dft train` output_dir."})
+    data: str | None = field(
+        default=None, metadata={"help": "Data file or save_to_disk folder. Default: the shipped arithmetic test split."}
     )
     max_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
-    max_eval_examples: int = field(default=200, metadata={"help": "Examples for the exact-match evaluation."})
+    max_eval_examples: int = field(default=100, metadata={"help": "Examples for the exact match (as dft train)."})
     batch_size: int = field(default=32, metadata={"help": "Batch size for the CE pass."})
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation length."})
-    output: str | None = field(
-        default=None, metadata={"help": "Write the metrics json here (default: MODEL/eval_results.json)."}
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Write eval_results.json and predictions.jsonl here (default: print only)."}
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code."})
 
 
 class UsageError(Exception):
     """Bad input: one message, exit status 2."""
 
 
+class Interrupted(Exception):
+    """SIGINT / SIGTERM: one line, exit 128 + signal number."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _one_line(text: object) -> str:
+    return re.sub(r"\s+", " ", str(text)).strip()[:500]
+
+
 def _asset(name: str) -> str:
     return str(resources.files("dft") / "assets" / name)
+
+
+def _parser(dataclasses: tuple, prog: str, epilog: str | None = None):
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> None:  # argparse would print 100+ lines of usage first
+            raise UsageError(f"{message} (see '{prog} --help')")
+
+    return Parser(dataclasses, prog=prog, epilog=epilog)
+
+
+# ---- dft train: arguments ------------------------------------------------------------------------
 
 
 def _flags_from_file(path: str) -> list[str]:
@@ -103,20 +154,22 @@ def _flags_from_file(path: str) -> list[str]:
     if not p.is_file():
         raise UsageError(f"config file not found: {path}")
     text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
 
-        values = yaml.safe_load(text) or {}
-    else:
-        values = json.loads(text)
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise UsageError(
+            f"{path} is not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {_one_line(e)}"
+        ) from None
     if not isinstance(values, dict):
-        raise UsageError(f"{path} must hold a mapping of flag names to values.")
+        raise UsageError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
     flags: list[str] = []
     for key, value in values.items():
-        if isinstance(value, list):
-            flags += [f"--{key}", *map(str, value)]
-        else:
-            flags += [f"--{key}", str(value)]
+        flags += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
     return flags
 
 
@@ -129,57 +182,160 @@ def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any]:
-    from transformers import HfArgumentParser
+def _train_epilog() -> str:
+    toy = " ".join(f"--{k} {v}" for k, v in TOY_RECIPE.items())
+    return (
+        "With neither --model nor --data (or with --recipe toy) the built-in recipe sets: "
+        f"{toy}. Otherwise every default is the one shown above (TrainingArguments'); the GPU is used when present."
+    )
 
+
+def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
+    """``(script, config, toy)``: the parsed flags and whether the toy recipe applies."""
     from .trainer import DFTConfig
 
     config_path, argv = _split_config(argv)
-    defaults = [x for k, v in DEFAULT_TRAIN_FLAGS.items() for x in (f"--{k}", v)]
     file_flags = _flags_from_file(config_path) if config_path else []
-    parser = HfArgumentParser((TrainScriptArguments, DFTConfig), prog="dft train")
+    parser = _parser((TrainScriptArguments, DFTConfig), "dft train", _train_epilog())
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    # first pass: the script flags decide whether the toy recipe applies
+    try:
+        script = parser.parse_args_into_dataclasses(
+            args=file_flags + argv + ["--output_dir", DEFAULT_OUTPUT_DIR], return_remaining_strings=True
+        )[0]
+    except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
+        raise UsageError(_one_line(e)) from None
+    if script.recipe not in ("auto", "toy", "none"):
+        raise UsageError(f"--recipe must be auto, toy or none; got {script.recipe!r}.")
+    toy = script.recipe == "toy" or (script.recipe == "auto" and script.model is None and script.data is None)
+    defaults = [x for k, v in TOY_RECIPE.items() for x in (f"--{k}", v)] if toy else []
+    defaults += ["--output_dir", DEFAULT_OUTPUT_DIR]
     try:
         script, config, unknown = parser.parse_args_into_dataclasses(
             args=defaults + file_flags + argv, return_remaining_strings=True
         )
-    except ValueError as e:  # DFTConfig / TrainingArguments validation
-        raise UsageError(str(e)) from None
+    except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
+        raise UsageError(_one_line(e)) from None
     if unknown:
         raise UsageError(f"unknown flag(s) {unknown}; see 'dft train --help' for the flags.")
     if script.loss is not None:
         if script.loss not in ("dft", "sft", "asft", "eaft"):
             raise UsageError(f"--loss must be one of dft, sft, asft, eaft; got {script.loss!r}.")
         config.loss_type = script.loss
-    return script, config
+        config.validate_dft_arguments()
+    if not 0.0 < script.eval_fraction < 1.0:
+        raise UsageError(f"--eval_fraction must be in (0, 1), got {script.eval_fraction}.")
+    _check_reporting(config)
+    return script, config, toy
 
 
-def _load_model_and_tokenizer(path: str | None):
+def _check_reporting(config: Any) -> None:
+    """``--report_to X`` for an integration that is not installed: one line now, not a traceback later."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = [r for r in (config.report_to or []) if r not in ("none", "all")]
+    missing = sorted(set(wanted) - set(get_available_reporting_integrations()))
+    if missing:
+        raise UsageError(
+            f"--report_to {','.join(missing)}: not installed (pip install {' '.join(missing)}), "
+            "or use --report_to none."
+        )
+
+
+# ---- dft train: model and data -------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _load_model_and_tokenizer(script: Any) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = script.model
     if path is None:
         from .toy import toy_model, toy_tokenizer
 
         return toy_model(hidden_size=64, num_layers=2), toy_tokenizer()
-    if not Path(path).is_dir():
-        raise UsageError(f"model path not found (a local folder written by save_pretrained is needed): {path}")
+    local = Path(path)
+    if local.exists() and not local.is_dir():
+        raise UsageError(f"--model {path} is a file; give the folder written by save_pretrained (or a hub id).")
+    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+        raise UsageError(
+            f"--model {path} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...): save it there "
+            "with tokenizer.save_pretrained(folder)."
+        )
+    if not local.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"model path not found: {path} (a local folder written by save_pretrained, or a hub id).")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+    if script.torch_dtype not in dtypes:
+        raise UsageError(f"--torch_dtype must be one of {sorted(dtypes)}, got {script.torch_dtype!r}.")
+    kwargs: dict[str, Any] = {"dtype": dtypes[script.torch_dtype], "trust_remote_code": script.trust_remote_code}
+    if script.attn_implementation:
+        kwargs["attn_implementation"] = script.attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load a causal LM and its tokenizer from {path}: {e}") from None
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=script.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        where = "folder" if local.is_dir() else "hub id (offline? set HF_HUB_OFFLINE=0 and check the name)"
+        raise UsageError(f"cannot load a causal LM and its tokenizer from {where} {path}: {_one_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
-def _load_prepared(path: str, tokenizer: Any, max_length: int, name: str):
-    from .data import load_local_dataset, prepare_dataset
+def _apply_lora(model: Any, script: Any) -> Any:
+    if script.lora_r <= 0:
+        return model
+    try:
+        import peft
+    except ImportError:
+        raise UsageError("--lora_r needs peft: pip install 'dft-loss[peft]'.") from None
+    targets = script.lora_target_modules
+    target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = peft.LoraConfig(
+        r=script.lora_r,
+        lora_alpha=script.lora_alpha,
+        lora_dropout=script.lora_dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise UsageError(f"--lora_target_modules {targets}: {_one_line(e)}") from None
 
-    raw = load_local_dataset(path)
+
+def _prepare(raw: Any, tokenizer: Any, max_length: int, name: str):
+    from .data import prepare_dataset
+
     prepared, report = prepare_dataset(raw, tokenizer, max_length)
     print(report.summary(name), flush=True)
-    return raw, prepared
+    return prepared
+
+
+def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, str]:
+    """``(train_set, eval_raw, eval_set, how the eval split was made)``."""
+    from .data import load_local_dataset
+
+    train_raw = load_local_dataset(script.data or _asset("arithmetic_train.jsonl"))
+    if script.eval_data or script.data is None:
+        eval_raw = load_local_dataset(script.eval_data or _asset("arithmetic_test.jsonl"))
+        how = "--eval_data" if script.eval_data else "the shipped test split"
+    else:
+        if len(train_raw) < 2:
+            raise UsageError(
+                f"--data {script.data} has {len(train_raw)} example: too few to hold out an eval split; "
+                "add examples or give --eval_data."
+            )
+        split = train_raw.train_test_split(test_size=script.eval_fraction, seed=seed)
+        train_raw, eval_raw = split["train"], split["test"]
+        how = f"{script.eval_fraction:.0%} of --data held out (seed {seed})"
+    train_set = _prepare(train_raw, tokenizer, script.max_length, "train")
+    eval_set = _prepare(eval_raw, tokenizer, script.max_length, "eval")
+    print(f"split: {len(train_set)} train / {len(eval_set)} eval examples ({how})", flush=True)
+    return train_set, eval_raw, eval_set, how
 
 
 def _collator(tokenizer: Any, packing: bool):
@@ -190,94 +346,232 @@ def _collator(tokenizer: Any, packing: bool):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
+# ---- dft train: run ------------------------------------------------------------------------------
+
+
+def _describe_loss(config: Any) -> str:
+    """Only what applies to this loss type."""
+    kind = config.loss_type
+    if kind in ("sft", "nll"):
+        return "sft (cross-entropy)"
+    if kind == "eaft":
+        text = f"eaft (cross-entropy x top-{config.eaft_top_k} entropy ** {config.eaft_alpha})"
+    else:
+        text = f"{kind} (alpha={config.dft_alpha}, beta={config.dft_beta}"
+        if config.dft_min_weight is not None:
+            text += f", min_weight={config.dft_min_weight}"
+        if config.dft_warmup_steps or config.dft_warmup_ratio:
+            ramp = config.dft_warmup_steps or f"{config.dft_warmup_ratio:.0%} of the"
+            text += f", CE->DFT warm-up over {ramp} steps"
+        text += ")"
+    kl = config.effective_kl_coef()
+    return text + (f" + {kl} x KL to the initial model" if kl > 0 else "")
+
+
+def _run_config(script: Any, config: Any, toy: bool, sizes: dict[str, Any]) -> dict[str, Any]:
+    from . import __version__
+
+    weighting = config.dft_weighting()
+    return {
+        "dft_version": __version__,
+        "recipe": "toy" if toy else None,
+        "model": script.model or "built-in tiny Llama (dft.toy)",
+        "data": script.data or "shipped arithmetic_train.jsonl",
+        **sizes,
+        "loss_type": config.loss_type,
+        "weighting": {k: (repr(v) if callable(v) else v) for k, v in vars(weighting).items()},
+        "kl_coef": config.effective_kl_coef(),
+        "dft_warmup_steps": config.dft_warmup_steps,
+        "dft_warmup_ratio": config.dft_warmup_ratio,
+        "learning_rate": config.learning_rate,
+        "lr_scheduler_type": str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)),
+        "max_steps": config.max_steps,
+        "num_train_epochs": config.num_train_epochs,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "seed": config.seed,
+        "max_length": script.max_length,
+        "packing": script.packing,
+        "torch_dtype": script.torch_dtype,
+        "lora": {"r": script.lora_r, "alpha": script.lora_alpha, "target_modules": script.lora_target_modules}
+        if script.lora_r > 0
+        else None,
+    }
+
+
+class _SignalStop:
+    """SIGINT/SIGTERM: stop after the current optimizer step (saving a checkpoint when saving is on)."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.signum: int | None = None
+        self.training = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalStop:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not (self.training and first):  # outside training, or a second signal: stop now
+            raise Interrupted(signum, str(self.out))
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class StopOnSignal(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if stop.signum is not None:
+                    control.should_training_stop = True
+                    strategy = getattr(args, "save_strategy", "no")
+                    control.should_save = str(getattr(strategy, "value", strategy)) != "no"
+                return control
+
+        return StopOnSignal()
+
+
+def _resume_target(value: str | None, out: Path) -> str | None:
+    if value is None or value.lower() in ("false", "none", ""):
+        return None
+    if value.lower() == "true":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise UsageError(f"--resume_from_checkpoint true: no checkpoint-* folder in {out}.")
+        return last
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise UsageError(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json).")
+    return value
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move every final artefact into ``out``, each with an atomic rename; metrics.json last (it marks done)."""
+    names = sorted(p.name for p in staging.iterdir())
+    for name in sorted(names, key=lambda n: n == "metrics.json"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(staging / name, target)
+
+
 def run_train(argv: list[str]) -> int:
-    script, config = parse_train_args(argv)
+    script, config, toy = parse_train_args(argv)
+    out = Path(config.output_dir)
+    resume = _resume_target(config.resume_from_checkpoint, out)
+    if out.exists() and any(out.iterdir()) and not (script.overwrite or resume):
+        raise UsageError(
+            f"output_dir {out} exists and is not empty: choose another, pass --overwrite, or "
+            "--resume_from_checkpoint true to continue it."
+        )
+    model, tokenizer = _load_model_and_tokenizer(script)
+    train_set, eval_raw, eval_set, how = _load_data(script, tokenizer, config.seed)
+    ref_model = None
+    if config.effective_kl_coef() > 0 and script.lora_r <= 0:  # ASFT: a frozen copy of the starting model
+        ref_model, _ = _load_model_and_tokenizer(script)
+    model = _apply_lora(model, script)
     from .trainer import DFTTrainer
 
-    final_dir = Path(config.output_dir)
-    if final_dir.exists() and any(final_dir.iterdir()) and not script.overwrite:
-        raise UsageError(f"output_dir {final_dir} exists and is not empty: choose another or pass --overwrite.")
-    model, tokenizer = _load_model_and_tokenizer(script.model)
-    data_path = script.data or _asset("arithmetic_train.jsonl")
-    train_raw, train_set = _load_prepared(data_path, tokenizer, script.max_length, "train")
-    if script.eval_data or script.data is None:
-        eval_raw, eval_set = _load_prepared(
-            script.eval_data or _asset("arithmetic_test.jsonl"), tokenizer, script.max_length, "eval"
-        )
-    else:
-        split = train_raw.train_test_split(test_size=0.05, seed=config.seed)
-        train_raw, eval_raw = split["train"], split["test"]
-        from .data import prepare_dataset
-
-        train_set, _ = prepare_dataset(train_raw, tokenizer, script.max_length)
-        eval_set, _ = prepare_dataset(eval_raw, tokenizer, script.max_length)
-
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    try:
-        config.output_dir = str(tmp)
-        print(
-            f"training with loss_type={config.loss_type} (alpha={config.dft_alpha}, beta={config.dft_beta}, "
-            f"warm-up ratio {config.dft_warmup_ratio}) for {config.max_steps} steps",
-            flush=True,
-        )
-        ref_model = None
-        if config.effective_kl_coef() > 0:  # ASFT: the reference is a frozen copy of the starting model
-            ref_model, _ = _load_model_and_tokenizer(script.model)
+    if script.overwrite and out.exists() and not resume:
+        shutil.rmtree(out)
+    stop = _SignalStop(out)
+    with stop:
         trainer = DFTTrainer(
-            ref_model=ref_model,
             model=model,
             args=config,
             train_dataset=train_set,
             eval_dataset=eval_set,
             data_collator=_collator(tokenizer, script.packing),
             processing_class=tokenizer,
+            ref_model=ref_model,
+            callbacks=[stop.callback()],
         )
-        trainer.train()
+        steps = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.num_train_epochs:g} epochs"
+        print(
+            f"training {_describe_loss(config)} for {steps} at lr {config.learning_rate:g} on "
+            f"{trainer.args.device}" + (f", resuming from {resume}" if resume else ""),
+            flush=True,
+        )
+        stop.training = True
+        trainer.train(resume_from_checkpoint=resume)
+        stop.training = False
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, str(out))
         metrics = trainer.evaluate()
-        metrics["eval_exact_match"] = exact_match(trainer.model, tokenizer, eval_raw, script.max_eval_examples)
-        trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        write_metrics(tmp, trainer.state.log_history, metrics)
-        plot_history(tmp, trainer.state.log_history)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        em, predictions = exact_match(trainer.model, tokenizer, eval_raw, script.max_eval_examples)
+        metrics["eval_exact_match"] = em
+        metrics["eval_exact_match_examples"] = len(predictions)
+        sizes = {"train_examples": len(train_set), "eval_examples": len(eval_set), "eval_split": how}
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+        try:
+            trainer.save_model(str(staging))
+            tokenizer.save_pretrained(str(staging))
+            (staging / "run_config.json").write_text(json.dumps(_run_config(script, config, toy, sizes), indent=1))
+            plot_history(staging, trainer.state.log_history, title=f"{config.loss_type}, lr {config.learning_rate:g}")
+            write_metrics(staging, trainer.state.log_history, metrics)
+            _publish(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     print("\n" + format_table({k: v for k, v in metrics.items() if k.startswith("eval_")}))
-    print(f"\nwrote {final_dir}/: model + tokenizer, metrics.json, metrics.csv, training.png")
+    print(f"\nwrote {out}/: model + tokenizer, run_config.json, metrics.json, metrics.csv, training.png")
     return 0
+
+
+# ---- dft eval ------------------------------------------------------------------------------------
 
 
 def run_eval(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
+    from .data import load_local_dataset
 
-    (args,) = HfArgumentParser(EvalScriptArguments, prog="dft eval").parse_args_into_dataclasses(args=argv)
-    model, tokenizer = _load_model_and_tokenizer(args.model)
-    raw, prepared = _load_prepared(args.data, tokenizer, args.max_length, "eval")
+    parser = _parser((EvalScriptArguments,), "dft eval")
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        return 0
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    script = TrainScriptArguments(model=args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = _load_model_and_tokenizer(script)
+    raw = load_local_dataset(args.data or _asset("arithmetic_test.jsonl"))
+    prepared = _prepare(raw, tokenizer, args.max_length, "eval")
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in token_ce(model, tokenizer, prepared, args.batch_size).items()}
-    metrics["eval_exact_match"] = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
+    em, predictions = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
+    metrics["eval_exact_match"] = em
+    metrics["eval_exact_match_examples"] = len(predictions)
     metrics["num_examples"] = len(prepared)
     print(format_table(metrics))
-    out = Path(args.output) if args.output else Path(args.model) / "eval_results.json"
-    out.write_text(json.dumps(metrics, indent=1))
-    print(f"\nwrote {out}")
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_results.json").write_text(json.dumps(metrics, indent=1))
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        print(f"\nwrote {out}/eval_results.json and predictions.jsonl")
     return 0
 
 
-USAGE = "usage: dft {train,eval} [flags]   (dft train --help, dft eval --help)"
+USAGE = """usage: dft {train,eval} [flags]
+
+  dft train [--model M] [--data D] [--loss dft|sft|asft|eaft] [TrainingArguments flags]
+            with neither --model nor --data: the built-in toy job (tiny Llama, shipped arithmetic, CPU)
+  dft eval --model M [--data D] [--output_dir OUT]
+
+  dft train --help, dft eval --help: every flag and its default"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["train"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command in ("-h", "--help"):
-        print(USAGE)
-        return 0
     from .data import DataError
 
     try:
@@ -285,10 +579,27 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(rest)
         if command == "eval":
             return run_eval(rest)
-        raise UsageError(f"unknown command {command!r}. {USAGE}")
+        raise UsageError(f"unknown command {command!r}. {USAGE.splitlines()[0]}")
     except (UsageError, DataError) as e:
-        print(f"dft: error: {e}", file=sys.stderr)
+        print(f"dft: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        out = str(e) if isinstance(e, Interrupted) and str(e) else None
+        where = ""
+        if out and Path(out).is_dir():
+            checkpoints = sorted(Path(out).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+            where = (
+                (
+                    f"; checkpoints kept in {out}/ (latest {checkpoints[-1].name}): continue with "
+                    "--resume_from_checkpoint true"
+                )
+                if checkpoints
+                else f"; no checkpoint was saved in {out}/"
+            )
+        print(f"dft: stopped by {name}{where}", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Every example becomes ``input_ids`` and ``labels`` (``-100`` where not supervise
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .labels import count_targets, shift_causal_labels
 
-__all__ = ["DataError", "PrepReport", "detect_format", "load_local_dataset", "prepare_dataset"]
+__all__ = ["DataError", "PrepReport", "check_row", "detect_format", "load_local_dataset", "prepare_dataset"]
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -68,10 +69,13 @@ def load_local_dataset(path: str | Path) -> Dataset:
             )
         if path.stat().st_size == 0:
             raise DataError(f"{path} holds no examples (empty file).")
-        try:
-            ds = load_dataset(kind, data_files=str(path), split="train")
-        except Exception as e:  # datasets raises several types for unreadable files
-            raise DataError(f"cannot read {path} as {kind}: {type(e).__name__}: {e}") from None
+        if path.suffix.lower() == ".jsonl":
+            ds = _read_jsonl(path)
+        else:
+            try:
+                ds = load_dataset(kind, data_files=str(path), split="train")
+            except Exception as e:  # datasets raises several types for unreadable files
+                raise DataError(f"cannot read {path} as {kind}: {type(e).__name__}: {_first_line(e)}") from None
     if isinstance(ds, DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path} holds splits {list(ds)}; expected a 'train' split.")
@@ -79,6 +83,61 @@ def load_local_dataset(path: str | Path) -> Dataset:
     if len(ds) == 0:
         raise DataError(f"{path} holds no examples.")
     return ds
+
+
+def _first_line(e: object) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _read_jsonl(path: Path) -> Dataset:
+    """One JSON object per line; errors name the line. Rows are checked against the detected format."""
+    rows, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}.")
+            rows.append(row)
+            lines.append(lineno)
+    if not rows:
+        raise DataError(f"{path} holds no examples.")
+    fmt = detect_format(sorted({k for r in rows for k in r}))
+    for row, lineno in zip(rows, lines):
+        problem = check_row(row, fmt)
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}")
+    try:
+        return Dataset.from_list(rows)
+    except Exception as e:  # pyarrow type clashes between rows
+        raise DataError(f"cannot read {path}: the rows' types disagree ({_first_line(e)}).") from None
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_row(ex: dict, fmt: str) -> str | None:
+    """What is wrong with one example of format ``fmt``, or None."""
+    if fmt == "prompt_completion":
+        for key in ("prompt", "completion"):
+            if not isinstance(ex.get(key), str):
+                return f"'{key}' must be a string, got {_type_name(ex.get(key))}."
+    elif fmt == "text":
+        if not isinstance(ex.get("text"), str):
+            return f"'text' must be a string, got {_type_name(ex.get('text'))}."
+    elif fmt == "messages":
+        messages = ex.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return f"'messages' must be a non-empty list of {{'role', 'content'}} objects, got {_type_name(messages)}."
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return f"messages[{i}] must be an object with string 'role' and 'content', got {m!r:.80}."
+    return None
 
 
 def detect_format(columns: list[str]) -> str:
@@ -148,7 +207,10 @@ def prepare_dataset(ds: Dataset, tokenizer: Any, max_length: int) -> tuple[Datas
     encode = _ENCODERS[fmt]
     report = PrepReport(examples_in=len(ds))
     rows: dict[str, list] = {"input_ids": [], "labels": []}
-    for ex in ds:
+    for row, ex in enumerate(ds, 1):
+        problem = check_row(ex, fmt)
+        if problem:
+            raise DataError(f"row {row}: {problem}")
         ids, labels = encode(ex, tokenizer)
         truncated = len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]

@@ -19,17 +19,21 @@ def _reference_and_prompt(ex: dict, tokenizer: Any) -> tuple[str, Any] | None:
     return None
 
 
-def exact_match(model: Any, tokenizer: Any, raw: Any, limit: int, max_new_tokens: int = 64) -> float | None:
-    """Fraction of greedy completions equal to the reference (after stripping); None for plain text."""
+def exact_match(
+    model: Any, tokenizer: Any, raw: Any, limit: int, max_new_tokens: int = 64
+) -> tuple[float | None, list[dict[str, Any]]]:
+    """Greedy answers on the first ``limit`` examples: ``(fraction equal to the reference after stripping,
+    predictions)``; ``(None, [])`` for plain-text data (no reference). Each prediction is
+    ``{"index", "reference", "prediction", "correct"}``."""
     import torch
 
     model.eval()
-    hits = total = 0
+    predictions: list[dict[str, Any]] = []
     with torch.no_grad():
-        for ex in raw.select(range(min(limit, len(raw)))):
+        for index, ex in enumerate(raw.select(range(min(limit, len(raw))))):
             pair = _reference_and_prompt(ex, tokenizer)
             if pair is None:
-                return None
+                return None, []
             reference, ids = pair
             out = model.generate(
                 ids.to(model.device),
@@ -39,9 +43,10 @@ def exact_match(model: Any, tokenizer: Any, raw: Any, limit: int, max_new_tokens
                 eos_token_id=tokenizer.eos_token_id,
             )
             text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-            hits += text == reference
-            total += 1
-    return hits / max(total, 1)
+            predictions.append(
+                {"index": index, "reference": reference, "prediction": text, "correct": text == reference}
+            )
+    return sum(p["correct"] for p in predictions) / max(len(predictions), 1), predictions
 
 
 def token_ce(model: Any, tokenizer: Any, prepared: Any, batch_size: int) -> dict[str, float]:

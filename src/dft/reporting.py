@@ -19,7 +19,7 @@ def write_metrics(out: Path, history: list[dict], final: dict[str, Any]) -> None
         writer.writerows(history)
 
 
-def plot_history(out: Path, history: list[dict]) -> Path | None:
+def plot_history(out: Path, history: list[dict], title: str | None = None) -> Path | None:
     try:
         import matplotlib
 
@@ -38,6 +38,8 @@ def plot_history(out: Path, history: list[dict]) -> Path | None:
             ax.legend()
         ax.set_title(key)
         ax.set_xlabel("step")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = out / "training.png"
     fig.savefig(path, dpi=100)

@@ -110,7 +110,7 @@ class DFTArguments:
 
 
 @dataclass
-class DFTConfig(DFTArguments, TrainingArguments):
+class DFTConfig(TrainingArguments, DFTArguments):
     """``transformers.TrainingArguments`` plus the DFT loss options of :class:`DFTArguments`:
     ``loss_type``, ``dft_alpha``, ``dft_min_weight``, ``dft_beta``, ``dft_warmup_steps``,
     ``dft_warmup_ratio``, ``fused_lm_head``, ``loss_chunk_size``, ``kl_coef``, ``eaft_alpha``,
