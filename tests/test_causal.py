@@ -71,14 +71,19 @@ def test_no_warning_for_known_models():
         causal_lm_loss(tiny_model("qwen2"), token_batch())
 
 
-def test_gradient_checkpointing_same_gradients():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_same_gradients(use_reentrant):
+    """Both checkpointing kinds (transformers < 5 defaults to reentrant) train with the fused head."""
     batch = token_batch(2, 10)
-    g_plain = torch.autograd.grad(causal_lm_loss(model, batch).loss, list(model.parameters()))
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    model.train()
-    g_ckpt = torch.autograd.grad(causal_lm_loss(model, batch).loss, list(model.parameters()))
-    for a, b in zip(g_plain, g_ckpt):
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.train()
+        causal_lm_loss(model, batch).loss.backward()  # .backward(): reentrant checkpointing refuses autograd.grad
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

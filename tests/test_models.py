@@ -115,8 +115,16 @@ def _check(model):
     return ce
 
 
+def _needs(model_type):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"{model_type} is not in this transformers version")
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_fused_equals_models_own_loss(family):
+    _needs(family)
     config = AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family]})
     torch.manual_seed(0)
     out = _check(AutoModelForCausalLM.from_config(config))
@@ -126,6 +134,7 @@ def test_family_fused_equals_models_own_loss(family):
 
 @pytest.mark.parametrize("family", sorted(MULTIMODAL))
 def test_multimodal_text_path(family):
+    _needs(family)
     torch.manual_seed(0)
     _check(AutoModelForImageTextToText.from_config(MULTIMODAL[family]()))
 

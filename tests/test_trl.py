@@ -38,6 +38,8 @@ def _common(tmp_path):
 @pytest.mark.filterwarnings("ignore")
 def test_dft_sft_trainer_matches_trl_dft_update(tmp_path):
     """One accumulated step of DFTSFTTrainer == TRL's own loss_type="dft" (same data pipeline)."""
+    if "dft" not in str(getattr(trl.SFTConfig, "__dataclass_fields__", {}).get("loss_type", "")):
+        pytest.skip(f"trl {trl.__version__} has no loss_type='dft' to compare with (added in a later trl)")
     theirs = tiny_model("llama")
     trl.SFTTrainer(
         model=theirs,

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
 from .causal import causal_lm_loss
-from .labels import causal_targets
+from .labels import causal_targets, count_targets
 from .stats import TokenStats
 from .weights import DFTWeight, beta_schedule
 
@@ -118,6 +118,9 @@ class DFTConfig(TrainingArguments, DFTArguments):
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            # transformers < 5 defaults to reentrant checkpointing; use the non-reentrant kind everywhere
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
 
 
@@ -130,6 +133,9 @@ class _TrainerTouchPoints:
       (targets that cross a ``position_ids`` restart). We hand it batches whose ``shift_labels`` are
       our targets (:func:`dft.labels.causal_targets`), so its count — and its gather over ranks and
       its TP/CP divisions — is taken over exactly what the loss averages.
+    * ``get_batch_samples``: transformers < 4.57 has no ``_get_num_items_in_batch`` and counts
+      ``labels.ne(-100)`` without the causal shift; there we count the targets ourselves (and
+      gather them over ranks with ``average_tokens_across_devices``, as Trainer does).
     * :meth:`_undo_rank_average`: with ``average_tokens_across_devices`` the count covers all ranks
       and DDP averages gradients, so the loss is multiplied by the number of data-parallel ranks,
       as Trainer does for its own losses.
@@ -143,6 +149,16 @@ class _TrainerTouchPoints:
             {"labels": b["labels"], "shift_labels": causal_targets(b)} if _has_labels(b) else b for b in batch_samples
         ]
         return super()._get_num_items_in_batch(batches, device)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if num_items is None or hasattr(Trainer, "_get_num_items_in_batch"):  # newer Trainer: counted above
+            return batch_samples, num_items
+        local = sum(count_targets(causal_targets(b)) for b in batch_samples if _has_labels(b))
+        local = torch.as_tensor(local, device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            local = self.accelerator.gather(local).sum()
+        return batch_samples, local
 
     def _undo_rank_average(self, loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
