@@ -79,14 +79,19 @@ def _single_process(packed: bool = False, asft: bool = False):
     return grads, dict(model.named_parameters())
 
 
+def _assert_same_step(got, grads, params):
+    """Gradients and updated parameters of the 2-rank run == the single process, to 1e-6."""
+    for name, g in grads.items():
+        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_two_ranks_with_accumulation_equal_single_process(tmp_path):
     got = _torchrun(tmp_path, "exact")
     a, b = got["tokens_per_rank"]
     assert a > 2 * b  # really uneven supervision across ranks
     grads, params = _single_process()
-    for name, g in grads.items():
-        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
-        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_step(got, grads, params)
 
 
 def test_mean_of_means_differs(tmp_path):
@@ -101,9 +106,7 @@ def test_two_ranks_packed_rows_equal_single_process(tmp_path):
     """Padding-free packing: global_num_items counts what the loss averages (no target across a boundary)."""
     got = _torchrun(tmp_path, "packed")
     grads, params = _single_process(packed=True)
-    for name, g in grads.items():
-        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
-        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_step(got, grads, params)
 
 
 def test_packed_count_by_labels_only_differs(tmp_path):
@@ -140,6 +143,4 @@ def test_two_ranks_asft_equal_single_process(tmp_path):
     """ASFT (kl_coef > 0): the KL term is normalised like the DFT term, exact over ranks and accumulation."""
     got = _torchrun(tmp_path, "asft")
     grads, params = _single_process(asft=True)
-    for name, g in grads.items():
-        torch.testing.assert_close(got["grads"][name], g, atol=1e-6, rtol=1e-5, msg=name)
-        torch.testing.assert_close(got["params"][name], params[name].detach(), atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_step(got, grads, params)
