@@ -135,6 +135,10 @@ def test_family_fused_equals_models_own_loss(family):
 @pytest.mark.parametrize("family", sorted(MULTIMODAL))
 def test_multimodal_text_path(family):
     _needs(family)
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("the tiny configs here use transformers 5's config format (rope_parameters, text_config)")
     torch.manual_seed(0)
     _check(AutoModelForImageTextToText.from_config(MULTIMODAL[family]()))
 
@@ -144,9 +148,10 @@ def test_moe_aux_loss_in_gradients():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     batch = _batch()
-    g_own = torch.autograd.grad(model(**batch).loss, [model.model.layers[0].mlp.gate.weight])[0]
+    gate = next(p for n, p in model.named_parameters() if n.startswith("model.layers.0.") and ".gate." in n)
+    g_own = torch.autograd.grad(model(**batch).loss, [gate])[0]
     out = dft.causal_lm_loss(model, batch, alpha=0.0)
-    g_fused = torch.autograd.grad(out.loss, [model.model.layers[0].mlp.gate.weight])[0]
+    g_fused = torch.autograd.grad(out.loss, [gate])[0]
     torch.testing.assert_close(g_fused, g_own, atol=1e-6, rtol=1e-4)
 
 
@@ -163,8 +168,9 @@ def test_unknown_logit_attribute_falls_back_with_one_warning():
 def test_rule_table():
     assert {rule.attribute for rule in LOGIT_RULES} >= {"logit_scale", "logits_scaling", "final_logit_softcapping"}
     granite = AutoConfig.for_model("granite", logits_scaling=4.0)
-    clova = AutoConfig.for_model("hyperclovax", logits_scaling=4.0)
     assert logit_transform_from_config(granite)[0].logit_scale == 0.25  # Granite divides
+    _needs("hyperclovax")
+    clova = AutoConfig.for_model("hyperclovax", logits_scaling=4.0)
     assert logit_transform_from_config(clova)[0].logit_scale == 4.0  # HyperCLOVA X multiplies
     neutral = AutoConfig.for_model("llama")
     neutral.some_head_multiplier = 1.0  # neutral values do not force the logits path

@@ -82,7 +82,9 @@ def test_logs_diagnostics_and_eval_without_logits(tmp_path):
     for key in ("ce", "mean_p", "token_accuracy", "entropy", "dft_beta"):
         assert key in train_logs[0], key
     assert [h["dft_beta"] for h in train_logs] == [0.0, 0.5, 1.0]  # beta used by steps 1, 2, 3
-    assert train_logs[0]["loss"] == pytest.approx(train_logs[0]["ce"], rel=1e-5)  # beta=0 is CE
+    assert train_logs[0]["loss"] == pytest.approx(
+        train_logs[0]["ce"], rel=1e-4
+    )  # beta=0 is CE (4.x rounds logs to 4 digits)
     assert train_logs[2]["loss"] < 0.1 * train_logs[2]["ce"]  # DFT: each token scaled by p
     metrics = trainer.evaluate()
     for key in ("eval_loss", "eval_ce", "eval_mean_p", "eval_token_accuracy", "eval_entropy"):
@@ -194,7 +196,7 @@ def test_trainer_counts_packed_batches_like_the_loss(tmp_path):
         "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]]),
     }
     trainer = dft.DFTTrainer(model=tiny_model("llama"), args=_args(tmp_path), train_dataset=_dataset(2))
-    n = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    _, n = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
     assert float(n) == 9.0
     assert float(n) == float(dft.causal_lm_loss(trainer.model, batch).stats.num_tokens)
 

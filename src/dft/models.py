@@ -243,6 +243,8 @@ def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | Non
     head = get_head() if callable(get_head) else None
     prefix = getattr(inner, "base_model_prefix", "")
     backbone = getattr(inner, prefix, None) if prefix else None
+    if not isinstance(backbone, nn.Module):  # transformers < 5: some models keep the backbone as `.model`
+        backbone = getattr(inner, "model", None)
     if not _is_plain_linear(head):
         return None, "the output head is not a plain nn.Linear (LoRA or quantisation on lm_head?)"
     if not isinstance(backbone, nn.Module) or backbone is inner:
