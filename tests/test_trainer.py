@@ -1,5 +1,6 @@
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -201,13 +202,23 @@ def test_trainer_counts_packed_batches_like_the_loss(tmp_path):
     assert float(n) == float(dft.causal_lm_loss(trainer.model, batch).stats.num_tokens)
 
 
-def test_bf16_head_matmuls_run_in_bf16(tmp_path):
+def test_bf16_head_matmuls_run_in_bf16(tmp_path, monkeypatch):
     """DFTTrainer(bf16=True) on an fp32 model: the fused head's matmuls run in bf16, as Trainer's own CE."""
+    # transformers 4.x's TrainingArguments(bf16=True) exports ACCELERATE_MIXED_PRECISION=bf16 into os.environ,
+    # which every later Accelerator in this process would pick up: restore it after the test
+    # and accelerate keeps mixed_precision in its process-wide AcceleratorState: reset both afterwards
+    from accelerate.state import AcceleratorState
+
     from tests.test_fused import _MatmulDtypes
 
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     trainer = dft.DFTTrainer(model=tiny_model("llama"), args=_args(tmp_path, bf16=True), train_dataset=_dataset(4))
-    with _MatmulDtypes(VOCAB) as rec:
-        trainer.train()
+    try:
+        with _MatmulDtypes(VOCAB) as rec:
+            trainer.train()
+    finally:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert len(rec.seen) >= 3  # logits, dh and dW of the fused head (plus the model's one-position head)
     assert all(dtype == torch.bfloat16 for dtypes in rec.seen for dtype in dtypes), rec.seen
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
