@@ -338,14 +338,6 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
     return train_set, eval_raw, eval_set, how
 
 
-def _collator(tokenizer: Any, packing: bool):
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
-    if packing:
-        return DataCollatorWithFlattening(return_position_ids=True)
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-
-
 # ---- dft train: run ------------------------------------------------------------------------------
 
 
@@ -479,6 +471,7 @@ def run_train(argv: list[str]) -> int:
     if config.effective_kl_coef() > 0 and script.lora_r <= 0:  # ASFT: a frozen copy of the starting model
         ref_model, _ = _load_model_and_tokenizer(script)
     model = _apply_lora(model, script)
+    from .data import collator
     from .trainer import DFTTrainer
 
     if script.overwrite and out.exists() and not resume:
@@ -490,7 +483,7 @@ def run_train(argv: list[str]) -> int:
             args=config,
             train_dataset=train_set,
             eval_dataset=eval_set,
-            data_collator=_collator(tokenizer, script.packing),
+            data_collator=collator(tokenizer, script.packing),
             processing_class=tokenizer,
             ref_model=ref_model,
             callbacks=[stop.callback()],

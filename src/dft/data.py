@@ -23,7 +23,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .labels import count_targets, shift_causal_labels
 
-__all__ = ["DataError", "PrepReport", "check_row", "detect_format", "load_local_dataset", "prepare_dataset"]
+__all__ = ["DataError", "PrepReport", "check_row", "collator", "detect_format", "load_local_dataset", "prepare_dataset"]
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -83,6 +83,16 @@ def load_local_dataset(path: str | Path) -> Dataset:
     if len(ds) == 0:
         raise DataError(f"{path} holds no examples.")
     return ds
+
+
+def collator(tokenizer: Any, packing: bool = False) -> Any:
+    """The batch collator for prepared examples: right padding (labels padded with -100), or padding-free
+    packing (``position_ids`` restart at 0 for each example)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if packing:
+        return DataCollatorWithFlattening(return_position_ids=True)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
 def _first_line(e: object) -> str:

@@ -52,11 +52,11 @@ def exact_match(
 def token_ce(model: Any, tokenizer: Any, prepared: Any, batch_size: int) -> dict[str, float]:
     """Mean token CE / p / accuracy / entropy over a prepared dataset (fused head, no logits)."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
     from .causal import causal_lm_loss
+    from .data import collator
 
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    collate = collator(tokenizer)
     stats = None
     model.eval()
     with torch.no_grad():

@@ -397,9 +397,8 @@ def linear_dft_loss(
     check_reduction(reduction, labels.shape, num_items_in_batch)
     _check_chunk_size(chunk_size)
     weighting, transform = resolve_options(weighting, transform, options)
+    ref_transform = transform if ref_transform is None else ref_transform
     reference = _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef)
-    if reference is not None and reference[3] is None:
-        reference = (*reference[:3], transform, reference[4])
     return _linear_dft_loss(
         hidden,
         weight,
@@ -424,7 +423,7 @@ def _check_reference(
     ref_bias: object,
     ref_transform: object,
     kl_coef: object,
-) -> tuple[Tensor, Tensor, Tensor | None, LogitTransform | None, float] | None:
+) -> tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None:
     check_kl(kl_coef, ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight")
     if ref_hidden is None and ref_weight is None:
         return None
@@ -436,7 +435,7 @@ def _check_reference(
             f"ref_hidden {tuple(ref_hidden.shape)} / ref_weight {tuple(ref_weight.shape)} must match hidden "
             f"{tuple(hidden.shape[:-1])} + (H_ref,) and the vocabulary size {weight.shape[0]}."
         )
-    if ref_transform is not None and not isinstance(ref_transform, LogitTransform):
+    if not isinstance(ref_transform, LogitTransform):
         raise TypeError(f"ref_transform must be a dft.LogitTransform, got {type(ref_transform).__name__}.")
     return ref_hidden, ref_weight, ref_bias, ref_transform, float(kl_coef)
 

@@ -200,8 +200,11 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def dft_kl_coef(self) -> float:
-        args = self.args if isinstance(self.args, DFTArguments) else DFTArguments()
-        return args.effective_kl_coef()
+        return self._dft_args().effective_kl_coef()
+
+    def _dft_args(self) -> DFTArguments:
+        """``self.args`` when it carries the DFT options; plain ``TrainingArguments``: the DFT defaults."""
+        return self.args if isinstance(self.args, DFTArguments) else DFTArguments()
 
     def _dft_option(self, name: str, default: Any) -> Any:
         return getattr(self.args, name, default)
@@ -216,8 +219,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
 
     def dft_weighting(self) -> DFTWeight:
         """The :class:`dft.DFTWeight` of the current step (warm-up applied)."""
-        args = self.args if isinstance(self.args, DFTArguments) else DFTArguments()  # plain args: DFT defaults
-        return args.dft_weighting(beta=self.current_dft_beta())
+        return self._dft_args().dft_weighting(beta=self.current_dft_beta())
 
     def compute_loss(
         self,
