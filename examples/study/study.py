@@ -1,243 +1,270 @@
-"""SFT vs DFT at CPU scale: where does DFT help, where does it not? (mirrors arXiv 2508.05629's setting)
+"""Study v2: where does DFT help, where does it hurt? Fine-tune a base that already has a prior.
 
-    python examples/study/study.py --smoke          # < 2 min: pipeline check, numbers meaningless
-    python examples/study/study.py                  # the study (~15-20 min on 2 CPU cores)
+    python examples/study/study.py            # the study (~35 min on 2 CPU cores, progress printed per run)
+    python examples/study/study.py --smoke    # < 2 min: pipeline check on 1 seed, numbers meaningless
 
-(a) Pretrain a tiny Llama with cross-entropy on a broad synthetic distribution (sums of 2-3 numbers of
-    1-2 digits with worked solutions, plus direct answers) so that it has a prior, like a base model.
-(b) Fine-tune copies of it on a small demonstration set with each loss: SFT (CE), DFT (alpha=1),
-    DFT+floor (min_weight=0.1), mix (beta=0.5). Same steps, same batch; the learning rate is swept
-    over LRS for every loss and picked on an in-distribution validation split.
-(c) Evaluate exact match of the final answer (greedy) in distribution and on out-of-distribution
-    splits: more terms, longer numbers, an unseen prompt phrasing; and on a low-entropy
-    single-answer task (direct answers, fine-tuned separately). SEEDS seeds, mean +- std.
+Starts from the shipped base (examples/study/base, made by pretrain.py: a 0.6 M-parameter Llama that already
+solves part of the target task). Four experiments, the same steps and batches for every loss:
 
-Outputs in --out (default study-output/): results.json, results.md (the table), study.png.
+- reasoning  fine-tune on 300 worked solutions of 3-term sums; exact match in distribution (ID) and out of it
+             (4 terms, 3-digit numbers, an unseen spaced phrasing), plus teacher-forced answer metrics.
+- noisy      the same demonstrations with 20% corrupted (one wrong digit in a step or the answer); scored on
+             clean problems.
+- forgetting the reasoning runs scored on pretraining skills the demonstrations do not cover (subtraction,
+             direct answers, spelling digits, the memorised code table).
+- knowledge  learn 100 new facts (random 3-letter code -> 3-digit value, no prior): recall exact match.
+
+Losses: sft (cross-entropy), dft (p * CE), dft_floor (weight >= 0.1), mix (beta 0.5), asft (DFT + 0.1 KL to
+the base), eaft (CE x normalised top-20 entropy). The learning rate is picked per (experiment, loss) on a
+validation metric from a grid of 4 values, extended while the best is at an edge; every lr is run on every
+seed. Reported: mean, std, 95% t-interval over seeds, and paired differences vs SFT (same seed = same data,
+same order). Outputs in --out (default examples/study/results): results.json (schema dft-study/2),
+results.md, study.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 import json
+import math
+import multiprocessing as mp
+import random
 import statistics
 import time
 from pathlib import Path
 
+import lab
+import tasks
 import torch
 
 import dft
-from dft.toy import BOS, PAD, arithmetic_examples, encode, toy_batch, toy_model
 
-LOSSES = {
-    "sft": {"alpha": 0.0},
-    "dft": {"alpha": 1.0},
-    "dft_floor": {"alpha": 1.0, "min_weight": 0.1},
-    "mix": {"alpha": 1.0, "beta": 0.5},
+LOSSES = {  # name -> (weighting, kl_coef)
+    "sft": (dft.DFTWeight(alpha=0.0), 0.0),
+    "dft": (dft.DFTWeight(alpha=1.0), 0.0),
+    "dft_floor": (dft.DFTWeight(alpha=1.0, min_weight=0.1), 0.0),
+    "mix": (dft.DFTWeight(alpha=1.0, beta=0.5), 0.0),
+    "asft": (dft.DFTWeight(alpha=1.0), 0.1),
+    "eaft": (dft.DFTWeight(alpha=0.0, eaft_alpha=1.0, eaft_top_k=20), 0.0),
 }
+LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # the grid grows along this ladder
+EXPERIMENTS = ("reasoning", "noisy", "forgetting", "knowledge")
+TRAINED = ("reasoning", "noisy", "knowledge")  # forgetting re-scores the reasoning runs
+SELECT = {"reasoning": "val_exact_match", "noisy": "val_exact_match", "forgetting": "val_exact_match",
+          "knowledge": "recall_exact_match"}
+FULL = {"seeds": [0, 1, 2, 3, 4], "grid": [1e-4, 3e-4, 1e-3, 3e-3], "steps": 60, "batch_size": 16, "n_demos": 300,
+        "n_facts": 100, "n_eval": 150, "noise": 0.2, "max_rounds": 3}
+SMOKE = {"seeds": [0], "grid": [3e-4, 1e-3], "steps": 2, "batch_size": 4, "n_demos": 8, "n_facts": 4,
+         "n_eval": 4, "noise": 0.25, "max_rounds": 1}
+
+_BASE: dict = {}
 
 
-def direct(examples):
-    """Single-answer variant: the completion is the answer only (low entropy, one right output)."""
-    return [{"prompt": e["prompt"], "completion": e["completion"].split("A: ")[-1]} for e in examples]
+def base_model(path: str):
+    if path not in _BASE:
+        _BASE[path] = lab.load_base(path)
+        _BASE[path].requires_grad_(False)
+    return _BASE[path]
 
 
-def rephrase(examples):
-    """Unseen phrasing: 'Q:12+7=?' becomes '12+7=? Q:' ... kept within the character vocabulary."""
-    return [{"prompt": e["prompt"].replace("Q: ", "").replace("=?\n", "=? Q:\n"), "completion": e["completion"]}
-            for e in examples]
+def training_data(experiment: str, seed: int, cfg: dict) -> list[dict]:
+    rng = random.Random(seed)
+    if experiment == "knowledge":
+        return tasks.knowledge_facts(cfg["n_facts"], seed)
+    demos = tasks.sums(cfg["n_demos"], rng, terms=3, digits=2)
+    if experiment == "noisy":
+        bad = set(rng.sample(range(len(demos)), round(cfg["noise"] * len(demos))))
+        demos = [tasks.corrupt(d, rng) if i in bad else d for i, d in enumerate(demos)]
+    return demos
 
 
-def splits(seed: int, n_eval: int) -> dict[str, list[dict]]:
-    s = 1000 + seed
-    return {
-        "pretrain": arithmetic_examples(6000, seed=s, terms=(2, 3), digits=1)
-        + arithmetic_examples(6000, seed=s + 1, terms=(2, 2), digits=2)
-        + direct(arithmetic_examples(3000, seed=s + 2, terms=(2, 2), digits=2)),
-        "demo": arithmetic_examples(300, seed=s + 3, terms=(3, 3), digits=2),
-        "val": arithmetic_examples(n_eval, seed=s + 4, terms=(3, 3), digits=2),
-        "id": arithmetic_examples(n_eval, seed=s + 5, terms=(3, 3), digits=2),
-        "ood_terms": arithmetic_examples(n_eval, seed=s + 6, terms=(4, 4), digits=2),
-        "ood_digits": arithmetic_examples(n_eval, seed=s + 7, terms=(3, 3), digits=3),
-        "ood_phrasing": rephrase(arithmetic_examples(n_eval, seed=s + 8, terms=(3, 3), digits=2)),
-        "single_demo": direct(arithmetic_examples(300, seed=s + 9, terms=(2, 2), digits=3)),
-        "single_eval": direct(arithmetic_examples(n_eval, seed=s + 10, terms=(2, 2), digits=3)),
-    }
+def score(model, experiment: str, seed: int, cfg: dict) -> dict[str, float]:
+    """Every metric of one fine-tuned (or base) model for one trained experiment."""
+    sets = tasks.eval_sets(cfg["n_eval"])
+    out: dict[str, float] = {}
+
+    def em(name: str, data: list[dict]) -> None:
+        longest = max(len(e["completion"]) for e in data)
+        out[f"{name}_exact_match"] = lab.exact_match(model, data, max_new_tokens=longest + 4)
+
+    if experiment == "knowledge":
+        facts = training_data("knowledge", seed, cfg)
+        em("recall", facts)
+        out.update({f"recall_{k}": v for k, v in lab.teacher_forced(model, facts).items()})
+        em("keep_code", sets["keep_code"])  # the facts the base already knew
+        return out
+    for name in ("val", "id", "ood_terms", "ood_digits", "ood_phrasing"):
+        em(name, sets[name])
+    out.update({f"id_{k}": v for k, v in lab.teacher_forced(model, sets["id"]).items()})
+    out.update({f"val_{k}": v for k, v in lab.teacher_forced(model, sets["val"]).items()})
+    if experiment == "reasoning":  # the forgetting experiment's metrics
+        for name in ("keep_sub", "keep_quick", "keep_spell", "keep_code"):
+            em(name, sets[name])
+        out["keep_mean_exact_match"] = statistics.mean(out[f"{k}_exact_match"] for k in
+                                                       ("keep_sub", "keep_quick", "keep_spell", "keep_code"))
+    return out
 
 
-def train(model, data, *, steps, batch, lr, loss_options, seed, warmup_ce=0, eval_fn=None, eval_every=0):
-    """Plain loop with the fused DFT head; returns the accuracy curve [(step, acc)] if eval_fn."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
-    curve = []
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(len(data), (batch,), generator=g).tolist()
-        options = dict(loss_options)
-        if step < warmup_ce:
-            options = {"alpha": 0.0}
-        dft.causal_lm_loss(model, toy_batch([data[i] for i in idx], max_length=96), **options).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            curve.append((step + 1, eval_fn(model)))
-            model.train()
-    return curve
+def run_one(job: tuple) -> dict:
+    """Fine-tune a copy of the base with one (experiment, loss, lr, seed) and score it (runs in a worker)."""
+    experiment, loss, lr, seed, cfg, base_path = job
+    torch.set_num_threads(1)
+    t0 = time.time()
+    base = base_model(base_path)
+    model = lab.load_base(base_path)
+    weighting, kl_coef = LOSSES[loss]
+    lab.train(model, training_data(experiment, seed, cfg), steps=cfg["steps"], batch_size=cfg["batch_size"], lr=lr,
+              seed=seed, warmup=max(1, cfg["steps"] // 10), loss=weighting, ref_model=base if kl_coef else None,
+              kl_coef=kl_coef)
+    metrics = score(model, experiment, seed, cfg)
+    return {"experiment": experiment, "loss": loss, "lr": lr, "seed": seed, "metrics": metrics,
+            "seconds": round(time.time() - t0, 1)}
 
 
-@torch.no_grad()
-def exact_match(model, examples, max_new_tokens=48) -> float:
-    """Greedy, batched (left padding); compares the text after the last 'A: ' (or the whole answer)."""
-    model.eval()
-    prompts = [[BOS] + encode(e["prompt"]) for e in examples]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=PAD, eos_token_id=encode("\n")[0])
-    hits = 0
-    for e, row in zip(examples, out[:, width:].tolist()):
-        text = dft.toy.decode(row).split("\n")[0]
-        want = e["completion"].strip().split("A: ")[-1]
-        hits += text.split("A: ")[-1].strip() == want
-    return hits / len(examples)
+# ---- statistics ----------------------------------------------------------------------------------------
+
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
 
 
-def mean_std(xs):
-    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def interval(xs: list[float]) -> dict:
+    """Mean, sample std and the 95% t-interval of the mean (a point when there is one value)."""
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return {"mean": m, "std": 0.0, "ci95": [m, m], "n": len(xs)}
+    s = statistics.stdev(xs)
+    df = len(xs) - 1
+    t = _T975.get(df) or _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+    h = t * s / math.sqrt(len(xs))
+    return {"mean": m, "std": s, "ci95": [m - h, m + h], "n": len(xs)}
 
 
-def main() -> None:
+def best_lr(runs: list[dict], loss: str, metric: str) -> float:
+    """Highest mean validation metric over seeds; ties go to the higher mean answer log-likelihood."""
+    tie = metric.replace("exact_match", "answer_logp")
+    by_lr: dict[float, list[dict]] = {}
+    for r in runs:
+        if r["loss"] == loss:
+            by_lr.setdefault(r["lr"], []).append(r["metrics"])
+    return max(by_lr, key=lambda lr: (round(statistics.mean(m[metric] for m in by_lr[lr]), 9),
+                                      statistics.mean(m.get(tie, 0.0) for m in by_lr[lr])))
+
+
+def grid_of(runs: list[dict], loss: str) -> list[float]:
+    return sorted({r["lr"] for r in runs if r["loss"] == loss})
+
+
+def extension(runs: list[dict], loss: str, metric: str) -> float | None:
+    """The next lr on the ladder beyond the grid's edge when the best lr is at that edge, else None."""
+    grid, best = grid_of(runs, loss), best_lr(runs, loss, metric)
+    if best == grid[0] and LADDER.index(best) > 0:
+        return LADDER[LADDER.index(best) - 1]
+    if best == grid[-1] and LADDER.index(best) < len(LADDER) - 1:
+        return LADDER[LADDER.index(best) + 1]
+    return None
+
+
+# ---- the study ------------------------------------------------------------------------------------------
+
+
+def run_jobs(jobs: list[tuple], workers: int, t0: float, done: list[int], total: list[int]) -> list[dict]:
+    total[0] += len(jobs)
+    results = []
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        for r in (pool.imap_unordered(run_one, jobs) if pool else map(run_one, jobs)):
+            done[0] += 1
+            key = SELECT[r["experiment"]]
+            print(f"[{time.time() - t0:6.0f}s] {done[0]:3d}/{total[0]} {r['experiment']:9s} {r['loss']:9s} "
+                  f"lr {r['lr']:<6g} seed {r['seed']}: {key} {r['metrics'][key]:.3f} ({r['seconds']:.0f}s)", flush=True)
+            results.append(r)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return results
+
+
+def summarise(experiment: str, runs: list[dict], base: dict, seeds: list[int]) -> dict:
+    metric = SELECT[experiment]
+    names = sorted(runs[0]["metrics"]) if runs else []
+    if experiment == "forgetting":
+        names = [n for n in names if n.startswith("keep_")] + ["id_exact_match"]
+        base = {k: v for k, v in base.items() if k in names}
+    chosen = {loss: best_lr(runs, loss, metric) for loss in LOSSES}
+    at_best = {loss: sorted((r for r in runs if r["loss"] == loss and r["lr"] == chosen[loss]),
+                            key=lambda r: r["seed"]) for loss in LOSSES}
+    summary, paired = [], []
+    for loss in LOSSES:
+        for name in names:
+            values = [r["metrics"][name] for r in at_best[loss]]
+            summary.append({"loss": loss, "metric": name, **interval(values)})
+            if loss != "sft":
+                diffs = [a["metrics"][name] - b["metrics"][name] for a, b in zip(at_best[loss], at_best["sft"])]
+                paired.append({"loss": loss, "metric": name, **interval(diffs)})
+    sweep = {loss: {str(lr): statistics.mean(r["metrics"][metric] for r in runs if r["loss"] == loss and r["lr"] == lr)
+                    for lr in grid_of(runs, loss)} for loss in LOSSES}
+    return {"base": base, "select_on": metric, "lr_grid": {loss: grid_of(runs, loss) for loss in LOSSES},
+            "best_lr": chosen, "lr_sweep": sweep, "summary": summary, "paired_vs_sft": paired,
+            "runs": [r for r in runs] if experiment != "forgetting" else
+            [{**r, "metrics": {k: r["metrics"][k] for k in names}} for r in runs]}
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny settings, < 2 minutes")
-    p.add_argument("--out", default="study-output")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--base", default=str(lab.BASE_DIR), help="the base model folder (pretrain.py)")
     p.add_argument("--seeds", type=int, nargs="+", default=None)
-    args = p.parse_args()
-    if args.smoke:
-        cfg = {"seeds": [0], "pre_steps": 20, "ft_steps": 6, "batch": 8, "n_eval": 4, "lrs": [1e-3], "hidden": 32,
-               "eval_every": 6, "max_new_tokens": 8}
-    else:
-        cfg = {"seeds": [0, 1, 2], "pre_steps": 2500, "ft_steps": 300, "batch": 32, "n_eval": 200,
-               "lrs": [3e-4, 1e-3], "hidden": 96, "eval_every": 50, "max_new_tokens": 48}
+    p.add_argument("--workers", type=int, default=2, help="parallel runs (1 = in this process)")
+    args = p.parse_args(argv)
+    cfg = dict(SMOKE if args.smoke else FULL)
     if args.seeds:
         cfg["seeds"] = args.seeds
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    em = functools.partial(exact_match, max_new_tokens=cfg["max_new_tokens"])
-    t0 = time.time()
-    runs = []  # one row per (seed, task, loss, lr)
-    for seed in cfg["seeds"]:
-        data = splits(seed, cfg["n_eval"])
-        base = toy_model(hidden_size=cfg["hidden"], num_layers=2, seed=seed)
-        train(base, data["pretrain"], steps=cfg["pre_steps"], batch=64, lr=3e-3, loss_options={"alpha": 0.0},
-              seed=seed)
-        base_scores = {k: em(base, data[k]) for k in ("id", "ood_terms", "ood_digits", "ood_phrasing",
-                                                               "single_eval")}
-        runs.append({"seed": seed, "task": "base", "loss": "base", "lr": 0.0, "scores": base_scores, "curve": []})
-        print(f"[{time.time() - t0:6.0f}s] seed {seed} base: {base_scores}", flush=True)
-        for task, demo, evals in (
-            ("reasoning", "demo", ("val", "id", "ood_terms", "ood_digits", "ood_phrasing")),
-            ("single_answer", "single_demo", ("single_eval",)),
-        ):
-            for loss, options in LOSSES.items():
-                for lr in cfg["lrs"]:
-                    model = copy.deepcopy(base)
-                    curve_set = data["id" if task == "reasoning" else evals[-1]][: max(4, cfg["n_eval"] // 4)]
-                    curve = train(model, data[demo], steps=cfg["ft_steps"], batch=cfg["batch"], lr=lr,
-                                  loss_options=options, seed=seed + 17,
-                                  eval_fn=functools.partial(em, examples=curve_set), eval_every=cfg["eval_every"])
-                    scores = {k: em(model, data[k]) for k in evals}
-                    runs.append({"seed": seed, "task": task, "loss": loss, "lr": lr, "scores": scores, "curve": curve})
-                    print(f"[{time.time() - t0:6.0f}s] seed {seed} {task:13s} {loss:9s} lr {lr:g}: {scores}",
-                          flush=True)
-    summary = summarise(runs, cfg)
-    (out / "results.json").write_text(json.dumps({"config": cfg, "runs": runs, "summary": summary}, indent=1))
-    table = markdown(summary, cfg, args)
-    (out / "results.md").write_text(table)
-    plot(runs, summary, out / "study.png")
-    print("\n" + table)
-    print(f"\n{time.time() - t0:.0f}s; wrote {out}/results.json, results.md, study.png")
+    t0, done, total = time.time(), [0], [0]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = base_model(args.base)
+    base_scores = {}
+    for experiment in TRAINED:
+        per_seed = [score(base, experiment, s, cfg) for s in (cfg["seeds"] if experiment == "knowledge" else [0])]
+        base_scores[experiment] = {k: statistics.mean(m[k] for m in per_seed) for k in per_seed[0]}
+    print(f"[{time.time() - t0:6.0f}s] base: " + json.dumps({e: {k: round(v, 3) for k, v in m.items()
+                                                              if k.endswith("exact_match")}
+                                                          for e, m in base_scores.items()}), flush=True)
+    jobs = [(e, loss, lr, s, cfg, args.base) for e in TRAINED for loss in LOSSES for lr in cfg["grid"]
+            for s in cfg["seeds"]]
+    runs = run_jobs(jobs, args.workers, t0, done, total)
+    for _ in range(cfg["max_rounds"]):
+        more = []
+        for e in TRAINED:
+            for loss in LOSSES:
+                lr = extension([r for r in runs if r["experiment"] == e], loss, SELECT[e])
+                if lr is not None:
+                    print(f"[{time.time() - t0:6.0f}s] {e}/{loss}: best lr at the grid's edge -> adding lr {lr:g}")
+                    more += [(e, loss, lr, s, cfg, args.base) for s in cfg["seeds"]]
+        if not more:
+            break
+        runs += run_jobs(more, args.workers, t0, done, total)
+    experiments = {}
+    for e in EXPERIMENTS:
+        source = "reasoning" if e == "forgetting" else e
+        experiments[e] = summarise(e, [r for r in runs if r["experiment"] == source], base_scores[source],
+                                   cfg["seeds"])
+    minutes = (time.time() - t0) / 60
+    command = "python examples/study/study.py" + (" --smoke" if args.smoke else "")
+    result = {"schema": "dft-study/2", "seeds": cfg["seeds"], "command": command, "minutes": round(minutes, 1),
+              "config": cfg, "losses": {k: {"weighting": repr(w), "kl_coef": c} for k, (w, c) in LOSSES.items()},
+              "base_model": str(Path(args.base).name), "torch": torch.__version__, "experiments": experiments}
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    import report
 
-
-def summarise(runs, cfg):
-    """Per loss and task: pick the lr with the best mean validation score, then mean +- std over seeds."""
-    summary = {}
-    for task, pick_on in (("reasoning", "val"), ("single_answer", "single_eval")):
-        for loss in LOSSES:
-            by_lr = {lr: [r for r in runs if r["task"] == task and r["loss"] == loss and r["lr"] == lr]
-                     for lr in cfg["lrs"]}
-            best = max(by_lr, key=lambda lr: statistics.mean(r["scores"][pick_on] for r in by_lr[lr]))
-            keys = by_lr[best][0]["scores"].keys()
-            summary[f"{task}/{loss}"] = {
-                "lr": best,
-                "sweep": {str(lr): statistics.mean(r["scores"][pick_on] for r in rs) for lr, rs in by_lr.items()},
-                **{k: mean_std([r["scores"][k] for r in by_lr[best]]) for k in keys},
-            }
-    base = [r for r in runs if r["task"] == "base"]
-    summary["base"] = {k: mean_std([r["scores"][k] for r in base]) for k in base[0]["scores"]}
-    return summary
-
-
-def markdown(summary, cfg, args):
-    cmd = "python examples/study/study.py" + (" --smoke" if args.smoke else "")
-    cols = ["id", "ood_terms", "ood_digits", "ood_phrasing"]
-    lines = [f"Exact match (mean ± std over seeds {cfg['seeds']}), `{cmd}`:", "",
-             "| loss | best lr | ID | OOD more terms | OOD longer numbers | OOD phrasing | single-answer task |",
-             "|---|---|---|---|---|---|---|"]
-
-    def f(ms):
-        return f"{ms[0]:.3f} ± {ms[1]:.3f}"
-
-    b = summary["base"]
-    lines.append(f"| base (no fine-tune) | - | {' | '.join(f(b[c]) for c in cols)} | {f(b['single_eval'])} |")
-    for loss in LOSSES:
-        r, s = summary[f"reasoning/{loss}"], summary[f"single_answer/{loss}"]
-        lines.append(f"| {loss} | {r['lr']:g} / {s['lr']:g} | {' | '.join(f(r[c]) for c in cols)} | "
-                     f"{f(s['single_eval'])} |")
-    lines += ["", "Learning-rate sweep (mean validation exact match):", ""]
-    for key, r in summary.items():
-        if "sweep" in r:
-            lines.append(f"- {key}: " + ", ".join(f"lr {lr}: {v:.3f}" for lr, v in r["sweep"].items()))
-    return "\n".join(lines) + "\n"
-
-
-def plot(runs, summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4))
-    for loss in LOSSES:
-        lr = summary[f"reasoning/{loss}"]["lr"]
-        curves = [r["curve"] for r in runs if r["task"] == "reasoning" and r["loss"] == loss and r["lr"] == lr]
-        steps = [s for s, _ in curves[0]]
-        means = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
-        a1.plot(steps, means, marker=".", label=f"{loss} (lr {lr:g})")
-    a1.set_xlabel("fine-tuning step")
-    a1.set_ylabel("ID exact match (subset)")
-    a1.set_title("accuracy vs step (mean over seeds)")
-    a1.legend()
-    cols = ["id", "ood_terms", "ood_digits", "ood_phrasing"]
-    width = 0.8 / (len(LOSSES) + 1)
-    for j, loss in enumerate(["base", *LOSSES]):
-        r = summary["base"] if loss == "base" else summary[f"reasoning/{loss}"]
-        a2.bar([i + j * width for i in range(len(cols))], [r[c][0] for c in cols], width,
-               yerr=[r[c][1] for c in cols], label=loss)
-    a2.set_xticks([i + 0.4 - width / 2 for i in range(len(cols))], ["ID", "more terms", "longer nums", "phrasing"])
-    a2.set_ylabel("exact match")
-    a2.set_title("in vs out of distribution")
-    a2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    (out / "results.md").write_text(report.markdown(result))
+    report.plot(result, out / "study.png")
+    print(report.markdown(result))
+    print(f"{minutes:.1f} min; wrote {out}/results.json, results.md, study.png", flush=True)
+    return result
 
 
 if __name__ == "__main__":

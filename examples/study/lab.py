@@ -1,0 +1,129 @@
+"""Model, batches, the training loop and the metrics shared by pretrain.py, study.py and the notebooks."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+from tasks import BOS, EOS, PAD, VOCAB_SIZE, answer, decode, encode
+
+import dft
+
+BASE_DIR = Path(__file__).resolve().parent / "base"
+
+
+def new_model(seed: int = 0, hidden: int = 128, layers: int = 4) -> torch.nn.Module:
+    """A tiny Llama for the study vocabulary (0.6 M parameters at the defaults)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_base(path: str | Path = BASE_DIR) -> torch.nn.Module:
+    """The shipped base (examples/study/base, made by pretrain.py)."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path)
+
+
+def batch(examples: list[dict], max_length: int = 80) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (labels supervise the completion only)."""
+    rows = [([BOS] + encode(e["prompt"]), encode(e["completion"])) for e in examples]
+    width = min(max(len(p) + len(c) for p, c in rows), max_length)
+    ids = torch.full((len(rows), width), PAD)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        seq = (p + c)[:width]
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(p) : len(seq)] = ids[i, len(p) : len(seq)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train(model, data, *, steps: int, batch_size: int, lr: float, seed: int, warmup: int = 10,
+          loss=None, ref_model=None, kl_coef: float = 0.0, cosine: bool = True, log=None, log_every: int = 0):
+    """AdamW (no weight decay), linear warm-up then cosine decay, grad-norm clip 1.0, fused DFT head.
+
+    ``data`` is a list of examples (sampled with replacement, seeded) or a callable ``(n, rng) -> examples``
+    (fresh examples every step). ``loss`` is a :class:`dft.DFTWeight` (``None`` = cross-entropy).
+    ``log(step, stats_dict)`` is called every ``log_every`` steps; training stops early when it returns True.
+    """
+    weighting = loss if loss is not None else dft.DFTWeight(alpha=0.0)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))) if cosine else 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model.train()
+    stats = None
+    for step in range(steps):
+        rows = data(batch_size, rng) if callable(data) else [rng.choice(data) for _ in range(batch_size)]
+        out = dft.causal_lm_loss(model, batch(rows), weighting, ref_model=ref_model, kl_coef=kl_coef)
+        out.loss.backward()
+        stats = dft.TokenStats.accumulate(stats, out.stats)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if log is not None and log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
+            stop = log(step + 1, stats.as_dict())
+            stats = None
+            if stop:  # the callback asked to stop here
+                break
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def generate(model, examples: list[dict], max_new_tokens: int = 48, chunk: int = 200) -> list[str]:
+    """Greedy completions (batched, left padding), cut at the first newline."""
+    model.eval()
+    texts = []
+    for start in range(0, len(examples), chunk):
+        prompts = [[BOS] + encode(e["prompt"]) for e in examples[start : start + chunk]]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), PAD)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=PAD, eos_token_id=EOS)
+        texts += [decode(row).split("\n")[0] for row in out[:, width:].tolist()]
+    return texts
+
+
+def exact_match(model, examples: list[dict], max_new_tokens: int = 48) -> float:
+    """Share of examples whose generated final answer (after the last 'A: ') equals the reference's."""
+    got = generate(model, examples, max_new_tokens)
+    return sum(answer(g) == answer(e["completion"]) for g, e in zip(got, examples)) / len(examples)
+
+
+@torch.no_grad()
+def teacher_forced(model, examples: list[dict]) -> dict[str, float]:
+    """On the answer tokens (after 'A: ', newline included), given the reference prefix:
+    ``answer_logp`` = mean log-probability, ``answer_acc`` = share whose argmax is the reference token."""
+    model.eval()
+    b = batch(examples, max_length=10**6)
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].double()
+    targets = b["input_ids"][:, 1:]
+    keep = torch.zeros_like(targets, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        start = 1 + len(encode(e["prompt"])) + e["completion"].rindex("A: ") + 3  # position in input_ids
+        keep[i, start - 1 : start - 1 + len(e["completion"]) - e["completion"].rindex("A: ") - 3] = True
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    hit = logits.argmax(-1) == targets
+    return {"answer_logp": float(logp[keep].mean()), "answer_acc": float(hit[keep].float().mean())}
