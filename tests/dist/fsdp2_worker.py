@@ -17,6 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import dft
 from dft.toy import toy_model
+from tests.dist import exit_without_teardown
 from tests.dist.global_batch import global_examples, micro_batches
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"grads": grads}, out_dir / "fsdp2.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

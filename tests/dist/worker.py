@@ -16,6 +16,7 @@ from accelerate import Accelerator
 import dft
 from dft.toy import toy_model
 
+from tests.dist import exit_without_teardown
 from tests.dist.global_batch import ACCUM, LR, global_examples, micro_batches
 
 
@@ -51,9 +52,7 @@ def main() -> None:
         params = {n: p.detach().clone() for n, p in accelerator.unwrap_model(model).named_parameters()}
         torch.save({"grads": grads, "params": params, "tokens_per_rank": [int(c) for c in counts]}, out_dir / "dist.pt")
     accelerator.wait_for_everyone()
-    # Tear gloo down explicitly: left to interpreter exit, older accelerate/torch pairs can abort one rank
-    # ("terminate called without an active exception", SIGABRT) after the results were written.
-    torch.distributed.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":
