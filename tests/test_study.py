@@ -59,25 +59,40 @@ def test_knowledge_facts_are_new():
     assert len(facts) == 100 and not old & {e["prompt"] for e in facts}
 
 
-def test_teacher_forced_scores_the_answer_tokens_only():
-    """A model that puts all mass on the reference answer tokens scores acc 1 / logp 0, whatever else it says."""
+def test_result_spans_are_the_computed_tokens():
+    assert lab.result_spans("23+58=81; 81+7=88. A: 88\n") == [(6, 8), (15, 17)]
+    assert lab.result_spans("A: 417\n") == [(3, 6)]
+
+
+def test_teacher_forced_scores_the_computed_tokens_only():
+    """A model right on every step result and wrong everywhere else scores acc 1 / logp 0; wrong on one
+    result digit, it scores below 1."""
     import torch
 
     examples = tasks.sums(3, random.Random(1), terms=3, digits=2)
     b = lab.batch(examples, max_length=10**6)
 
-    class Oracle(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
-            logits = torch.zeros(*input_ids.shape, tasks.VOCAB_SIZE)
-            nxt = torch.roll(b["input_ids"], -1, dims=1)
-            logits.scatter_(-1, nxt[..., None], 1e4)
-            for i, e in enumerate(examples):  # wrong everywhere before the answer
-                start = len(e["prompt"]) + e["completion"].rindex("A: ") + 3
-                logits[i, :start] = logits[i, :start].roll(1, dims=-1)
-            return type("Out", (), {"logits": logits})()
+    def oracle(wrong_first_result: bool):
+        logits = torch.zeros(*b["input_ids"].shape, tasks.VOCAB_SIZE)
+        logits.scatter_(-1, torch.roll(b["input_ids"], -1, dims=1)[..., None], 1e4)
+        for i, e in enumerate(examples):
+            right = torch.zeros(logits.shape[1], dtype=torch.bool)
+            for start, end in lab.result_spans(e["completion"]):
+                right[len(e["prompt"]) + start : len(e["prompt"]) + end] = True  # logits row predicting them
+            if wrong_first_result:
+                right[len(e["prompt"]) + lab.result_spans(e["completion"])[0][0]] = False
+            logits[i, ~right] = logits[i, ~right].roll(1, dims=-1)
 
-    got = lab.teacher_forced(Oracle(), examples)
-    assert got["answer_acc"] == 1.0 and got["answer_logp"] > -1e-6
+        class Oracle(torch.nn.Module):
+            def forward(self, input_ids, attention_mask):
+                return type("Out", (), {"logits": logits})()
+
+        return Oracle()
+
+    got = lab.teacher_forced(oracle(False), examples)
+    assert got["result_acc"] == 1.0 and got["result_logp"] > -1e-6
+    got = lab.teacher_forced(oracle(True), examples)
+    assert got["result_acc"] < 1.0 and got["result_logp"] < -1.0
 
 
 def test_interval_and_grid_extension():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -112,18 +113,27 @@ def exact_match(model, examples: list[dict], max_new_tokens: int = 48) -> float:
     return sum(answer(g) == answer(e["completion"]) for g, e in zip(got, examples)) / len(examples)
 
 
+def result_spans(completion: str) -> list[tuple[int, int]]:
+    """Character spans of the tokens a model must *compute* in a completion: every step result (the digits
+    after '=') or, in a completion without steps (a fact, a direct answer), the answer after 'A: '. The final
+    'A: 88' of a worked solution copies the last step result, so scoring it would measure copying."""
+    spans = [m.span(1) for m in re.finditer(r"=(\d+)", completion)]
+    return spans or [m.span(1) for m in re.finditer(r"A: (.+)", completion)]
+
+
 @torch.no_grad()
 def teacher_forced(model, examples: list[dict]) -> dict[str, float]:
-    """On the answer tokens (after 'A: ', newline included), given the reference prefix:
-    ``answer_logp`` = mean log-probability, ``answer_acc`` = share whose argmax is the reference token."""
+    """Teacher-forced scores of the computed tokens (:func:`result_spans`), given the reference prefix:
+    ``result_logp`` = their mean log-probability, ``result_acc`` = the share whose argmax is the reference."""
     model.eval()
     b = batch(examples, max_length=10**6)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].double()
-    targets = b["input_ids"][:, 1:]
+    targets = b["input_ids"][:, 1:]  # targets[:, k - 1] is input position k
     keep = torch.zeros_like(targets, dtype=torch.bool)
     for i, e in enumerate(examples):
-        start = 1 + len(encode(e["prompt"])) + e["completion"].rindex("A: ") + 3  # position in input_ids
-        keep[i, start - 1 : start - 1 + len(e["completion"]) - e["completion"].rindex("A: ") - 3] = True
+        offset = len(encode(e["prompt"]))  # completion character j is input position 1 + offset + j
+        for start, end in result_spans(e["completion"]):
+            keep[i, offset + start : offset + end] = True
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     hit = logits.argmax(-1) == targets
-    return {"answer_logp": float(logp[keep].mean()), "answer_acc": float(hit[keep].float().mean())}
+    return {"result_logp": float(logp[keep].mean()), "result_acc": float(hit[keep].float().mean())}

@@ -6,16 +6,16 @@ from pathlib import Path
 
 SHOW = {  # experiment -> (metric, column title); the first metric is the experiment's headline
     "reasoning": [("id_exact_match", "ID"), ("ood_terms_exact_match", "OOD 4 terms"),
-                  ("ood_digits_exact_match", "OOD 3 digits"), ("ood_phrasing_exact_match", "OOD phrasing"),
-                  ("id_answer_acc", "ID answer-token acc (TF)"), ("id_answer_logp", "ID answer log p (TF)")],
+                  ("ood_phrasing_exact_match", "OOD phrasing"),
+                  ("id_result_acc", "ID result-token acc (TF)"), ("id_result_logp", "ID result log p (TF)")],
     "noisy": [("id_exact_match", "ID (clean)"), ("ood_terms_exact_match", "OOD 4 terms"),
-              ("ood_digits_exact_match", "OOD 3 digits"), ("ood_phrasing_exact_match", "OOD phrasing"),
-              ("id_answer_acc", "ID answer-token acc (TF)"), ("id_answer_logp", "ID answer log p (TF)")],
+              ("ood_phrasing_exact_match", "OOD phrasing"),
+              ("id_result_acc", "ID result-token acc (TF)"), ("id_result_logp", "ID result log p (TF)")],
     "forgetting": [("keep_mean_exact_match", "kept skills, mean"), ("keep_sub_exact_match", "subtraction"),
                    ("keep_quick_exact_match", "direct answers"), ("keep_spell_exact_match", "spelling"),
                    ("keep_code_exact_match", "code table"), ("id_exact_match", "target ID")],
-    "knowledge": [("recall_exact_match", "recall of new facts"), ("recall_answer_acc", "answer-token acc (TF)"),
-                  ("recall_answer_logp", "answer log p (TF)"), ("keep_code_exact_match", "old facts kept")],
+    "knowledge": [("recall_exact_match", "recall of new facts"), ("recall_result_acc", "answer-token acc (TF)"),
+                  ("recall_result_logp", "answer log p (TF)"), ("keep_code_exact_match", "old facts kept")],
 }
 COLOURS = {"base": "#444444", "sft": "#1f77b4", "dft": "#d62728", "dft_floor": "#ff7f0e", "mix": "#9467bd",
            "asft": "#2ca02c", "eaft": "#8c564b"}
@@ -69,9 +69,11 @@ def plot(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     exps = result["experiments"]
-    fig, axes = plt.subplots(1, len(exps), figsize=(5.2 * len(exps), 4.2), squeeze=False)
-    for ax, (name, exp) in zip(axes[0], exps.items()):
-        show = [(m, t) for m, t in SHOW[name] if "log p" not in t and _row(exp["summary"], "sft", m)][:4]
+    cols = 2
+    rows = (len(exps) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for ax, (name, exp) in zip(axes.flat, exps.items()):
+        show = [(m, t) for m, t in SHOW[name] if "log p" not in t and _row(exp["summary"], "sft", m)][:5]
         losses = list(exp["best_lr"])
         width = 0.8 / (len(losses) + 1)
         for j, loss in enumerate(["base", *losses]):
@@ -84,11 +86,11 @@ def plot(result: dict, path: str | Path) -> None:
             ys = [r["mean"] for r in rows]
             err = [[r["mean"] - r["ci95"][0] for r in rows], [r["ci95"][1] - r["mean"] for r in rows]]
             ax.bar(xs, ys, width, yerr=err, capsize=2, color=COLOURS.get(loss), label=loss)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(show))], [t for _, t in show], rotation=15, fontsize=8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(show))], [t for _, t in show], fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(name)
         ax.set_ylabel("exact match / accuracy")
-    axes[0][0].legend(fontsize=8, ncol=2)
+    axes[0][0].legend(fontsize=8, ncol=4, loc="upper right")
     fig.suptitle(f"SFT vs DFT variants from a pretrained base ({len(result['seeds'])} seeds, 95% intervals; "
                  f"{result['command']})", fontsize=10)
     fig.tight_layout()

@@ -7,7 +7,8 @@ Starts from the shipped base (examples/study/base, made by pretrain.py: a 0.6 M-
 solves part of the target task). Four experiments, the same steps and batches for every loss:
 
 - reasoning  fine-tune on 300 worked solutions of 3-term sums; exact match in distribution (ID) and out of it
-             (4 terms, 3-digit numbers, an unseen spaced phrasing), plus teacher-forced answer metrics.
+             (4 one-digit terms: one step longer than any example; an unseen compact phrasing 'Q:23+58+7=?'),
+             plus teacher-forced answer metrics.
 - noisy      the same demonstrations with 20% corrupted (one wrong digit in a step or the answer); scored on
              clean problems.
 - forgetting the reasoning runs scored on pretraining skills the demonstrations do not cover (subtraction,
@@ -93,7 +94,7 @@ def score(model, experiment: str, seed: int, cfg: dict) -> dict[str, float]:
         out.update({f"recall_{k}": v for k, v in lab.teacher_forced(model, facts).items()})
         em("keep_code", sets["keep_code"])  # the facts the base already knew
         return out
-    for name in ("val", "id", "ood_terms", "ood_digits", "ood_phrasing"):
+    for name in ("val", "id", "ood_terms", "ood_phrasing"):
         em(name, sets[name])
     out.update({f"id_{k}": v for k, v in lab.teacher_forced(model, sets["id"]).items()})
     out.update({f"val_{k}": v for k, v in lab.teacher_forced(model, sets["val"]).items()})
@@ -141,7 +142,7 @@ def interval(xs: list[float]) -> dict:
 
 def best_lr(runs: list[dict], loss: str, metric: str) -> float:
     """Highest mean validation metric over seeds; ties go to the higher mean answer log-likelihood."""
-    tie = metric.replace("exact_match", "answer_logp")
+    tie = metric.replace("exact_match", "result_logp")
     by_lr: dict[float, list[dict]] = {}
     for r in runs:
         if r["loss"] == loss:

@@ -60,7 +60,7 @@ def tokenizer():
 
 
 def sums(n: int, rng: random.Random, *, terms: int, digits: int, phrasing: str = "plain") -> list[dict]:
-    """Worked sums. ``phrasing="spaced"`` writes the prompt as 'Q: 23 + 58 + 7 = ?' (never seen in pretraining)."""
+    """Worked sums. ``phrasing="compact"`` writes the prompt as 'Q:23+58+7=?' (no space: never seen in pretraining)."""
     out = []
     for _ in range(n):
         nums = [rng.randint(0, 10**digits - 1) for _ in range(terms)]
@@ -68,8 +68,8 @@ def sums(n: int, rng: random.Random, *, terms: int, digits: int, phrasing: str =
         for x in nums[1:]:
             steps.append(f"{acc}+{x}={acc + x}")
             acc += x
-        question = " + ".join(map(str, nums)) + " = ?" if phrasing == "spaced" else "+".join(map(str, nums)) + "=?"
-        out.append({"prompt": f"Q: {question}\n", "completion": f"{'; '.join(steps)}. A: {acc}\n"})
+        space = "" if phrasing == "compact" else " "
+        out.append({"prompt": f"Q:{space}{'+'.join(map(str, nums))}=?\n", "completion": f"{'; '.join(steps)}. A: {acc}\n"})
     return out
 
 
@@ -158,9 +158,8 @@ def eval_sets(n: int) -> dict[str, list[dict]]:
     return {
         "val": sums(n, rng, terms=3, digits=2),  # picks the learning rate
         "id": sums(n, rng, terms=3, digits=2),
-        "ood_terms": sums(n, rng, terms=4, digits=2),
-        "ood_digits": sums(n, rng, terms=3, digits=3),
-        "ood_phrasing": sums(n, rng, terms=3, digits=2, phrasing="spaced"),
+        "ood_terms": sums(n, rng, terms=4, digits=1),  # one step more than any pretraining or fine-tuning example
+        "ood_phrasing": sums(n, rng, terms=3, digits=2, phrasing="compact"),
         # retention: pretraining skills the reasoning demonstrations do not cover
         "keep_sub": subtractions(n, rng),
         "keep_quick": quick(n, rng),
