@@ -41,6 +41,11 @@ def test_pretrain_smoke_writes_a_loadable_base(tmp_path):
     record = json.loads((tmp_path / "pretrain.json").read_text())
     assert record["settings"]["steps"] == 8 and set(record["exact_match"]) >= {"id", "keep_code"}
     lab.load_base(tmp_path)
+    from transformers import AutoTokenizer
+
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by transformers 4.x and 5.x
+    assert AutoTokenizer.from_pretrained(tmp_path)("Q: 1+2=?\n")["input_ids"] == [tasks.BOS, *tasks.encode("Q: 1+2=?\n")]
 
 
 def test_corrupt_changes_one_digit_of_a_result():
