@@ -5,6 +5,8 @@
 Starts from the study's shipped base (examples/study/base: a 0.6 M-parameter Llama pretrained on arithmetic
 that already solves part of the target task, 3-term sums with worked solutions), fine-tunes it with DFT on
 300 demonstrations, and prints greedy exact match on 200 held-out problems before and after.
+Measured (2 CPU cores, 17 s): exact match 0.350 before, 0.570 after 60 DFT steps; the CE on the
+demonstrations stays low (~0.03-0.10) and the mean target probability rises from 0.95 to ~0.98.
 """
 
 import random
@@ -24,7 +26,7 @@ import tasks  # noqa: E402  (the synthetic tasks)
 steps = 60  # optimizer steps
 micro_batch = 8  # sequences per forward pass
 accum = 2  # micro-batches per optimizer step (gradient accumulation)
-lr = 1e-3
+lr = 1e-4  # the study's best lr for DFT on this task (examples/study/results)
 alpha = 1.0  # DFT weight p ** alpha (0 = plain SFT / cross-entropy)
 seed = 0
 log_every = 10

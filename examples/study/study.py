@@ -1,6 +1,6 @@
 """Study v2: where does DFT help, where does it hurt? Fine-tune a base that already has a prior.
 
-    python examples/study/study.py            # the study (~35 min on 2 CPU cores, progress printed per run)
+    python examples/study/study.py            # the study (30 min on 2 CPU cores, progress printed per run)
     python examples/study/study.py --smoke    # < 2 min: pipeline check on 1 seed, numbers meaningless
 
 Starts from the shipped base (examples/study/base, made by pretrain.py: a 0.6 M-parameter Llama that already
