@@ -11,6 +11,7 @@ import torch
 from tasks import BOS, EOS, PAD, VOCAB_SIZE, answer, decode, encode
 
 import dft
+from dft.toy import toy_batch
 
 BASE_DIR = Path(__file__).resolve().parent / "base"
 
@@ -37,17 +38,7 @@ def load_base(path: str | Path = BASE_DIR) -> torch.nn.Module:
 
 def batch(examples: list[dict], max_length: int = 80) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` (labels supervise the completion only)."""
-    rows = [([BOS] + encode(e["prompt"]), encode(e["completion"])) for e in examples]
-    width = min(max(len(p) + len(c) for p, c in rows), max_length)
-    ids = torch.full((len(rows), width), PAD)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        seq = (p + c)[:width]
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(p) : len(seq)] = ids[i, len(p) : len(seq)]
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return toy_batch(examples, max_length, encode=encode)
 
 
 def train(model, data, *, steps: int, batch_size: int, lr: float, seed: int, warmup: int = 10,

@@ -12,6 +12,7 @@ Character-level, so no tokenizer download is needed::
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -49,8 +50,15 @@ def arithmetic_examples(n: int, *, seed: int = 0, terms: tuple[int, int] = (2, 3
     return out
 
 
-def toy_batch(examples: list[dict], max_length: int = 64) -> dict[str, torch.Tensor]:
-    """Right-padded batch; labels supervise the completion only."""
+def toy_batch(
+    examples: list[dict], max_length: int = 64, *, encode: Callable[[str], list[int]] = encode
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels supervise the completion only.
+
+    ``encode`` maps text to ids (default: this module's characters); any vocabulary that keeps
+    ``PAD = 0`` and ``BOS = 1`` works (the study's larger character set does). Returns ``input_ids``,
+    ``attention_mask`` and ``labels``, each ``[len(examples), min(longest row, max_length)]``.
+    """
     rows = [([BOS] + encode(e["prompt"]), encode(e["completion"])) for e in examples]
     width = min(max(len(p) + len(c) for p, c in rows), max_length)
     ids = torch.full((len(rows), width), PAD)
