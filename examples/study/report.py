@@ -15,7 +15,8 @@ SHOW = {  # experiment -> (metric, column title); the first metric is the experi
                    ("keep_quick_exact_match", "direct answers"), ("keep_spell_exact_match", "spelling"),
                    ("keep_code_exact_match", "code table"), ("id_exact_match", "target ID")],
     "knowledge": [("recall_exact_match", "recall of new facts"), ("recall_result_acc", "answer-token acc (TF)"),
-                  ("recall_result_logp", "answer log p (TF)"), ("keep_code_exact_match", "old facts kept")],
+                  ("recall_result_logp", "answer log p (TF)"), ("keep_code_exact_match", "old facts kept"),
+                  ("id_exact_match", "target ID (arithmetic)")],
 }
 COLOURS = {"base": "#444444", "sft": "#1f77b4", "dft": "#d62728", "dft_floor": "#ff7f0e", "mix": "#9467bd",
            "asft": "#2ca02c", "eaft": "#8c564b"}

@@ -1,6 +1,6 @@
 """Study v2: where does DFT help, where does it hurt? Fine-tune a base that already has a prior.
 
-    python examples/study/study.py            # the study (30 min on 2 CPU cores, progress printed per run)
+    python examples/study/study.py            # the study (30-33 min on 2 CPU cores, progress printed per run)
     python examples/study/study.py --smoke    # < 2 min: pipeline check on 1 seed, numbers meaningless
 
 Starts from the shipped base (examples/study/base, made by pretrain.py: a 0.6 M-parameter Llama that already
@@ -13,7 +13,8 @@ solves part of the target task). Four experiments, the same steps and batches fo
              clean problems.
 - forgetting the reasoning runs scored on pretraining skills the demonstrations do not cover (subtraction,
              direct answers, spelling digits, the memorised code table).
-- knowledge  learn 100 new facts (random 3-letter code -> 3-digit value, no prior): recall exact match.
+- knowledge  learn 100 new facts (random 3-letter code -> 3-digit value, no prior): recall exact match, the
+             old facts kept and the target arithmetic (ID) kept.
 
 Losses: sft (cross-entropy), dft (p * CE), dft_floor (weight >= 0.1), mix (beta 0.5), asft (DFT + 0.1 KL to
 the base), eaft (CE x normalised top-20 entropy). The learning rate is picked per (experiment, loss) on a
@@ -93,6 +94,7 @@ def score(model, experiment: str, seed: int, cfg: dict) -> dict[str, float]:
         em("recall", facts)
         out.update({f"recall_{k}": v for k, v in lab.teacher_forced(model, facts).items()})
         em("keep_code", sets["keep_code"])  # the facts the base already knew
+        em("id", sets["id"])  # the target arithmetic: does learning facts cost reasoning?
         return out
     for name in ("val", "id", "ood_terms", "ood_phrasing"):
         em(name, sets[name])
