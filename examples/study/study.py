@@ -8,7 +8,7 @@ solves part of the target task). Four experiments, the same steps and batches fo
 
 - reasoning  fine-tune on 300 worked solutions of 3-term sums; exact match in distribution (ID) and out of it
              (4 one-digit terms: one step longer than any example; an unseen compact phrasing 'Q:23+58+7=?'),
-             plus teacher-forced answer metrics.
+             plus teacher-forced scores of the computed tokens (every step result: lab.result_spans).
 - noisy      the same demonstrations with 20% corrupted (one wrong digit in a step or the answer); scored on
              clean problems.
 - forgetting the reasoning runs scored on pretraining skills the demonstrations do not cover (subtraction,
@@ -143,7 +143,7 @@ def interval(xs: list[float]) -> dict:
 
 
 def best_lr(runs: list[dict], loss: str, metric: str) -> float:
-    """Highest mean validation metric over seeds; ties go to the higher mean answer log-likelihood."""
+    """Highest mean validation metric over seeds; ties go to the higher mean result-token log-likelihood."""
     tie = metric.replace("exact_match", "result_logp")
     by_lr: dict[float, list[dict]] = {}
     for r in runs:
