@@ -1,7 +1,3 @@
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,54 +6,14 @@ import torch
 import dft
 from dft.toy import toy_batch, toy_model
 from tests.dist.global_batch import LR, global_examples, micro_batches
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dist.launch import torchrun
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
 FSDP2_WORKER = Path(__file__).parent / "dist" / "fsdp2_worker.py"
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """torchrun forwards SIGTERM to its workers (which run in their own sessions); then kill what is left."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def _torchrun(out_dir: Path, mode: str, worker: Path = WORKER, result: str = "dist.pt") -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(worker),
-        str(out_dir),
-        mode,
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        _stop(proc)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
-    finally:
-        _stop(proc)
-    assert proc.returncode == 0, output[-3000:]
-    return torch.load(out_dir / result)
+    return torchrun(worker, out_dir, mode, result=result)
 
 
 def _single_process(packed: bool = False, asft: bool = False):

@@ -35,8 +35,12 @@ def test_shipped_tokenizer_matches_the_task_encoding():
 
 
 def test_pretrain_smoke_writes_a_loadable_base(tmp_path):
-    proc = subprocess.run([sys.executable, str(STUDY / "pretrain.py"), "--smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(STUDY / "pretrain.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "pretrain.json").read_text())
     assert record["settings"]["steps"] == 8 and set(record["exact_match"]) >= {"id", "keep_code"}
@@ -45,7 +49,10 @@ def test_pretrain_smoke_writes_a_loadable_base(tmp_path):
 
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by transformers 4.x and 5.x
-    assert AutoTokenizer.from_pretrained(tmp_path)("Q: 1+2=?\n")["input_ids"] == [tasks.BOS, *tasks.encode("Q: 1+2=?\n")]
+    assert AutoTokenizer.from_pretrained(tmp_path)("Q: 1+2=?\n")["input_ids"] == [
+        tasks.BOS,
+        *tasks.encode("Q: 1+2=?\n"),
+    ]
 
 
 def test_corrupt_changes_one_digit_of_a_result():
@@ -126,5 +133,7 @@ def test_committed_results_follow_the_schema():
             assert grid[0] < best < grid[-1] or best in (study.LADDER[0], study.LADDER[-1]), (name, loss, grid, best)
             assert sum(r["loss"] == loss and r["lr"] == best for r in exp["runs"]) == len(result["seeds"])
         for row in exp["summary"]:
-            assert {"loss", "metric", "mean", "std", "ci95"} <= set(row) and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
+            assert {"loss", "metric", "mean", "std", "ci95"} <= set(row) and row["ci95"][0] <= row["mean"] <= row[
+                "ci95"
+            ][1]
     assert (STUDY / "results" / "results.md").exists() and (STUDY / "results" / "study.png").exists()

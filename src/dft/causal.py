@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .engines import detect_engine, run_model, tie_to_outputs, unwrap_model
 from .fused import linear_dft_loss
 from .labels import causal_targets
 from .losses import check_kl, dft_loss
-from .models import CausalLMParts, inspect_causal_lm, unwrap_model
+from .models import inspect_causal_lm
 from .options import LossOptions, Unpack, resolve_options
 from .reduction import Reduction
 from .stats import TokenStats
@@ -37,103 +37,24 @@ _LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_dict", "lo
 
 @dataclass
 class CausalLMLossOutput:
-    """``loss``: 0-dim tensor with its graph (the DFT loss, plus ``router_aux_loss_coef * aux_loss``
-    for a mixture-of-experts model that returns a router load-balancing loss, as the model's own loss
-    does); ``stats``: :class:`dft.TokenStats` of the batch; ``fused``: whether the fused head was used
-    (False: logits path); ``aux_loss``: the router loss before its coefficient (detached), or None."""
+    """``loss``: 0-dim tensor with its graph: ``head_loss + router_loss``, as the model's own loss;
+    ``stats``: :class:`dft.TokenStats` of the batch; ``fused``: whether the fused head was used
+    (False: logits path); ``aux_loss``: a mixture-of-experts model's router load-balancing loss
+    before its coefficient (detached), or None; ``head_loss``: the DFT loss alone (with its graph);
+    ``router_loss``: ``router_aux_loss_coef * aux_loss`` with its graph (None without one). The
+    router loss is a per-micro-batch mean: a loop that normalises ``head_loss`` by a global token
+    count adds ``router_loss / accumulation_steps`` instead (what :class:`dft.DFTTrainer` does)."""
 
     loss: Tensor
     stats: TokenStats
     fused: bool
     aux_loss: Tensor | None = None
+    head_loss: Tensor | None = None
+    router_loss: Tensor | None = None
 
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    return _forward_takes_logits_to_keep(type(unwrap_model(model)))
-
-
-@functools.cache
-def _forward_takes_logits_to_keep(cls: type) -> bool:
-    """Per model class (the signature is read once, not at every training step)."""
-    try:
-        return "logits_to_keep" in inspect.signature(cls.forward).parameters
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
-HeadLoss = Callable[[Tensor, Tensor, "Tensor | None"], Any]
-"""``head_loss(hidden [B, T, H], head weight [V, H], head bias [V] | None)`` -> anything."""
-
-
-def _run_fused(
-    model: nn.Module, parts: CausalLMParts, model_inputs: dict[str, Any], head_loss: HeadLoss
-) -> tuple[Any, Any]:
-    """Run the model and call ``head_loss`` on the final hidden states *inside* the model's forward.
-
-    DDP/FSDP synchronise gradients and gather parameters only when their own ``forward`` runs, so
-    the backbone is not called directly: the whole model runs with ``logits_to_keep=1`` (one
-    position of logits, negligible) and a forward hook on the backbone computes the loss there. At
-    that point FSDP2 has gathered the root's parameters (the head weight is a plain tensor, even with
-    ``reshard_after_forward=True``) and the training's autocast is active (accelerate wraps the
-    model's forward in it), so the head's matmuls run in the compute dtype. The fused head forms its
-    gradients in the forward, so backward needs no gathered weight.
-
-    Returns ``(head_loss(...), model outputs)`` (outputs None when the backbone ran directly).
-    """
-    if not _accepts_logits_to_keep(model):
-        outputs = parts.backbone(**model_inputs, use_cache=False)
-        hidden = outputs["last_hidden_state"] if isinstance(outputs, Mapping) else outputs[0]
-        return _call_head_loss(head_loss, hidden, parts), None
-    results: list[Any] = []
-
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        hidden = output["last_hidden_state"] if isinstance(output, Mapping) else output[0]
-        results.append(_call_head_loss(head_loss, hidden, parts))
-
-    handle = parts.backbone.register_forward_hook(hook)
-    try:
-        outputs = model(**model_inputs, logits_to_keep=1, use_cache=False)
-    finally:
-        handle.remove()
-    if len(results) != 1:
-        raise RuntimeError(
-            f"dft: expected one backbone call in {type(unwrap_model(model)).__name__}.forward, got {len(results)}."
-        )
-    return results[0], outputs
-
-
-class _AfterOutputs(torch.autograd.Function):
-    """``loss`` unchanged, made to depend on the model's outputs (zero gradient to them).
-
-    FSDP2 re-gathers a unit's parameters for backward from a hook on that unit's forward *outputs*.
-    A loss computed inside the forward does not depend on the root's outputs, so without this the
-    final norm's backward would run on freed (resharded) storage. The zero gradient costs one
-    ``[B, 1, V]`` head backward.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, loss: Tensor, *outputs: Tensor) -> Tensor:
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in outputs]
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
-        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
-
-
-def _after_outputs(loss: Tensor, outputs: Any) -> Tensor:
-    values = outputs.values() if isinstance(outputs, Mapping) else (outputs if isinstance(outputs, tuple) else ())
-    tensors = [t for t in values if isinstance(t, Tensor) and t.requires_grad]
-    if not tensors or not loss.requires_grad:
-        return loss
-    return _AfterOutputs.apply(loss, *tensors)
-
-
-@torch.compiler.disable
-def _call_head_loss(head_loss: HeadLoss, hidden: Tensor, parts: CausalLMParts) -> Any:
-    """Outside any ``torch.compile`` graph: the chunk loop has data-dependent shapes."""
-    weight, bias = parts.head_weight()
-    return head_loss(hidden, weight, bias)
+    def __post_init__(self) -> None:
+        if self.head_loss is None:
+            self.head_loss = self.loss
 
 
 def _warn_logits_path(model: nn.Module, reason: str | None) -> None:
@@ -219,13 +140,19 @@ def causal_lm_loss(
         loss, stats = dft_loss(
             _logits(outputs), targets, weighting, transform=transform, ref_logits=ref_logits, kl_coef=kl_coef, **common
         )
-        loss, aux = _add_router_aux_loss(loss, model, outputs)
-        return CausalLMLossOutput(loss=loss, stats=stats, fused=False, aux_loss=aux)
+        return _output(loss, stats, False, model, outputs)
     ref_kwargs: dict[str, Any] = {}
     if reference is not None:
+        ref_engine = detect_engine(reference.model)
         with torch.no_grad(), reference.context():
-            ref_hidden, _ = _run_fused(reference.model, ref_parts, model_inputs, lambda h, _w, _b: h.detach())
-        ref_weight, ref_bias = ref_parts.frozen_head_weight()
+            (ref_hidden, ref_weight, ref_bias), _ = run_model(
+                reference.model,
+                ref_parts.backbone,
+                ref_parts.head,
+                model_inputs,
+                functools.partial(_frozen_head, copy=ref_engine.gathers_params),
+                ref_engine,
+            )
         ref_kwargs = {
             "ref_hidden": ref_hidden,
             "ref_weight": ref_weight,
@@ -247,10 +174,25 @@ def causal_lm_loss(
             **common,
         )
 
-    (loss, stats), outputs = _run_fused(model, parts, model_inputs, head_loss)
-    loss = _after_outputs(loss, outputs)
-    loss, aux = _add_router_aux_loss(loss, model, outputs)
-    return CausalLMLossOutput(loss=loss, stats=stats, fused=True, aux_loss=aux)
+    engine = detect_engine(model)
+    (loss, stats), outputs = run_model(model, parts.backbone, parts.head, model_inputs, head_loss, engine)
+    return _output(tie_to_outputs(loss, outputs, engine), stats, True, model, outputs)
+
+
+def _frozen_head(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, copy: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """ASFT's reference head, read inside its forward (copied when the engine frees the gathered weight after)."""
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    if copy:
+        weight, bias = weight.clone(), None if bias is None else bias.clone()
+    return hidden.detach(), weight, bias
+
+
+def _output(loss: Tensor, stats: TokenStats, fused: bool, model: nn.Module, outputs: Any) -> CausalLMLossOutput:
+    router, aux = _router_loss(model, outputs, loss)
+    total = loss if router is None else loss + router
+    return CausalLMLossOutput(loss=total, stats=stats, fused=fused, aux_loss=aux, head_loss=loss, router_loss=router)
 
 
 def _logits(outputs: Any) -> Tensor:
@@ -290,15 +232,15 @@ def _reference_runner(model: nn.Module, ref_model: nn.Module | None) -> _Referen
     return _ReferenceRunner(model=model, peft_model=peft)
 
 
-def _add_router_aux_loss(loss: Tensor, model: nn.Module, outputs: Any) -> tuple[Tensor, Tensor | None]:
-    """``loss + router_aux_loss_coef * aux_loss`` when the model returned a router loss.
+def _router_loss(model: nn.Module, outputs: Any, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``(router_aux_loss_coef * aux_loss, aux_loss detached)`` when the model returned a router loss.
 
     Exactly what transformers' MoE models (Mixtral, Qwen3-MoE, OLMoE, ...) add to their own loss when
     ``output_router_logits`` is on: per micro-batch, not normalised by ``num_items_in_batch``.
     """
     aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else None
     if not isinstance(aux, Tensor):
-        return loss, None
+        return None, None
     config = getattr(unwrap_model(model), "config", None)
     coef = getattr(config, "router_aux_loss_coef", None)
     if coef is None:
@@ -310,5 +252,5 @@ def _add_router_aux_loss(loss: Tensor, model: nn.Module, outputs: Any) -> tuple[
             RuntimeWarning,
             stacklevel=3,
         )
-        return loss, aux.detach()
-    return loss + float(coef) * aux.to(loss.device, loss.dtype), aux.detach()
+        return None, aux.detach()
+    return float(coef) * aux.to(like.device, like.dtype), aux.detach()

@@ -5,13 +5,15 @@ One helper shared by every adapter (Trainer, plain loops, accelerate). It never 
 
 from __future__ import annotations
 
+import functools
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from .engines import detect_engine, unwrap_model
 from .transform import LogitTransform
 
 __all__ = [
@@ -47,86 +49,12 @@ class CausalLMParts:
     def softcap(self) -> float | None:
         return self.transform.softcap
 
-    def head_weight(self) -> tuple[Tensor, Tensor | None]:
-        """``(weight [V, H], bias [V] | None)`` as the head's own forward would see them.
-
-        Call it inside the model's forward (see :func:`dft.causal_lm_loss`): FSDP2 has then swapped
-        in the gathered parameters. A sharded ``DTensor`` here means the head is not gathered (it is
-        its own FSDP unit, or this is called outside the forward): gathering it ourselves would
-        bypass FSDP's gradient reduction, so that is an error.
-        """
-        weight, bias = self.head.weight, self.head.bias
-        if _is_dtensor(weight) or _is_dtensor(bias):
-            raise RuntimeError(
-                "dft: the LM head weight is a sharded DTensor at loss time; call the fused head inside the model's "
-                "forward (dft.causal_lm_loss does) or use fused=False."
-            )
-        return weight, bias
-
-    def frozen_head_weight(self) -> tuple[Tensor, Tensor | None]:
-        """The head's full weight and bias, detached, outside any forward (a frozen reference model).
-
-        A sharded ``DTensor`` (FSDP2) is gathered with ``full_tensor()`` under ``no_grad``: no gradient
-        flows to a reference, so nothing bypasses the engine's gradient reduction.
-        """
-        weight, bias = self.head.weight, self.head.bias
-        with torch.no_grad():
-            weight = weight.full_tensor() if _is_dtensor(weight) else weight
-            bias = bias.full_tensor() if _is_dtensor(bias) else bias
-        return weight.detach(), None if bias is None else bias.detach()
-
-
-def _is_dtensor(t: object) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP1 (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
-            model = model.get_base_model()
-    return model
-
 
 def _is_plain_linear(module: object) -> bool:
     """An ``nn.Linear`` whose forward is exactly ``x @ W.T + b`` (no LoRA / quantisation wrapper)."""
     return (
         isinstance(module, nn.Linear) and type(module).__module__.startswith("torch.") and not hasattr(module, "lora_A")
     )
-
-
-def _head_is_partitioned(model: nn.Module, head: nn.Module) -> bool:
-    """Engines where the fused head would not see the head's gathered weight: use the logits path.
-
-    * DeepSpeed ZeRO-3 gathers a module's parameters only around that module's own forward (the
-      head's forward runs on one position only, after the backbone).
-    * FSDP1 flattens parameters; the original ``lm_head.weight`` is not a usable view in our hook.
-    * FSDP2 with the head as its own unit (``fully_shard(model.lm_head)``): gathered only in its
-      own forward, like ZeRO-3. The head inside the root unit (accelerate's default) is fused.
-    """
-    if hasattr(head.weight, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-        return True
-    if _is_fsdp2_unit(head):
-        return True
-    return any(type(m).__name__ == "FullyShardedDataParallel" for m in (model, *model.modules()))
-
-
-def _is_fsdp2_unit(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return isinstance(module, FSDPModule)
 
 
 @dataclass(frozen=True)
@@ -166,6 +94,7 @@ LOGIT_RULES: tuple[LogitRule, ...] = (
 BACKBONE_ATTRIBUTES: frozenset[str] = frozenset(
     {"attn_logit_softcapping", "attention_multiplier", "embedding_multiplier", "residual_multiplier"}
 )
+_RULE_ATTRIBUTES = frozenset(rule.attribute for rule in LOGIT_RULES) | {"hidden_size", "scale_width"}
 _LOOKS_LIKE_HEAD_TRANSFORM = re.compile(r"logit.*(scal|mult|cap)|(lm_head|output|head).*(mult|scal)", re.IGNORECASE)
 
 
@@ -177,6 +106,19 @@ def _rule_applies(rule: LogitRule, model_type: str) -> bool:
 
 def _is_neutral(value: object) -> bool:
     return value is None or value is False or (isinstance(value, (int, float)) and float(value) == 1.0)
+
+
+@functools.cache
+def _looks_like_head_transform(name: str) -> bool:
+    return bool(_LOOKS_LIKE_HEAD_TRANSFORM.search(name))
+
+
+def _config_items(config: object) -> list[tuple[str, object]]:
+    """The config's own attributes (no deep copy: ``to_dict()`` copies nested configs every call)."""
+    try:
+        return list(vars(config).items())
+    except TypeError:
+        return [(name, getattr(config, name, None)) for name in dir(config) if not name.startswith("_")]
 
 
 def logit_transform_from_config(config: object) -> tuple[LogitTransform | None, str | None]:
@@ -204,11 +146,10 @@ def logit_transform_from_config(config: object) -> tuple[LogitTransform | None, 
                 scale *= float(value) / float(config.hidden_size)
         elif rule.effect == "softcap":
             softcap = float(value)
-    names = config.to_dict() if hasattr(config, "to_dict") else vars(config)
     unknown = sorted(
         name
-        for name, value in names.items()
-        if name not in covered and _LOOKS_LIKE_HEAD_TRANSFORM.search(name) and not _is_neutral(value)
+        for name, value in _config_items(config)
+        if name not in covered and _looks_like_head_transform(name) and not _is_neutral(value)
     )
     if unknown:
         return None, (
@@ -232,11 +173,11 @@ def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | Non
     Works for ``*ForCausalLM`` models and the text path of ``*ForConditionalGeneration`` models
     (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, Cohere, Granite, Falcon-H1, MoE models, ...; the
     families checked are listed in the README), tied or untied embeddings, PEFT-wrapped models
-    (LoRA inside the backbone), DDP, FSDP2 (head in the root unit) and compiled models. The logits
+    (LoRA inside the backbone), DDP, DeepSpeed, FSDP2 and compiled models. The logits
     path is needed when the output head is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a
-    quantised head), when no backbone attribute is found, under DeepSpeed ZeRO-3 / FSDP1 (the head's
-    full weight only exists inside their forward), or when the config has a logit transform that
-    :data:`LOGIT_RULES` does not know.
+    quantised head), when no backbone attribute is found, under FSDP1 (see :mod:`dft.engines`), or
+    when the config has a logit transform that :data:`LOGIT_RULES` does not know. Every other engine
+    (DDP, DeepSpeed ZeRO-0..3, FSDP2 however the head is grouped) runs the fused head.
     """
     inner = unwrap_model(model)
     get_head = getattr(inner, "get_output_embeddings", None)
@@ -249,11 +190,45 @@ def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | Non
         return None, "the output head is not a plain nn.Linear (LoRA or quantisation on lm_head?)"
     if not isinstance(backbone, nn.Module) or backbone is inner:
         return None, "no backbone module found through base_model_prefix"
-    if _head_is_partitioned(model, head):
-        return None, "the engine (DeepSpeed ZeRO-3, FSDP1, or FSDP2 with lm_head as its own unit) partitions the head"
+    engine = detect_engine(model)
+    if engine.fused_reason is not None:
+        return None, engine.fused_reason
     config = getattr(inner, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    transform, reason = logit_transform_from_config(text_config)
+    if not _is_hf_config(config):
+        return None, "the model has no transformers config (its logit transform is unknown)"
+    transform, reason = _cached_transform(config)
     if transform is None:
         return None, reason
     return CausalLMParts(backbone=backbone, head=head, transform=transform), None
+
+
+def _is_hf_config(config: object) -> bool:
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(config, PretrainedConfig)
+
+
+_TRANSFORM_CACHE: dict[int, tuple[weakref.ref, tuple, tuple[LogitTransform | None, str | None]]] = {}
+
+
+def _cached_transform(config: object) -> tuple[LogitTransform | None, str | None]:
+    """:func:`logit_transform_from_config` of the text config, recomputed only when a relevant attribute changed."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    key = (str(getattr(text, "model_type", "")),) + tuple(
+        (name, repr(value))
+        for name, value in _config_items(text)
+        if name in _RULE_ATTRIBUTES or _looks_like_head_transform(name)
+    )
+    hit = _TRANSFORM_CACHE.get(id(text))  # configs are unhashable: keyed by id, checked by a weak reference
+    if hit is not None and hit[0]() is text and hit[1] == key:
+        return hit[2]
+    result = logit_transform_from_config(text)
+    ident = id(text)
+    try:
+        ref = weakref.ref(text, lambda _r: _TRANSFORM_CACHE.pop(ident, None))
+    except TypeError:  # not weak-referenceable: not cached
+        return result
+    _TRANSFORM_CACHE[ident] = (ref, key, result)
+    return result

@@ -139,6 +139,8 @@ class _TrainerTouchPoints:
     * :meth:`_undo_rank_average`: with ``average_tokens_across_devices`` the count covers all ranks
       and DDP averages gradients, so the loss is multiplied by the number of data-parallel ranks,
       as Trainer does for its own losses.
+    * :meth:`_router_loss_steps`: ``current_gradient_accumulation_steps`` (set by Trainer's loop; the
+      configured steps before it exists), for a MoE router loss.
     """
 
     def _claim_loss_kwargs(self) -> None:
@@ -160,11 +162,47 @@ class _TrainerTouchPoints:
             local = self.accelerator.gather(local).sum()
         return batch_samples, local
 
+    def _router_loss_steps(self, num_items_in_batch: Tensor | int | None) -> int:
+        """A MoE router loss is a per-micro-batch mean that the engine averages over ranks. With
+        ``num_items_in_batch`` Trainer leaves accumulation to the loss, so it is divided by the
+        accumulation steps here (as TRL's SFTTrainer does); without, Trainer divides the whole loss."""
+        if num_items_in_batch is None:
+            return 1
+        return int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
+
     def _undo_rank_average(self, loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp)
         return loss
+
+
+def _deepspeed_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:
+    """A frozen reference as TRL and LLaMA-Factory prepare it under DeepSpeed: a ZeRO-3 inference engine
+    (partitioned like the policy) under ZeRO-3, else a whole copy per rank (stage 0)."""
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    hidden = getattr(getattr(ref_model, "config", None), "hidden_size", None)
+    if zero.get("stage") == 3 and hidden is not None:
+        for key, value in (
+            ("reduce_bucket_size", hidden * hidden),
+            ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+            ("stage3_param_persistence_threshold", 10 * hidden),
+        ):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    elif zero.get("stage") != 3:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+    engine.eval()  # DeepSpeedEngine.eval() returns None
+    return engine
 
 
 def _has_labels(batch: Any) -> bool:
@@ -188,7 +226,8 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._claim_loss_kwargs()
 
     def _prepare_reference(self, ref_model: nn.Module | None) -> nn.Module | None:
-        """ASFT's reference: frozen, in eval mode, placed and wrapped by the accelerator like the model."""
+        """ASFT's reference: frozen, in eval mode, placed by the accelerator; under DeepSpeed ZeRO-3 and FSDP2
+        sharded like the model (a ZeRO-3 inference engine; accelerate's FSDP2 preparation)."""
         if self.dft_kl_coef() > 0 and ref_model is None and not hasattr(self.model, "disable_adapter"):
             raise ValueError(
                 "kl_coef > 0 (loss_type='asft') needs a reference: DFTTrainer(..., ref_model=frozen copy of the base "
@@ -197,6 +236,13 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         if ref_model is None:
             return None
         ref_model.eval().requires_grad_(False)
+        if getattr(self, "is_deepspeed_enabled", False):
+            return _deepspeed_reference(ref_model, self.accelerator)
+        if getattr(self.accelerator, "is_fsdp2", False):  # sharded like the policy (TRL's prepare_fsdp does too)
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            ref_model = fsdp2_prepare_model(self.accelerator, ref_model.to(self.accelerator.device))
+            return ref_model.eval()
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def dft_kl_coef(self) -> float:
@@ -247,7 +293,9 @@ class DFTTrainerMixin(_TrainerTouchPoints):
             new = torch.stack([out.aux_loss.float(), torch.ones((), device=out.aux_loss.device)])
             previous_aux = self._dft_aux.get(mode)
             self._dft_aux[mode] = new if previous_aux is None else previous_aux + new
-        loss = self._undo_rank_average(out.loss, num_items_in_batch)
+        loss = self._undo_rank_average(out.head_loss, num_items_in_batch)
+        if out.router_loss is not None:
+            loss = loss + out.router_loss / self._router_loss_steps(num_items_in_batch)
         return (loss, {}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -1,0 +1,55 @@
+"""The fused head under every engine, launched the way users launch it (2 CPU ranks, gloo).
+
+Each case runs ``DFTTrainer`` for 2 optimizer steps (2 ranks x 2 accumulation steps) with the
+engine configured through ``DFTConfig`` (``deepspeed=``, ``fsdp_config`` version 2 through
+accelerate's own FSDP2 preparation, plain DDP) and compares the parameters with one process on the
+global batch, and checks that the fused head ran (no logits-path warning) and how the engine held
+the head. See tests/dist/engine_cases.py for the cases.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import dft
+from tests.dist.engine_cases import CASES, ROWS_PER_STEP, build_model, rows, single_process
+from tests.dist.launch import torchrun
+
+TRAINER_WORKER = Path(__file__).parent / "dist" / "trainer_worker.py"
+
+EXPECTED = {  # (engine adapter, how the engine holds the head)
+    "zero2": ("deepspeed", "whole"),
+    "zero3": ("deepspeed-zero3", "partitioned"),
+    "zero3-asft": ("deepspeed-zero3", "partitioned"),
+    "fsdp2-tied-reshard": ("fsdp2", "own FSDP2 unit"),
+    "fsdp2-untied-reshard": ("fsdp2", "own FSDP2 unit"),
+    "fsdp2-tied-keep": ("fsdp2", "own FSDP2 unit"),
+    "fsdp2-untied-keep": ("fsdp2", "own FSDP2 unit"),
+    "fsdp2-untied-reshard-asft": ("fsdp2", "own FSDP2 unit"),
+    "ddp-nokeep": ("ddp", "whole"),
+    "moe": ("ddp", "whole"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trainer_engine_equals_single_process(tmp_path, case):
+    if case.startswith("zero"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    got = torchrun(TRAINER_WORKER, tmp_path, case, result="trainer.pt")
+    assert got["warnings"] == []  # the fused head ran: the logits path warns
+    assert (got["engine"], got["head"]) == EXPECTED[case]
+    if case.endswith("asft"):  # the reference is sharded like the policy
+        assert got["ref_engine"] == EXPECTED[case][0]
+    expected = single_process(case)
+    start = dict(build_model(case).named_parameters())
+    assert sorted(got["params"]) == sorted(expected)
+    moved = 0.0
+    for name, p in expected.items():
+        torch.testing.assert_close(got["params"][name], p, atol=1e-6, rtol=1e-5, msg=name)
+        moved = max(moved, (p - start[name]).abs().max().item())
+    assert moved > 1e-3  # two real steps
+    if case == "moe":  # logged aux_loss: the router loss of the batch (mean over micro-batches and ranks)
+        first = {k: v[:ROWS_PER_STEP] for k, v in rows(case).items()}
+        aux = dft.causal_lm_loss(build_model(case), first).aux_loss.item()
+        assert got["logs"][0]["aux_loss"] == pytest.approx(aux, rel=1e-5)
