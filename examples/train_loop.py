@@ -60,7 +60,9 @@ for step in range(steps):
     optimizer.zero_grad(set_to_none=True)
     if step % log_every == 0 or step == steps - 1:
         s = stats.as_dict()  # the DFT loss is ~p times the CE: log the CE to compare with an SFT run
-        print(f"step {step:3d} | ce {s['ce']:.3f} | mean p {s['mean_p']:.3f} | token acc {s['token_accuracy']:.3f}"
-              f" | {time.time() - t0:.1f}s")
+        print(
+            f"step {step:3d} | ce {s['ce']:.3f} | mean p {s['mean_p']:.3f} | token acc {s['token_accuracy']:.3f}"
+            f" | {time.time() - t0:.1f}s"
+        )
 
 print(f"after DFT, exact-match on the same 200 problems: {lab.exact_match(model, test):.3f}")

@@ -7,6 +7,8 @@ global batch, and checks that the fused head ran (no logits-path warning) and ho
 the head. See tests/dist/engine_cases.py for the cases.
 """
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 import dft
 from tests.dist.engine_cases import CASES, ROWS_PER_STEP, build_model, rows, single_process
-from tests.dist.launch import torchrun
+from tests.dist.launch import run_bounded, torchrun
 
 TRAINER_WORKER = Path(__file__).parent / "dist" / "trainer_worker.py"
 
@@ -53,3 +55,35 @@ def test_trainer_engine_equals_single_process(tmp_path, case):
         first = {k: v[:ROWS_PER_STEP] for k, v in rows(case).items()}
         aux = dft.causal_lm_loss(build_model(case), first).aux_loss.item()
         assert got["logs"][0]["aux_loss"] == pytest.approx(aux, rel=1e-5)
+
+
+YAMLS = {  # config -> (engine the example reports, ranks it runs on here)
+    "ddp.yaml": ("ddp", 2),
+    "fsdp2.yaml": ("fsdp2", 2),
+    # On a machine without GPUs accelerate gives DeepSpeed no process-group backend, so these run one
+    # rank (DeepSpeed's engine, hooks and ZeRO-3 partitioning still apply); 2-rank DeepSpeed exactness is
+    # test_trainer_engine_equals_single_process above.
+    "deepspeed_zero2.yaml": ("deepspeed", 1),
+    "deepspeed_zero3.yaml": ("deepspeed-zero3", 1),
+}
+
+
+@pytest.mark.parametrize("config", sorted(YAMLS))
+def test_shipped_accelerate_configs_run_the_fused_head(config):
+    """`accelerate launch --config_file examples/accelerate/<config> examples/accelerate_train.py` as users run it."""
+    engine, ranks = YAMLS[config]
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed)")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PYTHONPATH": f"{root / 'tests' / 'dist' / 'cpu_site'}{os.pathsep}{root}", "DFT_TEST_CPU_FSDP": "1"}
+    if ranks == 2:
+        env["ACCELERATE_USE_CPU"] = "true"  # gloo ranks (`--cpu` would start one process)
+    cmd = ["accelerate", "launch", "--config_file", f"examples/accelerate/{config}"]
+    if ranks == 1:
+        cmd += ["--num_processes", "1"]
+    output = run_bounded([*cmd, "examples/accelerate_train.py", "4"], env=env)
+    assert f"engine: {engine}" in output
+    assert "dft:" not in output  # no logits-path warning
+    steps = re.findall(r"step +(\d+) \| ranks (\d) \| ce ([0-9.]+)", output)
+    assert [(s, r) for s, r, _ in steps] == [("0", str(ranks)), ("3", str(ranks))], output[-2000:]
+    assert float(steps[1][2]) < float(steps[0][2])

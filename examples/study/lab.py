@@ -22,9 +22,17 @@ def new_model(seed: int = 0, hidden: int = 128, layers: int = 4) -> torch.nn.Mod
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=True,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -41,8 +49,22 @@ def batch(examples: list[dict], max_length: int = 80) -> dict[str, torch.Tensor]
     return toy_batch(examples, max_length, encode=encode)
 
 
-def train(model, data, *, steps: int, batch_size: int, lr: float, seed: int, warmup: int = 10,
-          loss=None, ref_model=None, kl_coef: float = 0.0, cosine: bool = True, log=None, log_every: int = 0):
+def train(
+    model,
+    data,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    warmup: int = 10,
+    loss=None,
+    ref_model=None,
+    kl_coef: float = 0.0,
+    cosine: bool = True,
+    log=None,
+    log_every: int = 0,
+):
     """AdamW (no weight decay), linear warm-up then cosine decay, grad-norm clip 1.0, fused DFT head.
 
     ``data`` is a list of examples (sampled with replacement, seeded) or a callable ``(n, rng) -> examples``
@@ -92,8 +114,9 @@ def generate(model, examples: list[dict], max_new_tokens: int = 48, chunk: int =
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=PAD, eos_token_id=EOS)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=EOS
+        )
         texts += [decode(row).split("\n")[0] for row in out[:, width:].tolist()]
     return texts
 

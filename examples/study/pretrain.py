@@ -41,8 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr2", type=float, default=5e-4, help="phase 2's constant learning rate")
     p.add_argument("--target_share", type=float, default=0.1, help="phase 2's share of the target task")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop_at", type=float, default=0.4,
-                   help="stop at the first check where the target exact match reaches this (0 = run all steps)")
+    p.add_argument(
+        "--stop_at",
+        type=float,
+        default=0.4,
+        help="stop at the first check where the target exact match reaches this (0 = run all steps)",
+    )
     p.add_argument("--check_every", type=int, default=50)
     p.add_argument("--n_eval", type=int, default=200)
     p.add_argument("--smoke", action="store_true")
@@ -60,38 +64,66 @@ def main(argv: list[str] | None = None) -> dict:
     stopped = []
 
     def log_phase1(step: int, s: dict) -> None:
-        print(f"[{time.time() - t0:5.0f}s] phase 1 step {step:5d} | ce {s['ce']:.3f} | token acc {s['token_accuracy']:.3f}",
-              flush=True)
+        print(
+            f"[{time.time() - t0:5.0f}s] phase 1 step {step:5d} | ce {s['ce']:.3f} | token acc {s['token_accuracy']:.3f}",
+            flush=True,
+        )
 
     def log(step: int, s: dict) -> bool:
         em = lab.exact_match(model, check)
         model.train()
-        print(f"[{time.time() - t0:5.0f}s] phase 2 step {step:5d} | ce {s['ce']:.3f} | token acc {s['token_accuracy']:.3f}"
-              f" | target exact match {em:.2f}", flush=True)
+        print(
+            f"[{time.time() - t0:5.0f}s] phase 2 step {step:5d} | ce {s['ce']:.3f} | token acc {s['token_accuracy']:.3f}"
+            f" | target exact match {em:.2f}",
+            flush=True,
+        )
         if args.stop_at and em >= args.stop_at:
             stopped.append(args.steps + step)
             return True
         return False
 
     # phase 1: the broad corpus without the target task, a full cosine schedule (the skills converge)
-    lab.train(model, lambda n, rng: tasks.pretrain_corpus(n, rng, 0.0), steps=args.steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, warmup=100, log=log_phase1, log_every=max(1, args.steps // 8))
+    lab.train(
+        model,
+        lambda n, rng: tasks.pretrain_corpus(n, rng, 0.0),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        warmup=100,
+        log=log_phase1,
+        log_every=max(1, args.steps // 8),
+    )
     # phase 2: the same corpus plus a share of the target task at a constant low lr, until the target reaches stop_at
-    lab.train(model, lambda n, rng: tasks.pretrain_corpus(n, rng, args.target_share), steps=args.steps2,
-              batch_size=args.batch_size, lr=args.lr2, seed=args.seed + 1, warmup=1, cosine=False, log=log,
-              log_every=args.check_every)
+    lab.train(
+        model,
+        lambda n, rng: tasks.pretrain_corpus(n, rng, args.target_share),
+        steps=args.steps2,
+        batch_size=args.batch_size,
+        lr=args.lr2,
+        seed=args.seed + 1,
+        warmup=1,
+        cosine=False,
+        log=log,
+        log_every=args.check_every,
+    )
     seconds = time.time() - t0
     scores = {name: lab.exact_match(model, data) for name, data in evals.items() if name != "val"}
-    record = {"settings": vars(args) | {"out": str(out)}, "seconds": round(seconds, 1),
-              "stopped_at_step": stopped[0] if stopped else args.steps + args.steps2,
-              "parameters": sum(p.numel() for p in model.parameters()), "exact_match": scores,
-              "torch": torch.__version__}
+    record = {
+        "settings": vars(args) | {"out": str(out)},
+        "seconds": round(seconds, 1),
+        "stopped_at_step": stopped[0] if stopped else args.steps + args.steps2,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "exact_match": scores,
+        "torch": torch.__version__,
+    }
     model.save_pretrained(out)
     tasks.tokenizer().save_pretrained(out)
     # transformers 5 names the class TokenizersBackend, which 4.x cannot load; both know PreTrainedTokenizerFast
     config = json.loads((out / "tokenizer_config.json").read_text())
-    (out / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"},
-                                                          indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n"
+    )
     (out / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record["exact_match"]), f"\n{seconds:.0f}s; wrote {out}", flush=True)
     return record

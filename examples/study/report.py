@@ -5,21 +5,45 @@ from __future__ import annotations
 from pathlib import Path
 
 SHOW = {  # experiment -> (metric, column title); the first metric is the experiment's headline
-    "reasoning": [("id_exact_match", "ID"), ("ood_terms_exact_match", "OOD 4 terms"),
-                  ("ood_phrasing_exact_match", "OOD phrasing"),
-                  ("id_result_acc", "ID result-token acc (TF)"), ("id_result_logp", "ID result log p (TF)")],
-    "noisy": [("id_exact_match", "ID (clean)"), ("ood_terms_exact_match", "OOD 4 terms"),
-              ("ood_phrasing_exact_match", "OOD phrasing"),
-              ("id_result_acc", "ID result-token acc (TF)"), ("id_result_logp", "ID result log p (TF)")],
-    "forgetting": [("keep_mean_exact_match", "kept skills, mean"), ("keep_sub_exact_match", "subtraction"),
-                   ("keep_quick_exact_match", "direct answers"), ("keep_spell_exact_match", "spelling"),
-                   ("keep_code_exact_match", "code table"), ("id_exact_match", "target ID")],
-    "knowledge": [("recall_exact_match", "recall of new facts"), ("recall_result_acc", "answer-token acc (TF)"),
-                  ("recall_result_logp", "answer log p (TF)"), ("keep_code_exact_match", "old facts kept"),
-                  ("id_exact_match", "target ID (arithmetic)")],
+    "reasoning": [
+        ("id_exact_match", "ID"),
+        ("ood_terms_exact_match", "OOD 4 terms"),
+        ("ood_phrasing_exact_match", "OOD phrasing"),
+        ("id_result_acc", "ID result-token acc (TF)"),
+        ("id_result_logp", "ID result log p (TF)"),
+    ],
+    "noisy": [
+        ("id_exact_match", "ID (clean)"),
+        ("ood_terms_exact_match", "OOD 4 terms"),
+        ("ood_phrasing_exact_match", "OOD phrasing"),
+        ("id_result_acc", "ID result-token acc (TF)"),
+        ("id_result_logp", "ID result log p (TF)"),
+    ],
+    "forgetting": [
+        ("keep_mean_exact_match", "kept skills, mean"),
+        ("keep_sub_exact_match", "subtraction"),
+        ("keep_quick_exact_match", "direct answers"),
+        ("keep_spell_exact_match", "spelling"),
+        ("keep_code_exact_match", "code table"),
+        ("id_exact_match", "target ID"),
+    ],
+    "knowledge": [
+        ("recall_exact_match", "recall of new facts"),
+        ("recall_result_acc", "answer-token acc (TF)"),
+        ("recall_result_logp", "answer log p (TF)"),
+        ("keep_code_exact_match", "old facts kept"),
+        ("id_exact_match", "target ID (arithmetic)"),
+    ],
 }
-COLOURS = {"base": "#444444", "sft": "#1f77b4", "dft": "#d62728", "dft_floor": "#ff7f0e", "mix": "#9467bd",
-           "asft": "#2ca02c", "eaft": "#8c564b"}
+COLOURS = {
+    "base": "#444444",
+    "sft": "#1f77b4",
+    "dft": "#d62728",
+    "dft_floor": "#ff7f0e",
+    "mix": "#9467bd",
+    "asft": "#2ca02c",
+    "eaft": "#8c564b",
+}
 
 
 def _row(summary: list[dict], loss: str, metric: str) -> dict | None:
@@ -32,29 +56,48 @@ def _fmt(x: float, signed: bool = False) -> str:
 
 def markdown(result: dict) -> str:
     seeds = result["seeds"]
-    lines = [f"# Study results (`{result['command']}`, {result['minutes']} min)", "",
-             f"Mean ± std over seeds {seeds}; [95% t-interval]. Each loss at its own best learning rate "
-             "(picked on the validation metric named per experiment). TF = teacher-forced (gold prefix). "
-             "Δ = paired difference vs SFT, same seed (same data, same order).", ""]
+    lines = [
+        f"# Study results (`{result['command']}`, {result['minutes']} min)",
+        "",
+        f"Mean ± std over seeds {seeds}; [95% t-interval]. Each loss at its own best learning rate "
+        "(picked on the validation metric named per experiment). TF = teacher-forced (gold prefix). "
+        "Δ = paired difference vs SFT, same seed (same data, same order).",
+        "",
+    ]
     for name, exp in result["experiments"].items():
         show = [(m, t) for m, t in SHOW[name] if _row(exp["summary"], "sft", m)]
         head = show[0][0]
-        lines += [f"## {name}", "", f"Learning rate picked on `{exp['select_on']}`.", "",
-                  "| loss | best lr | " + " | ".join(t for _, t in show) + f" | Δ {show[0][1]} vs SFT |",
-                  "|---|---|" + "---|" * (len(show) + 1)]
-        lines.append("| base | - | " + " | ".join(_fmt(exp["base"][m]) if m in exp["base"] else "-" for m, _ in show)
-                     + " | |")
+        lines += [
+            f"## {name}",
+            "",
+            f"Learning rate picked on `{exp['select_on']}`.",
+            "",
+            "| loss | best lr | " + " | ".join(t for _, t in show) + f" | Δ {show[0][1]} vs SFT |",
+            "|---|---|" + "---|" * (len(show) + 1),
+        ]
+        lines.append(
+            "| base | - | " + " | ".join(_fmt(exp["base"][m]) if m in exp["base"] else "-" for m, _ in show) + " | |"
+        )
         for loss, lr in exp["best_lr"].items():
             cells = []
             for m, _ in show:
                 r = _row(exp["summary"], loss, m)
                 cells.append(f"{_fmt(r['mean'])} ± {r['std']:.3f}")
             d = _row(exp["paired_vs_sft"], loss, head)
-            delta = "" if d is None else f"{_fmt(d['mean'], True)} [{_fmt(d['ci95'][0], True)}, {_fmt(d['ci95'][1], True)}]"
+            delta = (
+                "" if d is None else f"{_fmt(d['mean'], True)} [{_fmt(d['ci95'][0], True)}, {_fmt(d['ci95'][1], True)}]"
+            )
             lines.append(f"| {loss} | {lr:g} | " + " | ".join(cells) + f" | {delta} |")
-        lines += ["", "Intervals of the headline metric: " + "; ".join(
-            f"{loss} [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]"
-            for loss in exp["best_lr"] if (r := _row(exp["summary"], loss, head))), ""]
+        lines += [
+            "",
+            "Intervals of the headline metric: "
+            + "; ".join(
+                f"{loss} [{_fmt(r['ci95'][0])}, {_fmt(r['ci95'][1])}]"
+                for loss in exp["best_lr"]
+                if (r := _row(exp["summary"], loss, head))
+            ),
+            "",
+        ]
         lines += ["Learning-rate sweep (mean validation metric per lr):", ""]
         for loss, sweep in exp["lr_sweep"].items():
             lines.append(f"- {loss}: " + ", ".join(f"{float(lr):g}: {v:.3f}" for lr, v in sweep.items()))
@@ -92,8 +135,11 @@ def plot(result: dict, path: str | Path) -> None:
         ax.set_title(name)
         ax.set_ylabel("exact match / accuracy")
     axes[0][0].legend(fontsize=8, ncol=4, loc="upper right")
-    fig.suptitle(f"SFT vs DFT variants from a pretrained base ({len(result['seeds'])} seeds, 95% intervals; "
-                 f"{result['command']})", fontsize=10)
+    fig.suptitle(
+        f"SFT vs DFT variants from a pretrained base ({len(result['seeds'])} seeds, 95% intervals; "
+        f"{result['command']})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

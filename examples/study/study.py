@@ -52,12 +52,34 @@ LOSSES = {  # name -> (weighting, kl_coef)
 LADDER = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # the grid grows along this ladder
 EXPERIMENTS = ("reasoning", "noisy", "forgetting", "knowledge")
 TRAINED = ("reasoning", "noisy", "knowledge")  # forgetting re-scores the reasoning runs
-SELECT = {"reasoning": "val_exact_match", "noisy": "val_exact_match", "forgetting": "val_exact_match",
-          "knowledge": "recall_exact_match"}
-FULL = {"seeds": [0, 1, 2, 3, 4], "grid": [1e-4, 3e-4, 1e-3, 3e-3], "steps": 60, "batch_size": 16, "n_demos": 300,
-        "n_facts": 100, "n_eval": 150, "noise": 0.2, "max_rounds": 3}
-SMOKE = {"seeds": [0], "grid": [3e-4, 1e-3], "steps": 2, "batch_size": 4, "n_demos": 8, "n_facts": 4,
-         "n_eval": 4, "noise": 0.25, "max_rounds": 1}
+SELECT = {
+    "reasoning": "val_exact_match",
+    "noisy": "val_exact_match",
+    "forgetting": "val_exact_match",
+    "knowledge": "recall_exact_match",
+}
+FULL = {
+    "seeds": [0, 1, 2, 3, 4],
+    "grid": [1e-4, 3e-4, 1e-3, 3e-3],
+    "steps": 60,
+    "batch_size": 16,
+    "n_demos": 300,
+    "n_facts": 100,
+    "n_eval": 150,
+    "noise": 0.2,
+    "max_rounds": 3,
+}
+SMOKE = {
+    "seeds": [0],
+    "grid": [3e-4, 1e-3],
+    "steps": 2,
+    "batch_size": 4,
+    "n_demos": 8,
+    "n_facts": 4,
+    "n_eval": 4,
+    "noise": 0.25,
+    "max_rounds": 1,
+}
 
 _BASE: dict = {}
 
@@ -103,8 +125,9 @@ def score(model, experiment: str, seed: int, cfg: dict) -> dict[str, float]:
     if experiment == "reasoning":  # the forgetting experiment's metrics
         for name in ("keep_sub", "keep_quick", "keep_spell", "keep_code"):
             em(name, sets[name])
-        out["keep_mean_exact_match"] = statistics.mean(out[f"{k}_exact_match"] for k in
-                                                       ("keep_sub", "keep_quick", "keep_spell", "keep_code"))
+        out["keep_mean_exact_match"] = statistics.mean(
+            out[f"{k}_exact_match"] for k in ("keep_sub", "keep_quick", "keep_spell", "keep_code")
+        )
     return out
 
 
@@ -116,18 +139,46 @@ def run_one(job: tuple) -> dict:
     base = base_model(base_path)
     model = lab.load_base(base_path)
     weighting, kl_coef = LOSSES[loss]
-    lab.train(model, training_data(experiment, seed, cfg), steps=cfg["steps"], batch_size=cfg["batch_size"], lr=lr,
-              seed=seed, warmup=max(1, cfg["steps"] // 10), loss=weighting, ref_model=base if kl_coef else None,
-              kl_coef=kl_coef)
+    lab.train(
+        model,
+        training_data(experiment, seed, cfg),
+        steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        lr=lr,
+        seed=seed,
+        warmup=max(1, cfg["steps"] // 10),
+        loss=weighting,
+        ref_model=base if kl_coef else None,
+        kl_coef=kl_coef,
+    )
     metrics = score(model, experiment, seed, cfg)
-    return {"experiment": experiment, "loss": loss, "lr": lr, "seed": seed, "metrics": metrics,
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "experiment": experiment,
+        "loss": loss,
+        "lr": lr,
+        "seed": seed,
+        "metrics": metrics,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 # ---- statistics ----------------------------------------------------------------------------------------
 
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         15: 2.131, 20: 2.086, 30: 2.042}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def interval(xs: list[float]) -> dict:
@@ -149,8 +200,13 @@ def best_lr(runs: list[dict], loss: str, metric: str) -> float:
     for r in runs:
         if r["loss"] == loss:
             by_lr.setdefault(r["lr"], []).append(r["metrics"])
-    return max(by_lr, key=lambda lr: (round(statistics.mean(m[metric] for m in by_lr[lr]), 9),
-                                      statistics.mean(m.get(tie, 0.0) for m in by_lr[lr])))
+    return max(
+        by_lr,
+        key=lambda lr: (
+            round(statistics.mean(m[metric] for m in by_lr[lr]), 9),
+            statistics.mean(m.get(tie, 0.0) for m in by_lr[lr]),
+        ),
+    )
 
 
 def grid_of(runs: list[dict], loss: str) -> list[float]:
@@ -175,11 +231,14 @@ def run_jobs(jobs: list[tuple], workers: int, t0: float, done: list[int], total:
     results = []
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        for r in (pool.imap_unordered(run_one, jobs) if pool else map(run_one, jobs)):
+        for r in pool.imap_unordered(run_one, jobs) if pool else map(run_one, jobs):
             done[0] += 1
             key = SELECT[r["experiment"]]
-            print(f"[{time.time() - t0:6.0f}s] {done[0]:3d}/{total[0]} {r['experiment']:9s} {r['loss']:9s} "
-                  f"lr {r['lr']:<6g} seed {r['seed']}: {key} {r['metrics'][key]:.3f} ({r['seconds']:.0f}s)", flush=True)
+            print(
+                f"[{time.time() - t0:6.0f}s] {done[0]:3d}/{total[0]} {r['experiment']:9s} {r['loss']:9s} "
+                f"lr {r['lr']:<6g} seed {r['seed']}: {key} {r['metrics'][key]:.3f} ({r['seconds']:.0f}s)",
+                flush=True,
+            )
             results.append(r)
     finally:
         if pool:
@@ -195,8 +254,10 @@ def summarise(experiment: str, runs: list[dict], base: dict, seeds: list[int]) -
         names = [n for n in names if n.startswith("keep_")] + ["id_exact_match"]
         base = {k: v for k, v in base.items() if k in names}
     chosen = {loss: best_lr(runs, loss, metric) for loss in LOSSES}
-    at_best = {loss: sorted((r for r in runs if r["loss"] == loss and r["lr"] == chosen[loss]),
-                            key=lambda r: r["seed"]) for loss in LOSSES}
+    at_best = {
+        loss: sorted((r for r in runs if r["loss"] == loss and r["lr"] == chosen[loss]), key=lambda r: r["seed"])
+        for loss in LOSSES
+    }
     summary, paired = [], []
     for loss in LOSSES:
         for name in names:
@@ -205,12 +266,25 @@ def summarise(experiment: str, runs: list[dict], base: dict, seeds: list[int]) -
             if loss != "sft":
                 diffs = [a["metrics"][name] - b["metrics"][name] for a, b in zip(at_best[loss], at_best["sft"])]
                 paired.append({"loss": loss, "metric": name, **interval(diffs)})
-    sweep = {loss: {str(lr): statistics.mean(r["metrics"][metric] for r in runs if r["loss"] == loss and r["lr"] == lr)
-                    for lr in grid_of(runs, loss)} for loss in LOSSES}
-    return {"base": base, "select_on": metric, "lr_grid": {loss: grid_of(runs, loss) for loss in LOSSES},
-            "best_lr": chosen, "lr_sweep": sweep, "summary": summary, "paired_vs_sft": paired,
-            "runs": [r for r in runs] if experiment != "forgetting" else
-            [{**r, "metrics": {k: r["metrics"][k] for k in names}} for r in runs]}
+    sweep = {
+        loss: {
+            str(lr): statistics.mean(r["metrics"][metric] for r in runs if r["loss"] == loss and r["lr"] == lr)
+            for lr in grid_of(runs, loss)
+        }
+        for loss in LOSSES
+    }
+    return {
+        "base": base,
+        "select_on": metric,
+        "lr_grid": {loss: grid_of(runs, loss) for loss in LOSSES},
+        "best_lr": chosen,
+        "lr_sweep": sweep,
+        "summary": summary,
+        "paired_vs_sft": paired,
+        "runs": [r for r in runs]
+        if experiment != "forgetting"
+        else [{**r, "metrics": {k: r["metrics"][k] for k in names}} for r in runs],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -233,11 +307,16 @@ def main(argv: list[str] | None = None) -> dict:
     for experiment in TRAINED:
         per_seed = [score(base, experiment, s, cfg) for s in (cfg["seeds"] if experiment == "knowledge" else [0])]
         base_scores[experiment] = {k: statistics.mean(m[k] for m in per_seed) for k in per_seed[0]}
-    print(f"[{time.time() - t0:6.0f}s] base: " + json.dumps({e: {k: round(v, 3) for k, v in m.items()
-                                                              if k.endswith("exact_match")}
-                                                          for e, m in base_scores.items()}), flush=True)
-    jobs = [(e, loss, lr, s, cfg, args.base) for e in TRAINED for loss in LOSSES for lr in cfg["grid"]
-            for s in cfg["seeds"]]
+    print(
+        f"[{time.time() - t0:6.0f}s] base: "
+        + json.dumps(
+            {e: {k: round(v, 3) for k, v in m.items() if k.endswith("exact_match")} for e, m in base_scores.items()}
+        ),
+        flush=True,
+    )
+    jobs = [
+        (e, loss, lr, s, cfg, args.base) for e in TRAINED for loss in LOSSES for lr in cfg["grid"] for s in cfg["seeds"]
+    ]
     runs = run_jobs(jobs, args.workers, t0, done, total)
     for _ in range(cfg["max_rounds"]):
         more = []
@@ -253,13 +332,20 @@ def main(argv: list[str] | None = None) -> dict:
     experiments = {}
     for e in EXPERIMENTS:
         source = "reasoning" if e == "forgetting" else e
-        experiments[e] = summarise(e, [r for r in runs if r["experiment"] == source], base_scores[source],
-                                   cfg["seeds"])
+        experiments[e] = summarise(e, [r for r in runs if r["experiment"] == source], base_scores[source], cfg["seeds"])
     minutes = (time.time() - t0) / 60
     command = "python examples/study/study.py" + (" --smoke" if args.smoke else "")
-    result = {"schema": "dft-study/2", "seeds": cfg["seeds"], "command": command, "minutes": round(minutes, 1),
-              "config": cfg, "losses": {k: {"weighting": repr(w), "kl_coef": c} for k, (w, c) in LOSSES.items()},
-              "base_model": str(Path(args.base).name), "torch": torch.__version__, "experiments": experiments}
+    result = {
+        "schema": "dft-study/2",
+        "seeds": cfg["seeds"],
+        "command": command,
+        "minutes": round(minutes, 1),
+        "config": cfg,
+        "losses": {k: {"weighting": repr(w), "kl_coef": c} for k, (w, c) in LOSSES.items()},
+        "base_model": str(Path(args.base).name),
+        "torch": torch.__version__,
+        "experiments": experiments,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     import report
 

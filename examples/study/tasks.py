@@ -69,7 +69,9 @@ def sums(n: int, rng: random.Random, *, terms: int, digits: int, phrasing: str =
             steps.append(f"{acc}+{x}={acc + x}")
             acc += x
         space = "" if phrasing == "compact" else " "
-        out.append({"prompt": f"Q:{space}{'+'.join(map(str, nums))}=?\n", "completion": f"{'; '.join(steps)}. A: {acc}\n"})
+        out.append(
+            {"prompt": f"Q:{space}{'+'.join(map(str, nums))}=?\n", "completion": f"{'; '.join(steps)}. A: {acc}\n"}
+        )
     return out
 
 
