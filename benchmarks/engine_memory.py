@@ -1,0 +1,127 @@
+"""Peak memory per rank of DFTTrainer under each engine: fused head vs the logits path (2 CPU ranks).
+
+    python benchmarks/engine_memory.py                 # every engine, fused and logits path
+    python benchmarks/engine_memory.py --vocab 65536   # smaller head
+
+Each run launches 2 gloo ranks with torchrun (DeepSpeed: DS_ACCELERATOR=cpu; FSDP2 through
+accelerate's own preparation with the test suite's CPU shim), trains 2 optimizer steps of a Llama
+with a large vocabulary (hidden 64, 2 layers, untied head; 2 rows x 1024 tokens per micro-batch, 2
+accumulation steps, all tokens supervised) and reports each rank's peak RSS growth during training
+(``ru_maxrss`` after ``train()`` minus the RSS before it), the larger of the two ranks. CPU RSS is a
+proxy for device memory: what matters is the ``[tokens, vocab]`` float32 logits (and their
+gradient) that the logits path builds and the fused head never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(engine: str, fused: bool, vocab: int, seq: int, out: Path) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, default_data_collator
+
+    import dft
+    from tests.dist.cpu_fsdp_shim import install
+
+    install()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, vocab, (16, seq))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    kwargs: dict = {}
+    if engine.startswith("zero"):
+        kwargs["deepspeed"] = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "zero_optimization": {"stage": int(engine[-1]), "stage3_param_persistence_threshold": 0},
+            "zero_allow_untested_optimizer": True,
+        }
+    elif engine == "fsdp2":
+        kwargs["fsdp"] = "full_shard"
+        kwargs["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+    args = dft.DFTConfig(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        optim="sgd",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        fused_lm_head=fused,
+        **kwargs,
+    )
+    trainer = dft.DFTTrainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    before = _rss_mb()
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    peaks = [torch.zeros(1) for _ in range(trainer.accelerator.num_processes)]
+    torch.distributed.all_gather(peaks, torch.tensor([peak]))
+    if trainer.accelerator.is_main_process:
+        (out / "peak.txt").write_text(str(max(float(p) for p in peaks)))
+    trainer.accelerator.wait_for_everyone()
+    os._exit(0)  # skip gloo teardown (see tests/dist/__init__.py)
+
+
+def run(engine: str, fused: bool, vocab: int, seq: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+        cmd += ["--worker", engine, "--fused", str(int(fused)), "--vocab", str(vocab), "--seq", str(seq), "--out", tmp]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{engine} fused={fused} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        return float(Path(tmp, "peak.txt").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=131072)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--fused", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.worker:
+        worker(a.worker, bool(a.fused), a.vocab, a.seq, Path(a.out))
+        return
+    logits_mb = 2 * a.seq * a.vocab * 4 / 2**20
+    print(f"V={a.vocab}, 2 rows x {a.seq} tokens per micro-batch: one float32 logits tensor = {logits_mb:.0f} MiB")
+    print("| engine | fused head: peak RSS growth / rank | logits path | ratio |")
+    print("|---|---|---|---|")
+    for engine in a.engines:
+        fused, naive = run(engine, True, a.vocab, a.seq), run(engine, False, a.vocab, a.seq)
+        print(f"| {engine} | {fused:.0f} MiB | {naive:.0f} MiB | {fused / naive:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
