@@ -17,10 +17,60 @@ import torch
 from packaging.version import Version
 
 import dft
+from dft.engines import detect_engine, unwrap_model
+from dft.models import inspect_causal_lm
 from tests.dist.engine_cases import CASES, ROWS_PER_STEP, build_model, rows, single_process
 from tests.dist.launch import run_bounded, torchrun
 
 TRAINER_WORKER = Path(__file__).parent / "dist" / "trainer_worker.py"
+
+
+class DeepSpeedEngine(torch.nn.Module):
+    """Stands in for deepspeed's engine (a module wrapper with its own, non-HF ``config``)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.config = {"zero_optimization": {"stage": 2}}  # a dict: reading it as the HF config crashed
+
+    def forward(self, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return self.module(**kwargs)
+
+
+def test_deepspeed_engine_is_unwrapped_and_its_config_never_read():
+    model = build_model("zero2")
+    engine = DeepSpeedEngine(model)
+    assert unwrap_model(engine) is model
+    assert detect_engine(engine).name == "deepspeed"
+    batch = {k: v[:ROWS_PER_STEP] for k, v in rows("zero2").items()}
+    out = dft.causal_lm_loss(engine, batch)
+    assert out.fused and engine.calls == 1  # through the engine's forward
+    torch.testing.assert_close(out.loss, dft.causal_lm_loss(model, batch, fused=False).loss)
+
+
+def test_model_without_logits_to_keep_runs_through_the_wrapper():
+    """The wrapper's forward runs (DDP arms its reducer there), the head sees one position only."""
+    model = build_model("ddp-nokeep")
+    wrapper = DeepSpeedEngine(model)
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[1]))
+    batch = {k: v[:ROWS_PER_STEP] for k, v in rows("ddp-nokeep").items()}
+    out = dft.causal_lm_loss(wrapper, batch)
+    assert out.fused and wrapper.calls == 1 and seen == [1]
+    ref = dft.causal_lm_loss(build_model("ddp-nokeep"), batch, fused=False)
+    torch.testing.assert_close(out.loss, ref.loss)
+
+
+def test_config_inspection_is_cached_and_follows_changes():
+    model = build_model("zero2")
+    parts, _ = inspect_causal_lm(model)
+    assert parts.transform.softcap is None
+    model.config.final_logit_softcapping = 5.0
+    assert inspect_causal_lm(model)[0].transform.softcap == 5.0
+    model.config.my_logit_scale = 2.0  # unknown head transform: logits path
+    assert inspect_causal_lm(model)[0] is None
+
 
 EXPECTED = {  # (engine adapter, how the engine holds the head)
     "zero2": ("deepspeed", "whole"),
