@@ -9,6 +9,7 @@ the head. See tests/dist/engine_cases.py for the cases.
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import accelerate
@@ -135,7 +136,8 @@ def test_shipped_accelerate_configs_run_the_fused_head(config):
     env = {"PYTHONPATH": f"{root / 'tests' / 'dist' / 'cpu_site'}{os.pathsep}{root}", "DFT_TEST_CPU_FSDP": "1"}
     if ranks == 2:
         env["ACCELERATE_USE_CPU"] = "true"  # gloo ranks (`--cpu` would start one process)
-    cmd = ["accelerate", "launch", "--config_file", f"examples/accelerate/{config}"]
+    # this interpreter's accelerate (`python -m`), not whichever `accelerate` is first on PATH
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"examples/accelerate/{config}"]
     if ranks == 1:
         cmd += ["--num_processes", "1"]
     output = run_bounded([*cmd, "examples/accelerate_train.py", "4"], env=env)
