@@ -11,7 +11,8 @@ Cases (all compute gradients w.r.t. hidden and weight):
   dft         dft.linear_dft_loss (fused, grad-in-forward), eager epilogue (DFT_COMPILE_EPILOGUE=0);
               with --chunk-sizes, one case per size (dft@C)
   dft_compiled  the same with DFT_COMPILE_EPILOGUE=1 (inductor-fused elementwise passes; compiled in the warm-up)
-  floor       the three matmuls alone (logits, dH, dW) over the *supervised* rows, same chunks
+  floor       the three matmuls alone (logits, dH, dW) over the *supervised* rows, in the chunks the
+              default path takes (dft.fused.default_chunk_size)
   asft_naive  ASFT on full logits: dft_loss(F.linear(h, W), ref_logits=F.linear(h_ref, W_ref), kl_coef=0.1)
   asft        ASFT fused: linear_dft_loss(..., ref_hidden, ref_weight, kl_coef=0.1)
 
@@ -66,8 +67,12 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Na
     if case.startswith("asft"):
         ref_hidden = torch.randn(n, h, device=device, dtype=dtype)
         ref_weight = torch.randn(v, h, device=device, dtype=dtype) * h**-0.5
-    chunk = int(case.split("@")[1]) if "@" in case else dft.fused.auto_chunk_size(v)
+    chunk = int(case.split("@")[1]) if "@" in case else None  # None: the library's default policy
     supervised = (labels != -100).nonzero().squeeze(1)
+    if case == "floor" and chunk is None:  # the chunks the default (auto) path takes at this size
+        os.environ["DFT_COMPILE_EPILOGUE"] = "auto"
+        ep = dft.epilogue.epilogue_for(torch.device(device or "cpu"), supervised.numel() * v)
+        chunk = dft.fused.default_chunk_size(v, supervised.numel(), torch.device(device or "cpu"), dtype, ep)
 
     def run() -> None:
         if case == "naive":

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import dft
-from dft.fused import auto_chunk_size
+from dft.fused import auto_chunk_size, budget_for_memory
 from tests.helpers.reference import ref_dft_loss, ref_stats
 
 HEAD_OPTIONS = [
@@ -217,9 +217,17 @@ def test_module_form(gen):
 
 
 def test_auto_chunk_size_bounds():
-    assert auto_chunk_size(32000) & (auto_chunk_size(32000) - 1) == 0
     assert auto_chunk_size(128256) < auto_chunk_size(32000)
     assert 16 <= auto_chunk_size(10**9) and auto_chunk_size(1) <= 8192
+    # the working set is the path's bytes per logit times the budget: bf16 logits on an 80 GB GPU
+    h100 = budget_for_memory(80 * 10**9)
+    assert 256 * 2**20 <= h100 <= 2 * 2**30 and budget_for_memory(10**9) == 256 * 2**20
+    assert auto_chunk_size(151936, h100, bytes_per_logit=2) >= 2048  # dW's [V, H] traffic amortised
+    assert auto_chunk_size(151936, h100, bytes_per_logit=14) < auto_chunk_size(151936, h100, bytes_per_logit=2)
+    for rows in (1, 17, 1000, 5734, 8192, 100_000):  # equal chunks: never a short tail (a recompile, a thin GEMM)
+        size = auto_chunk_size(32000, rows=rows)
+        k = -(-rows // size)
+        assert size <= auto_chunk_size(32000) and rows - (k - 1) * size >= size - k + 1, (rows, size)
 
 
 @pytest.mark.parametrize(
@@ -263,13 +271,14 @@ class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __init__(self, dim):
         super().__init__()
-        self.dim, self.seen = dim, []
+        self.dim, self.seen, self.calls = dim, [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
             if any(self.dim in t.shape for t in tensors):
                 self.seen.append(tuple(t.dtype for t in tensors))
+                self.calls.append((func.overloadpacket.__name__, self.seen[-1]))
         return func(*args, **(kwargs or {}))
 
 
@@ -333,7 +342,10 @@ def compiled_epilogue(monkeypatch):
     return epilogue
 
 
-@pytest.mark.parametrize("options", [{}, {"softcap": 3.0, "alpha": 0.5}, {"weight_fn": lambda lp: lp.exp() - 0.3}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"softcap": 3.0, "alpha": 0.5}, {"weight_fn": lambda lp: lp.exp() - 0.3}, {"asft": True, "softcap": 5.0}],
+)
 def test_compiled_epilogue_equals_eager(gen, compiled_epilogue, options):
     """Inductor's fused epilogue == eager to 1e-6 (float32), values, stats and gradients; no recompile per step."""
     import warnings
@@ -341,18 +353,113 @@ def test_compiled_epilogue_equals_eager(gen, compiled_epilogue, options):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     h, w, b, y = make_head(4, 64, 16, 1003, dtype=torch.float32, generator=gen)
+    options = dict(options)
+    if options.pop("asft", False):
+        options.update(ref_hidden=h.detach() * 0.9, ref_weight=w.detach() + 0.01, kl_coef=0.2)
     results = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure must not pass silently here
         for mode in ("1", "0"):
             compiled_epilogue.os.environ["DFT_COMPILE_EPILOGUE"] = mode
             loss, stats = dft.linear_dft_loss(h, w, y, bias=b, chunk_size=48, return_stats=True, **options)
-            results.append((loss, stats.ce, *_grads(loss, [h, w, b])))
+            results.append((loss, stats.ce, stats.entropy, stats.kl, *_grads(loss, [h, w, b])))
     for a, r in zip(*results):
         torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-6)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs >= 1  # it really compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really compiled
     compiled_epilogue.os.environ["DFT_COMPILE_EPILOGUE"] = "1"
-    for rows in (3, 4, 2):  # more steps, other numbers of rows: no new graphs
-        dft.linear_dft_loss(h[:rows], w, y[:rows], bias=b, chunk_size=48, **options).backward()
+
+    flat_h, flat_y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+
+    def step(rows):  # the first `rows` tokens
+        opts = {k: v.reshape(-1, v.shape[-1])[:rows] if k == "ref_hidden" else v for k, v in options.items()}
+        dft.linear_dft_loss(flat_h[:rows], w, flat_y[:rows], bias=b, chunk_size=48, **opts).backward()
+
+    step(100)  # the training call's graphs (no stats)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for rows in (3, 4, 2, 1, 62, 97):  # more steps, other numbers of rows, a 1-row tail chunk: no new graphs
+        step(rows)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_asft_kl_float32_under_bf16_autocast():
+    """ASFT's per-token KL under bf16 autocast is computed in float32 from the bf16 logits: within 1e-3
+    relative of float64 on the same logits (a bf16 row dot product gave -0.017..0.024 for a true 0.0012)."""
+    g = torch.Generator().manual_seed(0)
+    n, hid, vocab = 64, 32, 3001
+    h = torch.randn(n, hid, generator=g)
+    w = torch.randn(vocab, hid, generator=g) * (4 / hid**0.5)
+    h_ref, w_ref = h + 0.01 * torch.randn(n, hid, generator=g), w + 0.01 * torch.randn(vocab, hid, generator=g)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, stats = dft.linear_dft_loss(
+            h, w, y, ref_hidden=h_ref, ref_weight=w_ref, kl_coef=0.1, return_stats=True, chunk_size=16
+        )
+        z, r = F.linear(h, w).double(), F.linear(h_ref, w_ref).double()  # the same bf16 logits
+    kl = (r.softmax(-1) * (r.log_softmax(-1) - z.log_softmax(-1))).sum(-1).mean()
+    assert 1e-4 < kl < 1e-2  # a realistic ASFT KL
+    assert abs(stats.kl.double() - kl) <= 1e-3 * kl, (stats.kl.item(), kl.item())
+
+
+class _SyncCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that wait for the device: ``.item()``/``bool()`` (``_local_scalar_dense``), ``nonzero``."""
+
+    SYNCS = ("aten._local_scalar_dense", "aten.nonzero", "aten.equal", "aten.is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.SYNCS or func.overloadpacket.__name__ in ("_local_scalar_dense", "nonzero"):
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("asft", [False, True])
+def test_one_host_sync_per_call(gen, asft):
+    """Forward + backward of the fused head (stats on, labels validated, masked rows, an int num_items) wait
+    for the device once: the supervised rows' nonzero, which also carries the label range check."""
+    h, w, b, y = make_head(2, 40, 16, 301, dtype=torch.float32, generator=gen)
+    ref = {"ref_hidden": h.detach() + 0.1, "ref_weight": w.detach(), "kl_coef": 0.1} if asft else {}
+    with _SyncCounter() as counter:
+        loss, stats = dft.linear_dft_loss(
+            h, w, y, bias=b, num_items_in_batch=123, chunk_size=16, return_stats=True, **ref
+        )
+        loss.backward()
+    assert counter.syncs == ["aten.nonzero.default"], counter.syncs
+    y_bad = y.clone()
+    y_bad[1, 3] = 301
+    with pytest.raises(ValueError, match="labels must be in \\[0, 301\\).*found 301"):
+        dft.linear_dft_loss(h, w, y_bad, bias=b)
+
+
+def test_compile_guard_catches_only_compile_errors(gen, monkeypatch):
+    """A compile error falls back to eager with one warning; any other error (an OOM) propagates and
+    leaves compilation on."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from dft import epilogue
+
+    h, w, b, y = make_head(2, 8, 16, 101, dtype=torch.float32, generator=gen)
+
+    def failing(exc):
+        def run(*args):
+            raise exc
+
+        return epilogue._guarded(run, epilogue.reduce)
+
+    monkeypatch.setattr(epilogue, "_compile_failed", False)
+    oom = epilogue.Epilogue(failing(torch.OutOfMemoryError("CUDA out of memory")), *epilogue.EAGER[1:])
+    monkeypatch.setattr(epilogue, "epilogue_for", lambda *a: oom)
+    monkeypatch.setattr(dft.fused, "epilogue_for", lambda *a: oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        dft.linear_dft_loss(h, w, y, bias=b)
+    assert not epilogue._compile_failed
+    broken = epilogue.Epilogue(
+        failing(BackendCompilerFailed("inductor", RuntimeError("no cxx"), None)), *epilogue.EAGER[1:]
+    )
+    monkeypatch.setattr(dft.fused, "epilogue_for", lambda *a: broken)
+    with pytest.warns(RuntimeWarning, match="compiling the fused head's epilogue failed"):
+        loss = dft.linear_dft_loss(h, w, y, bias=b)
+    assert epilogue._compile_failed
+    torch.testing.assert_close(loss.double(), ref_dft_loss(F.linear(h, w, b).double(), y), atol=1e-6, rtol=1e-5)

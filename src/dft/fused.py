@@ -2,50 +2,97 @@
 
 Tokens are processed in chunks of ``C`` rows. Per chunk (``h [C, H]``, ``W [V, H]``)::
 
-    z = h @ W.T + b                       # matmul 1, input dtype (or the autocast dtype)
-    u = softcap(logit_scale * z) / T      # float32 (float64 for float64 inputs)
-    logp_y = u[y] - logsumexp(u);  w = DFTWeight(logp_y)  (detached)
+    z = h @ W.T + b                       # matmul 1, input dtype (or the autocast dtype): [C, V]
+    u = softcap(logit_scale * z) / T      # float32 (float64 for float64 inputs), never stored
+    m, s = max u, sum exp(u - m)          # pass 1 (dft.epilogue.reduce): lse = m + log s, and the stats
+    logp_y = u[y] - lse;  w = DFTWeight(logp_y)  (detached)
     loss  += sum(c * -w * logp_y)         # c: reduction coefficients (dft.reduction)
     dU     = c * w * (softmax(u) - onehot(y))           # known in the forward pass
-    dZ     = dU / T * softcap'(.) * logit_scale
+    z     <- dU / T * softcap'(.) * logit_scale         # pass 2 (dft.epilogue.grad_), in place, matmul dtype
     dh     = dZ @ W                       # matmul 2 (skipped if hidden is frozen)
-    dW    += dZ.T @ h                     # matmul 3, float32 accumulator (skipped if W is frozen)
+    dW    += dZ.T @ h                     # matmul 3, in place into a float32 accumulator (skipped if W is frozen)
 
-So a scalar reduction costs 3 matmuls in all and backward only scales the stored gradients by the
-upstream scalar. ``reduction="none"`` needs a general upstream gradient: its backward recomputes
-the chunks with ``c = grad_output`` (4 matmuls). Ignored tokens are dropped before any matmul.
-Peak extra memory is ``O(C x V)`` plus the float32 ``dW`` accumulator, independent of N.
+So a scalar reduction costs 3 matmuls and two passes over ``z`` (compiled: one kernel each, no float32
+``[C, V]`` block; ``benchmarks/roofline.py`` prices it at 1.1-1.2x the matmuls on an H100), and backward
+only scales the stored gradients by the upstream scalar. ``reduction="none"`` needs a general upstream
+gradient: its backward recomputes the chunks with ``c = grad_output`` (4 matmuls). Ignored tokens are
+dropped before any matmul (one host sync per call, which also checks the label range). Peak extra
+memory is the float32 ``dW`` accumulator plus one chunk (``default_chunk_size``: equal chunks within
+the device's budget), independent of N.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
 
-from .epilogue import epilogue_for
-from .labels import check_labels
+from .epilogue import EAGER, Epilogue, TransformConsts, epilogue_for
+from .labels import check_labels, supervised_index
 from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
 from .precision import compute_dtype, matmul_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
-from .stats import TokenStats, token_stats_from_probs
+from .stats import TokenStats
 from .transform import LogitTransform
 from .weights import DFTWeight
 
-__all__ = ["LinearDFTLoss", "auto_chunk_size", "linear_dft_loss"]
+__all__ = [
+    "LinearDFTLoss",
+    "auto_chunk_size",
+    "budget_for_memory",
+    "chunk_budget_bytes",
+    "default_chunk_size",
+    "linear_dft_loss",
+]
 
-_CHUNK_BUDGET_BYTES = 64 * 2**20  # float32 logits of one chunk
+_MIN_ROWS, _MAX_ROWS = 16, 8192
 
 
-def auto_chunk_size(vocab_size: int, budget_bytes: int = _CHUNK_BUDGET_BYTES) -> int:
-    """Rows per chunk so that one chunk's float32 logits take about ``budget_bytes`` (a power of 2, 16..8192)."""
-    rows = max(budget_bytes // (4 * max(vocab_size, 1)), 1)
-    return int(min(max(2 ** int(math.log2(rows)), 16), 8192))
+def budget_for_memory(total_bytes: int) -> int:
+    """A chunk's working-set budget on an accelerator with ``total_bytes`` of memory: 1/64 of it, 256 MiB..2 GiB.
+
+    An 80 GB H100 gets 1.25 GB (about 4k rows of bf16 logits at V=152k: per chunk the dW update is
+    then bound by its FLOPs, not by the ``[V, H]`` float32 accumulator it reads and writes); a 24 GB
+    card 384 MiB.
+    """
+    return int(min(max(total_bytes // 64, 256 * 2**20), 2 * 2**30))
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    """The default chunk budget on ``device``: from its memory on CUDA, 256 MiB on CPU and elsewhere.
+
+    On a CPU large chunks buy nothing (the matmuls dominate; 256/512/1024 rows at V=32000 ran
+    within 6% of each other) and the memory is better kept.
+    """
+    if device.type == "cuda":
+        return budget_for_memory(torch.cuda.get_device_properties(device).total_memory)
+    return 256 * 2**20
+
+
+def auto_chunk_size(
+    vocab_size: int, budget_bytes: int | None = None, *, bytes_per_logit: int = 16, rows: int | None = None
+) -> int:
+    """Rows per chunk so that a chunk's ``[C, V]`` blocks take about ``budget_bytes`` (16..8192 rows).
+
+    Args:
+        vocab_size: V.
+        budget_bytes: the chunk's working set (default: 256 MiB, :func:`chunk_budget_bytes` on CPU).
+        bytes_per_logit: what the path holds per logit: the logits in the matmul dtype (2 for bf16),
+            the reference logits for ASFT, plus the epilogue's float32 temporaries when it runs eagerly.
+        rows: the rows to process; the chunks are then made equal (``ceil(rows / k)`` for the fewest
+            ``k`` chunks within the budget), so no chunk is a short tail.
+    """
+    budget = 256 * 2**20 if budget_bytes is None else budget_bytes
+    size = max(budget // (max(bytes_per_logit, 1) * max(vocab_size, 1)), 1)
+    size = int(min(max(size, _MIN_ROWS), _MAX_ROWS))
+    if rows is not None and rows > 0:
+        num_chunks = -(-rows // size)
+        size = -(-rows // num_chunks)
+    return size
 
 
 @dataclass(frozen=True)
@@ -58,17 +105,10 @@ class _Reference:
     transform: LogitTransform
     kl_coef: float
 
-    def log_probs(self, rows: slice, acc_dtype: torch.dtype) -> Tensor:
-        """``log softmax`` of the reference logits of ``rows``: ``[C, V]`` in ``acc_dtype``."""
+    def logits(self, rows: slice) -> Tensor:
+        """The reference logits of ``rows`` before the transform: ``[C, V]`` in the matmul dtype."""
         h = self.h[rows]
-        r = torch.mm(h, self.w.t()) if self.b is None else torch.addmm(self.b, h, self.w.t())
-        r, _ = self.transform.forward_(r.to(acc_dtype))
-        return r.sub_(torch.logsumexp(r, dim=-1, keepdim=True))
-
-
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum(-1)`` for ``[C, V]`` blocks without a ``[C, V]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+        return torch.mm(h, self.w.t()) if self.b is None else torch.addmm(self.b, h, self.w.t())
 
 
 @dataclass(frozen=True)
@@ -81,39 +121,94 @@ class _Plan:
     index: Tensor | None  # [n] their rows in the flattened tokens, None when all rows are supervised
     coef: Tensor | None  # [n] scalar-reduction coefficients; None for reduction="none"
     num_rows: int  # N, all tokens
-    chunk_size: int
+    chunk_size: int | None  # None: auto_chunk_size from the path's bytes per logit and the device budget
     mm_dtype: torch.dtype
     want_stats: bool
     grad_enabled: bool  # grad mode at call time: no gradient work under torch.no_grad()
     reference: _Reference | None = None  # ASFT
 
 
+_ADDMM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _addmm_out_dtype(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates bf16/fp16 products into a
+    float32 ``acc`` in place here (cuBLAS on CUDA: one GEMM with beta=1, no ``[V, H]`` temporary).
+
+    Probed once per device with a small exact check; False on CPU (no such kernel).
+    """
+    if device.type != "cuda":
+        return False
+    key = str(device)
+    if key not in _ADDMM_OUT_DTYPE:
+        try:
+            a = torch.arange(12, device=device, dtype=torch.bfloat16).reshape(3, 4) / 4
+            b = torch.arange(8, device=device, dtype=torch.bfloat16).reshape(4, 2) / 2
+            acc = torch.ones(3, 2, device=device, dtype=torch.float32)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_OUT_DTYPE[key] = bool(torch.equal(acc, 1 + a.float() @ b.float()))
+        except (RuntimeError, TypeError):
+            _ADDMM_OUT_DTYPE[key] = False
+    return _ADDMM_OUT_DTYPE[key]
+
+
 def _mm_into(acc: Tensor, a: Tensor, b: Tensor, inv_scale: Tensor | None = None) -> None:
-    """``acc += (a @ b) * inv_scale`` with ``acc`` in float32/64 whatever the dtype of ``a`` and ``b``."""
+    """In place ``acc += (a @ b) * inv_scale`` with ``acc`` float32/64 whatever the dtype of ``a`` and ``b``.
+
+    Never a ``[V, H]`` temporary where the device can help it: same dtype -> ``addmm_``; bf16/fp16 on
+    CUDA -> one GEMM with a float32 output accumulating into ``acc``; elsewhere the (chunk-sized)
+    operands are cast up and ``addmm_`` accumulates. Only float16 with its power-of-two ``inv_scale``
+    on CUDA forms the product first (scaled in float32, then added).
+    """
     if a.dtype == acc.dtype and inv_scale is None:
         acc.addmm_(a, b)
-        return
-    prod = None
-    if a.is_cuda:
+    elif inv_scale is None and _addmm_out_dtype(a.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif not a.is_cuda:
+        a_up = a.to(acc.dtype)
+        acc.addmm_(a_up if inv_scale is None else a_up.mul_(inv_scale), b.to(acc.dtype))
+    else:
         try:
             prod = torch.mm(a, b, out_dtype=acc.dtype)
         except (RuntimeError, TypeError):
-            prod = None
-    if prod is None:
-        prod = torch.mm(a, b).to(acc.dtype)
-    acc.add_(prod if inv_scale is None else prod.mul_(inv_scale))
+            prod = torch.mm(a, b).to(acc.dtype)
+        acc.add_(prod if inv_scale is None else prod.mul_(inv_scale))
 
 
-def _pow2_scale(dz: Tensor) -> Tensor:
-    """A power of two ``s`` with ``max|dz * s|`` in ``(0.5, 1]`` (1 for an all-zero block); no host sync.
+def _pow2_scale(bound: Tensor) -> Tensor:
+    """A power of two ``s`` with ``bound * s <= 1`` (1 for a zero bound); 0-dim, no host sync.
 
     float16 has 5 exponent bits: gradients formed in the forward pass are tiny (``c = 1 / num_items``,
-    and the loss scale is only applied in backward), so they are scaled before the cast to float16
+    and the loss scale is only applied in backward), so ``dz`` is scaled before it is stored in float16
     and the scale is undone in float32 after the matmuls. Powers of two make both steps exact.
     """
-    amax = dz.abs().amax()
+    amax = bound.amax()
     exponent = torch.where(amax > 0, -torch.ceil(torch.log2(amax)), torch.zeros_like(amax))
     return torch.exp2(exponent)
+
+
+def _consts(transform: LogitTransform) -> TransformConsts:
+    return TransformConsts(transform.logit_scale, transform.softcap or 0.0, transform.temperature)
+
+
+def default_chunk_size(
+    vocab: int,
+    rows: int,
+    device: torch.device,
+    mm_dtype: torch.dtype,
+    ep: Epilogue,
+    reference: bool = False,
+    transform: LogitTransform | None = None,
+) -> int:
+    """The chunk ``linear_dft_loss(chunk_size=None)`` uses for ``rows`` supervised rows: the path's bytes per
+    logit (``z`` and ASFT's ``r`` in the matmul dtype, plus the eager epilogue's float32 temporaries)
+    within :func:`chunk_budget_bytes`, in equal chunks."""
+    size = torch.empty((), dtype=mm_dtype).element_size()
+    temps = ep.temp_bytes_per_logit
+    if temps and transform is not None and transform.softcap is not None:
+        temps += 4  # the tanh kept for the derivative
+    per_logit = (2 if reference else 1) * (size + temps)
+    return auto_chunk_size(vocab, chunk_budget_bytes(device), bytes_per_logit=per_logit, rows=rows)
 
 
 def _run_chunks(
@@ -124,7 +219,7 @@ def _run_chunks(
     coef: Tensor | None,
     need: tuple[bool, bool, bool],
     coef_nonneg: bool = True,
-) -> tuple[Tensor, TokenStats | None, Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """One pass over the supervised rows.
 
     Args:
@@ -136,9 +231,10 @@ def _run_chunks(
         need: which of (dh, dW, db) to compute.
 
     Returns:
-        token losses ``[n]``, stats, ``dh [n, H]``, ``dW [V, H]`` (float32/64), ``db [V]``.
+        token losses ``[n]``, packed stats sums (``TokenStats.pack`` layout) or None, ``dh [n, H]``,
+        ``dW [V, H]`` (float32/64), ``db [V]``.
     """
-    n = h.shape[0]
+    n, vocab = h.shape[0], w.shape[0]
     acc_dtype = compute_dtype(h.dtype)
     device = h.device
     token_loss = torch.empty(n, dtype=acc_dtype, device=device)
@@ -147,59 +243,78 @@ def _run_chunks(
     fp16 = h.dtype == torch.float16
     dh = (torch.empty(h.shape, dtype=acc_dtype, device=device) if fp16 else torch.empty_like(h)) if need_dh else None
     dw = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_dw else None
-    db = torch.zeros(w.shape[0], dtype=acc_dtype, device=device) if need_db else None
-    stats = TokenStats.zeros(device) if plan.want_stats else None
+    db = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_db else None
+    stats = torch.zeros(len(dataclasses.fields(TokenStats)), device=device) if plan.want_stats else None
     ref = plan.reference
-    ep = epilogue_for(h.device, n * w.shape[0])
-    for start in range(0, n, plan.chunk_size):
-        rows = slice(start, min(start + plan.chunk_size, n))
-        h_c, y_c = h[rows], plan.labels[rows]
-        z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())
-        u, t = plan.transform.forward_(z.to(acc_dtype))
-        lse = ep.logsumexp(u)
-        logp = u.gather(1, y_c.unsqueeze(1)).squeeze(1).sub_(lse)
-        wt = plan.weighting(logp, u if plan.weighting.needs_logits else None)
-        token_loss[rows] = -(wt * logp)
-        q = kl = None
-        if ref is not None:  # ASFT: KL(q || p) = sum q log q - sum q u + lse (u is still the logits here)
-            logq = ref.log_probs(rows, acc_dtype)
-            q = logq.exp()
-            kl = _rowdot(q, logq).sub_(_rowdot(q, u)).add_(lse)
-            token_loss[rows] += ref.kl_coef * kl
-        if not (want_grad or plan.want_stats):
+    kz = _consts(plan.transform)
+    kr = None if ref is None else _consts(ref.transform)
+    ep = epilogue_for(device, n * vocab)
+    chunk = plan.chunk_size or default_chunk_size(vocab, n, device, h.dtype, ep, ref is not None, plan.transform)
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        h_c, y_c = h[rows], plan.labels[rows].unsqueeze(1)
+        pass_ = ep if h_c.shape[0] >= 2 else EAGER  # dynamic shapes specialise 0/1 rows: never recompile a tail
+        z = r = None  # free the previous chunk's blocks before this chunk's are allocated
+        z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())  # [C, V] matmul dtype
+        z_y = z.gather(1, y_c).squeeze(1).to(acc_dtype)  # the target logits, before z is overwritten
+        u_y, th_y = plan.transform.forward_(z_y)
+        m, s, amax, t = pass_.reduce(z, acc_dtype, kz, stats is not None)
+        log_s = s.log()
+        lse = m + log_s
+        logp = u_y - lse
+        u_full = None
+        if plan.weighting.needs_logits:  # EAFT reads the whole distribution (an eager float32 copy)
+            u_full = plan.transform.apply(z.to(acc_dtype))
+        wt = plan.weighting(logp, u_full)
+        del u_full
+        loss_c = -(wt * logp)
+        kl = None
+        if ref is not None:  # ASFT: + kl_coef * KL(q || p), q = softmax(r_u)
+            r = ref.logits(rows)
+            r_uy, _ = ref.transform.forward_(r.gather(1, y_c).squeeze(1).to(acc_dtype))
+            m_r, s_r, d = pass_.ref_reduce(r, z, acc_dtype, kr, kz)
+            log_s_r = s_r.log()
+            kl = d / s_r + (m - m_r) + (log_s - log_s_r)
+            loss_c = loss_c + ref.kl_coef * kl
+        token_loss[rows] = loss_c
+        if stats is not None:
+            entropy = log_s - t / s
+            sums = [-logp.sum(), logp.exp().sum(), (amax == y_c.squeeze(1)).sum(), entropy.sum()]
+            sums += [logp.new_zeros(()) if kl is None else kl.sum(), logp.new_tensor(float(logp.shape[0]))]
+            stats += torch.stack([x.to(stats.dtype) for x in sums])
+        if not want_grad:
             continue
-        c = coef[rows].to(acc_dtype) if want_grad else None
-        cw = c * wt if want_grad else None
-        cp = cw if ref is None or cw is None else cw + c * ref.kl_coef  # coefficient of softmax(u) in du
-        if stats is None and coef_nonneg and cw is not None:
-            # c * w * softmax(u) = exp(u - (lse - log(c * w))): the scaling rides on the exp pass
-            # (c * w = 0 gives exp(-inf) = 0), one pass over the chunk fewer than softmax then multiply.
-            du = ep.shifted_exp_(u, lse - cp.log())
-        else:
-            probs = ep.shifted_exp_(u, lse)  # softmax, in place
-            if stats is not None:
-                valid = torch.ones_like(y_c, dtype=torch.bool)
-                stats = stats + token_stats_from_probs(probs, logp, y_c, valid, kl)
-            if cw is None:
-                continue
-            du = probs.mul_(cp.unsqueeze(1))
-        if q is not None:  # d KL / du = p - q
-            du.sub_(q.mul_((c * ref.kl_coef).unsqueeze(1)))
-        du.scatter_add_(1, y_c.unsqueeze(1), -cw.unsqueeze(1))
-        dz = plan.transform.backward_(du, t)
+        # dU = c_p softmax(u) - c_w onehot(y) - c_q softmax(r_u);  c_p = c w (+ c kl_coef), c_q = c kl_coef
+        c = coef[rows].to(acc_dtype)
+        cw = c * wt
+        cq = None if ref is None else c * ref.kl_coef
+        cp = cw if cq is None else cw + cq
+        shift, mult = (lse - cp.log(), None) if coef_nonneg else (lse, cp)  # exp(u - lse + log c_p) = c_p p
+        scale = inv_scale = None
+        if fp16:  # |dU| <= |c_p| max p + |c_w| + |c_q| max q, max p = 1 / s; transform' <= scale / temperature
+            bound = cp.abs() / s + cw.abs() + (0.0 if cq is None else cq.abs() / s_r)
+            scale = _pow2_scale(bound * abs(kz.scale / kz.temperature))
+            inv_scale = scale.reciprocal()
+        r_shift = None if ref is None else m_r + log_s_r
+        pass_.grad_(z, shift, mult, acc_dtype, kz, scale, r, r_shift, cq, kr)
+        # the target column, exactly from float32 row values: dU_y = c_p p_y - c_w - c_q q_y
+        du_y = cp * logp.exp() - cw
+        if ref is not None:
+            du_y = du_y - cq * (r_uy - r_shift).exp()
+        dz_y = plan.transform.backward_(du_y, th_y)
+        if scale is not None:
+            dz_y = dz_y * scale
+        z.scatter_(1, y_c, dz_y.unsqueeze(1).to(z.dtype))
         if db is not None:
-            db.add_(dz.sum(0))
-        if fp16:  # pre-scale by a power of two before the cast (see _pow2_scale), undo in float32
-            scale = _pow2_scale(dz)
-            dz_mm, inv_scale = dz.mul_(scale).to(h.dtype), scale.reciprocal()
-            if dh is not None:
-                dh[rows].copy_(torch.mm(dz_mm, w)).mul_(inv_scale)  # float32 dh
-        else:
-            dz_mm, inv_scale = dz.to(h.dtype), None
-            if dh is not None:
-                torch.mm(dz_mm, w, out=dh[rows])
+            col = z.sum(0, dtype=acc_dtype)
+            db.add_(col if inv_scale is None else col.mul_(inv_scale))
+        if dh is not None:
+            if fp16:
+                dh[rows].copy_(torch.mm(z, w)).mul_(inv_scale)  # float32 dh
+            else:
+                torch.mm(z, w, out=dh[rows])
         if dw is not None:
-            _mm_into(dw, dz_mm.t(), h_c, inv_scale)
+            _mm_into(dw, z.t(), h_c, inv_scale)
     return token_loss, stats, dh, dw, db
 
 
@@ -271,15 +386,16 @@ class _LinearDFTFunction(torch.autograd.Function):
 
 
 def _finish(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """``(grad * scale).to(dtype)`` written once into the returned gradient (no intermediate ``[V, H]`` copy)."""
     if grad is None:
         return None
-    if scale is not None:
-        grad = grad * scale
-    return grad.to(dtype)
+    if scale is None:
+        return grad.to(dtype)
+    return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
-def _pack_stats(stats: TokenStats | None, like: Tensor) -> Tensor:
-    return like.new_zeros(0, dtype=torch.float32) if stats is None else stats.pack()
+def _pack_stats(stats: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_zeros(0, dtype=torch.float32) if stats is None else stats
 
 
 def _check_chunk_size(chunk_size: object) -> None:
@@ -374,7 +490,9 @@ def linear_dft_loss(
         bias: ``[V]`` optional head bias.
         transform: :class:`dft.LogitTransform` (``logit_scale``, ``softcap``, ``temperature``).
         ignore_index, reduction, num_items_in_batch, validate: as in :func:`dft.dft_loss`.
-        chunk_size: token rows per chunk; None picks it so one chunk's float32 logits take ~64 MiB.
+        chunk_size: token rows per chunk; None (default) sizes equal chunks from the path's bytes per
+            logit (bf16 logits, ASFT's reference logits, eager float32 temporaries) and the device's
+            budget (:func:`dft.fused.chunk_budget_bytes`: 1/64 of a GPU's memory, 256 MiB on CPU).
         return_stats: also return :class:`dft.TokenStats`, computed inside the same chunks.
         ref_hidden, ref_weight, ref_bias: ASFT's frozen reference head: ``ref_hidden [..., H_ref]``
             (same leading shape as ``hidden``), ``ref_weight [V, H_ref]``, ``ref_bias [V]``; no gradient.
@@ -393,7 +511,7 @@ def linear_dft_loss(
     statistics and the weight-gradient accumulator are float32.
     """
     _validate_head(hidden, weight, bias)
-    check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, check_range=validate, what="hidden")
+    check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, check_range=False, what="hidden")
     check_reduction(reduction, labels.shape, num_items_in_batch)
     _check_chunk_size(chunk_size)
     weighting, transform = resolve_options(weighting, transform, options)
@@ -412,6 +530,7 @@ def linear_dft_loss(
         chunk_size,
         return_stats,
         reference,
+        validate,
     )
 
 
@@ -453,11 +572,11 @@ def _linear_dft_loss(
     chunk_size: int | None,
     return_stats: bool,
     reference: tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None = None,
+    validate: bool = True,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     valid = labels != ignore_index
-    flat_valid = valid.reshape(-1)
-    num_rows = flat_valid.numel()
-    index = None if bool(flat_valid.all()) else flat_valid.nonzero().squeeze(1)
+    num_rows = valid.numel()
+    index = supervised_index(labels, ignore_index, weight.shape[0], check_range=validate)  # the one host sync
     flat_labels = labels.reshape(-1)
     sup_labels = flat_labels if index is None else flat_labels.index_select(0, index)
     coef = None
@@ -471,7 +590,7 @@ def _linear_dft_loss(
         index=index,
         coef=coef,
         num_rows=num_rows,
-        chunk_size=chunk_size or auto_chunk_size(weight.shape[0]),
+        chunk_size=chunk_size,
         mm_dtype=matmul_dtype(hidden),
         want_stats=return_stats,
         grad_enabled=torch.is_grad_enabled(),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Batch", "causal_targets", "check_labels", "count_targets", "shift_causal_labels"]
+__all__ = ["Batch", "causal_targets", "check_labels", "count_targets", "shift_causal_labels", "supervised_index"]
 
 Batch = Mapping[str, Any]
 """A batch as collators make it: ``labels [B, T]`` (or ``shift_labels``), optional ``position_ids [B, T]``."""
@@ -107,3 +107,25 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
 def count_targets(targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Number of supervised positions (0-dim int64 tensor on the targets' device)."""
     return (targets != ignore_index).sum()
+
+
+def supervised_index(labels: Tensor, ignore_index: int, num_classes: int, *, check_range: bool = True) -> Tensor | None:
+    """Flat indices ``[n]`` of the supervised labels, or None when every label is supervised.
+
+    One host sync (``nonzero``) covers both the index and, with ``check_range``, the range check of
+    :func:`check_labels`: a bad label appends ``N + 1`` extra hits, so the count alone tells.
+
+    Raises:
+        ValueError: a label outside ``[0, num_classes)`` other than ``ignore_index`` (``check_range``).
+    """
+    flat = labels.reshape(-1)
+    n = flat.numel()
+    valid = flat != ignore_index
+    mask = valid
+    if check_range and n > 0:
+        bad = valid & ((flat < 0) | (flat >= num_classes))
+        mask = torch.cat([valid, bad.any().expand(n + 1)])
+    index = mask.nonzero().squeeze(1)
+    if index.numel() > n:
+        check_labels(labels, labels.shape, num_classes, ignore_index)  # raises with the first bad label
+    return None if index.numel() == n else index

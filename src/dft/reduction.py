@@ -48,13 +48,13 @@ def check_reduction(reduction: str, labels_shape: torch.Size, num_items_in_batch
         raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}.")
 
 
-def _denominator(count: Tensor, num_items_in_batch: int | Tensor | None, dtype: torch.dtype) -> Tensor:
+def _denominator(count: Tensor, num_items_in_batch: int | Tensor | None, dtype: torch.dtype) -> Tensor | float:
     if num_items_in_batch is None:
         n = count.to(dtype)
     elif isinstance(num_items_in_batch, Tensor):
         n = num_items_in_batch.detach().to(device=count.device, dtype=dtype).reshape(())
-    else:
-        n = torch.tensor(float(num_items_in_batch), device=count.device, dtype=dtype)
+    else:  # a Python number: divide by it as a scalar (no host-to-device copy, no stream sync)
+        return max(float(num_items_in_batch), 1.0)
     return n.clamp_min(1.0)
 
 
