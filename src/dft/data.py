@@ -12,16 +12,15 @@ Every example becomes ``input_ids`` and ``labels`` (``-100`` where not supervise
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-from .labels import count_targets, shift_causal_labels
 
 __all__ = ["DataError", "PrepReport", "check_row", "collator", "detect_format", "load_local_dataset", "prepare_dataset"]
 
@@ -52,7 +51,13 @@ class PrepReport:
 
 
 def load_local_dataset(path: str | Path) -> Dataset:
-    """A local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a ``save_to_disk`` folder (its train split)."""
+    """A local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a ``save_to_disk`` folder (its train split).
+
+    Text files must be UTF-8 (a byte-order mark is accepted); a decode error names ``file:line``.
+    JSONL is parsed and checked line by line into an Arrow file in the datasets cache (memory flat
+    in the number of rows; a second run on the unchanged file reuses it). The columns must be one
+    of the formats of :func:`detect_format`; an error names the file.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path not found: {path}")
@@ -69,20 +74,63 @@ def load_local_dataset(path: str | Path) -> Dataset:
             )
         if path.stat().st_size == 0:
             raise DataError(f"{path} holds no examples (empty file).")
-        if path.suffix.lower() == ".jsonl":
-            ds = _read_jsonl(path)
-        else:
-            try:
-                ds = load_dataset(kind, data_files=str(path), split="train")
-            except Exception as e:  # datasets raises several types for unreadable files
-                raise DataError(f"cannot read {path} as {kind}: {type(e).__name__}: {_first_line(e)}") from None
+        with _quiet_datasets():
+            if path.suffix.lower() == ".jsonl":
+                ds = _read_jsonl(path)
+            else:
+                extra: dict[str, Any] = {}
+                if kind in ("csv", "json"):
+                    _check_utf8(path)
+                if kind == "csv":
+                    extra["encoding"] = "utf-8-sig"  # a BOM is not part of the first column's name
+                try:
+                    ds = load_dataset(kind, data_files=str(path), split="train", **extra)
+                except Exception as e:  # datasets raises several types for unreadable files
+                    cause = e.__cause__ or e.__context__ or e
+                    raise DataError(
+                        f"cannot read {path} as {kind}: {type(cause).__name__}: {_first_line(cause)}"
+                    ) from None
     if isinstance(ds, DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path} holds splits {list(ds)}; expected a 'train' split.")
         ds = ds["train"]
     if len(ds) == 0:
         raise DataError(f"{path} holds no examples.")
+    try:
+        detect_format(list(ds.column_names))
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
     return ds
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars from datasets while loading/preparing (the command prints its own summary)."""
+    import datasets
+
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8."
+        ) from None
+
+
+def _check_utf8(path: Path) -> None:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            _decode_line(raw, path, lineno)
 
 
 def collator(tokenizer: Any, packing: bool = False) -> Any:
@@ -99,11 +147,12 @@ def _first_line(e: object) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _read_jsonl(path: Path) -> Dataset:
-    """One JSON object per line; errors name the line. Rows are checked against the detected format."""
-    rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+def _jsonl_rows(path: str, size: int, mtime_ns: int) -> Iterator[dict]:
+    """The rows of a JSONL file, each checked; ``size`` and ``mtime_ns`` only key the datasets cache."""
+    fmt = None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _decode_line(raw, Path(path), lineno)
             if not line.strip():
                 continue
             try:
@@ -112,17 +161,32 @@ def _read_jsonl(path: Path) -> Dataset:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}.")
-            rows.append(row)
-            lines.append(lineno)
-    if not rows:
-        raise DataError(f"{path} holds no examples.")
-    fmt = detect_format(sorted({k for r in rows for k in r}))
-    for row, lineno in zip(rows, lines):
-        problem = check_row(row, fmt)
-        if problem:
-            raise DataError(f"{path}:{lineno}: {problem}")
+            if fmt is None:
+                try:
+                    fmt = detect_format(sorted(row))
+                except DataError as e:
+                    raise DataError(f"{path}:{lineno}: {e}") from None
+            problem = check_row(row, fmt)
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
+            yield row
+
+
+def _read_jsonl(path: Path) -> Dataset:
+    """One JSON object per line, streamed into Arrow; errors name the line."""
+    from datasets.exceptions import DatasetGenerationError
+
+    stat = path.stat()
+    kwargs = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     try:
-        return Dataset.from_list(rows)
+        return Dataset.from_generator(_jsonl_rows, gen_kwargs=kwargs)
+    except DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise DataError(f"cannot read {path}: the rows' types disagree ({_first_line(cause or e)}).") from None
+    except DataError:
+        raise
     except Exception as e:  # pyarrow type clashes between rows
         raise DataError(f"cannot read {path}: the rows' types disagree ({_first_line(e)}).") from None
 
@@ -147,7 +211,16 @@ def check_row(ex: dict, fmt: str) -> str | None:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 return f"messages[{i}] must be an object with string 'role' and 'content', got {m!r:.80}."
+            if m["role"] not in CHAT_ROLES:
+                return (
+                    f"messages[{i}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)} "
+                    "(the loss is on 'assistant' turns)."
+                )
     return None
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+"""Roles a chat row may use; the loss is on ``assistant`` turns only."""
 
 
 def detect_format(columns: list[str]) -> str:
@@ -161,14 +234,6 @@ def detect_format(columns: list[str]) -> str:
     raise DataError(
         f"the dataset has columns {columns}; expected 'prompt' and 'completion', or 'messages' (chat), or 'text'."
     )
-
-
-def _encode_prompt_completion(ex: dict, tok: Any) -> tuple[list[int], list[int]]:
-    prompt = tok(ex["prompt"])["input_ids"]
-    completion = tok(ex["completion"], add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None and (not completion or completion[-1] != tok.eos_token_id):
-        completion = completion + [tok.eos_token_id]
-    return prompt + completion, [-100] * len(prompt) + completion
 
 
 def _ids(rendered: Any) -> list[int]:
@@ -197,46 +262,100 @@ def _encode_messages(ex: dict, tok: Any) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _encode_text(ex: dict, tok: Any) -> tuple[list[int], list[int]]:
-    ids = tok(ex["text"])["input_ids"]
-    if tok.eos_token_id is not None:
-        ids = ids + [tok.eos_token_id]
-    return ids, list(ids)
+def _encode_batch(batch: dict[str, list], indices: list[int], *, fmt: str, tok: Any, max_length: int) -> dict:
+    """``datasets.map`` (batched): ``input_ids``, ``labels`` and per-row counts for the report."""
+    keys = list(batch)
+    rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
+    for index, ex in zip(indices, rows):
+        problem = check_row(ex, fmt)
+        if problem:
+            raise DataError(f"row {index + 1}: {problem}")
+    if fmt == "prompt_completion":  # one tokenizer call per column for the whole batch
+        prompts = tok([ex["prompt"] for ex in rows])["input_ids"]
+        completions = tok([ex["completion"] for ex in rows], add_special_tokens=False)["input_ids"]
+        pairs = [_join_prompt_completion(p, c, tok.eos_token_id) for p, c in zip(prompts, completions)]
+    elif fmt == "text":
+        eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
+        pairs = [(ids + eos, ids + eos) for ids in tok([ex["text"] for ex in rows])["input_ids"]]
+    else:
+        pairs = [_encode_messages(ex, tok) for ex in rows]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_targets": [], "_truncated": [], "_assistant": []}
+    for ex, (ids, labels) in zip(rows, pairs):
+        out["_truncated"].append(len(ids) > max_length)
+        ids, labels = ids[:max_length], labels[:max_length]
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["_targets"].append(sum(1 for label in labels[1:] if label != -100))  # next-token targets
+        out["_assistant"].append(fmt != "messages" or any(m["role"] == "assistant" for m in ex["messages"]))
+    return out
 
 
-_ENCODERS = {"prompt_completion": _encode_prompt_completion, "messages": _encode_messages, "text": _encode_text}
+def _join_prompt_completion(prompt: list[int], completion: list[int], eos: int | None) -> tuple[list[int], list[int]]:
+    if eos is not None and (not completion or completion[-1] != eos):
+        completion = completion + [eos]
+    return prompt + completion, [-100] * len(prompt) + completion
 
 
-def prepare_dataset(ds: Dataset, tokenizer: Any, max_length: int) -> tuple[Dataset, PrepReport]:
-    """Tokenize, mask, truncate; drop examples without supervised tokens. Returns the dataset and a report."""
+def _report(table: Any, examples_in: int) -> PrepReport:
+    """The counts of the rows that keep a target, summed in Arrow (no Python list per row)."""
+    import pyarrow.compute as pc
+
+    keep = pc.greater(table.column("_targets"), 0)
+
+    def total(values: Any) -> int:
+        return int(pc.sum(pc.if_else(keep, values, 0)).as_py() or 0)
+
+    kept = int(pc.sum(keep).as_py() or 0)
+    return PrepReport(
+        examples_in=examples_in,
+        kept=kept,
+        truncated=total(pc.cast(table.column("_truncated"), "int64")),
+        dropped=examples_in - kept,
+        tokens=total(pc.list_value_length(table.column("input_ids"))),
+        supervised_tokens=total(table.column("_targets")),
+    )
+
+
+def prepare_dataset(
+    ds: Dataset, tokenizer: Any, max_length: int, *, num_proc: int | None = None
+) -> tuple[Dataset, PrepReport]:
+    """Tokenize, mask, truncate; drop examples without supervised tokens. Returns the dataset and a report.
+
+    Runs as a batched ``datasets.map`` (Arrow in and out: memory does not grow with the rows; for data
+    loaded from files the result is cached on disk next to it and reused by the next run).
+    ``num_proc``: worker processes (default: up to 8 for 50k rows or more, else 1).
+    Output columns: ``input_ids`` and ``labels`` (``-100`` where not supervised).
+    """
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}.")
     fmt = detect_format(list(ds.column_names))
     if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
         raise DataError("the data has 'messages' but the tokenizer has no chat template.")
-    encode = _ENCODERS[fmt]
-    report = PrepReport(examples_in=len(ds))
-    rows: dict[str, list] = {"input_ids": [], "labels": []}
-    for row, ex in enumerate(ds, 1):
-        problem = check_row(ex, fmt)
-        if problem:
-            raise DataError(f"row {row}: {problem}")
-        ids, labels = encode(ex, tokenizer)
-        truncated = len(ids) > max_length
-        ids, labels = ids[:max_length], labels[:max_length]
-        targets = int(count_targets(shift_causal_labels(torch.tensor(labels))))
-        if targets == 0:  # nothing to predict after the shift
-            report.dropped += 1
-            continue
-        report.truncated += truncated
-        rows["input_ids"].append(ids)
-        rows["labels"].append(labels)
-        report.kept += 1
-        report.tokens += len(ids)
-        report.supervised_tokens += targets
+    import pyarrow.compute as pc
+
+    if num_proc is None:
+        num_proc = min(8, os.cpu_count() or 1) if len(ds) >= 50_000 else 1
+    with _quiet_datasets():
+        encoded = ds.map(
+            _encode_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=list(ds.column_names),
+            fn_kwargs={"fmt": fmt, "tok": tokenizer, "max_length": max_length},
+            num_proc=num_proc if num_proc > 1 else None,
+            desc="dft: tokenizing",
+        )
+        kept = encoded.filter(lambda t: [x > 0 for x in t], batched=True, input_columns=["_targets"])
+    report = _report(encoded.data, len(ds))
     if report.kept == 0:
+        no_assistant = len(ds) - int(pc.sum(encoded.data.column("_assistant")).as_py() or 0)
+        if no_assistant:
+            raise DataError(
+                f"{no_assistant} of {len(ds)} conversations have no 'assistant' message and the rest none left "
+                "after truncation: the loss is on assistant turns (check the roles)."
+            )
         raise DataError(
             f"no example has a supervised token left after truncation to max_length={max_length} "
             f"({report.examples_in} examples in): raise --max_length or shorten the prompts."
         )
-    return Dataset.from_dict(rows), report
+    return kept.remove_columns(["_targets", "_truncated", "_assistant"]), report
