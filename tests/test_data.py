@@ -54,3 +54,105 @@ def test_formats_and_errors():
         detect_format(["question"])
     with pytest.raises(DataError, match="no chat template"):
         prepare_dataset(Dataset.from_list([{"messages": [{"role": "user", "content": "t4"}]}]), tiny_tokenizer(), 8)
+
+
+def _reference_prepare(rows, tok, max_length):
+    """The row-by-row preparation this library shipped before datasets.map (the masks must not change)."""
+    from dft.data import _encode_messages
+
+    out = []
+    for ex in rows:
+        if "prompt" in ex:
+            prompt = tok(ex["prompt"])["input_ids"]
+            completion = tok(ex["completion"], add_special_tokens=False)["input_ids"]
+            if not completion or completion[-1] != tok.eos_token_id:
+                completion = completion + [tok.eos_token_id]
+            ids, labels = prompt + completion, [-100] * len(prompt) + completion
+        elif "text" in ex:
+            ids = tok(ex["text"])["input_ids"] + [tok.eos_token_id]
+            labels = list(ids)
+        else:
+            ids, labels = _encode_messages(ex, tok)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != -100 for label in labels[1:]):
+            out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["prompt_completion", "text", "messages"])
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_map_preparation_equals_row_by_row(fmt, num_proc):
+    """datasets.map (batched, in worker processes) gives the masks of the row-by-row preparation, and the
+    report's counts match the rows."""
+    import random
+
+    rng = random.Random(0)
+    tok = _tok()
+
+    def words(k):
+        return " ".join(f"t{rng.randrange(6, 60)}" for _ in range(k))
+
+    rows = []
+    for _ in range(300):
+        if fmt == "prompt_completion":
+            rows.append({"prompt": words(rng.randrange(1, 12)), "completion": words(rng.randrange(0, 6))})
+        elif fmt == "text":
+            rows.append({"text": words(rng.randrange(1, 20))})
+        else:
+            turns = [{"role": "system", "content": words(rng.randrange(1, 8))}] if rng.random() < 0.3 else []
+            for _ in range(rng.randrange(1, 3)):
+                turns += [{"role": "user", "content": words(3)}, {"role": "assistant", "content": words(2)}]
+            rows.append({"messages": turns})
+    ds, report = prepare_dataset(Dataset.from_list(rows), tok, max_length=10, num_proc=num_proc)
+    expected = _reference_prepare(rows, tok, 10)
+    assert ds.column_names == ["input_ids", "labels"]
+    assert [dict(r) for r in ds] == expected
+    assert report.kept == len(expected) and report.dropped == len(rows) - len(expected)
+    assert report.dropped > 0 or fmt == "text"  # long prompts lose every target at max_length=10
+    assert report.tokens == sum(len(r["input_ids"]) for r in expected)
+    assert report.supervised_tokens == sum(sum(x != -100 for x in r["labels"][1:]) for r in expected)
+    assert 0 < report.truncated < report.kept
+
+
+def test_chat_roles_and_missing_assistant_turns_are_diagnosed():
+    tok = _tok()
+    bot = [{"messages": [{"role": "user", "content": "t7"}, {"role": "bot", "content": "t8"}]}]
+    with pytest.raises(DataError, match="row 1: messages\\[1\\] has role 'bot'; expected one of system"):
+        prepare_dataset(Dataset.from_list(bot), tok, 16)
+    no_assistant = [{"messages": [{"role": "user", "content": "t7"}]}] * 3
+    with pytest.raises(DataError, match="3 of 3 conversations have no 'assistant' message"):
+        prepare_dataset(Dataset.from_list(no_assistant), tok, 16)
+
+
+def test_text_files_utf8_bom_and_decode_errors(tmp_path):
+    from dft.data import load_local_dataset
+
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "t7", "completion": "t8"}\n{"prompt": "t9", "completion": "t10"}\n')
+    assert load_local_dataset(bom)["prompt"] == ["t7", "t9"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "t7", "completion": "t8"}\n{"prompt": "caf\xe9", "completion": "t8"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"):
+        load_local_dataset(latin)
+    csv_bom = tmp_path / "bom.csv"
+    csv_bom.write_bytes(b"\xef\xbb\xbfprompt,completion\nt7,t8\n")
+    assert load_local_dataset(csv_bom).column_names == ["prompt", "completion"]
+    csv_latin = tmp_path / "latin.csv"
+    csv_latin.write_bytes(b"prompt,completion\ncaf\xe9,t8\n")
+    with pytest.raises(DataError, match=r"latin.csv:2: not UTF-8"):
+        load_local_dataset(csv_latin)
+    csv_cols = tmp_path / "cols.csv"
+    csv_cols.write_text("question,answer\na,b\n")
+    with pytest.raises(DataError, match=r"cols.csv: the dataset has columns \['question', 'answer'\]"):
+        load_local_dataset(csv_cols)
+
+
+def test_jsonl_is_cached_as_arrow_and_reread_after_a_change(tmp_path):
+    from dft.data import load_local_dataset
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "t7 t8"}\n')
+    first = load_local_dataset(path)
+    assert first.cache_files and load_local_dataset(path).cache_files == first.cache_files  # reused
+    path.write_text('{"text": "t7 t8"}\n{"text": "t9"}\n')
+    assert load_local_dataset(path)["text"] == ["t7 t8", "t9"]  # a changed file is read again
