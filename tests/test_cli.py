@@ -56,6 +56,19 @@ def _model_without_tokenizer(tmp_path: Path) -> Path:
     return path
 
 
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _tokenizer_without_model(tmp_path: Path) -> Path:
+    from dft.toy import toy_tokenizer
+
+    path = tmp_path / "tokenizer-only"
+    toy_tokenizer().save_pretrained(path)
+    return path
+
+
 def _write_jsonl(path: Path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -100,8 +113,9 @@ def test_local_model_and_data_formats(tmp_path, toy_model_dir, fmt):
     elif fmt == "save_to_disk":
         data = tmp_path / "d_disk"
         Dataset.from_list(examples).save_to_disk(str(data))
-    else:
-        data = _write_jsonl(tmp_path / "d.jsonl", examples)
+    else:  # with a UTF-8 byte-order mark (Windows editors write one): accepted
+        data = tmp_path / "d.jsonl"
+        data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(e) + "\n" for e in examples).encode())
     out = toy_model_dir
     if fmt in ("prompt_completion", "messages"):  # training runs are slow: two formats train, all evaluate
         out = tmp_path / "run"
@@ -169,6 +183,20 @@ def test_config_file_and_flag_override(tmp_path):
         ("model_without_tokenizer", r"has no tokenizer"),
         ("bad_float", r"invalid float value: 'abc'"),
         ("bad_resume", r"not a checkpoint folder"),
+        (
+            "abbreviated_flag",
+            r"unknown flag\(s\) \['--learning_rat', '1e-3'\]; did you mean --learning_rat -> --learning_rate\?",
+        ),
+        ("typo_flag", r"did you mean --max_step -> --max_steps"),
+        ("negative_lr", r"--learning_rate must be > 0, got -1"),
+        ("zero_batch", r"--per_device_train_batch_size must be >= 1, got 0"),
+        ("zero_epochs", r"--num_train_epochs must be > 0 \(or give --max_steps\), got 0"),
+        ("model_without_config", r"has no config.json"),
+        ("unwritable_output", r"--output_dir /proc/dft-out/run is not writable"),
+        ("output_under_a_file", r"is a file, not a folder"),
+        ("not_utf8", r"latin.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\)"),
+        ("bot_role", r"c.jsonl:1: messages\[1\] has role 'bot'"),
+        ("csv_columns", r"cols.csv: the dataset has columns \['question', 'answer'\]"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
@@ -200,10 +228,33 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
         "model_without_tokenizer": ["--model", _model_without_tokenizer(tmp_path), "--data", good],
         "bad_float": ["--learning_rate", "abc"],
         "bad_resume": ["--resume_from_checkpoint", tmp_path],
+        "abbreviated_flag": ["--learning_rat", "1e-3"],
+        "typo_flag": ["--max_step", "3"],
+        "negative_lr": ["--learning_rate", "-1"],
+        "zero_batch": ["--per_device_train_batch_size", "0"],
+        "zero_epochs": ["--data", good, "--max_steps", "-1", "--num_train_epochs", "0"],
+        "model_without_config": ["--model", _tokenizer_without_model(tmp_path), "--data", good],
+        "unwritable_output": ["--output_dir", "/proc/dft-out/run"],  # read-only even for root
+        "output_under_a_file": ["--output_dir", _write(tmp_path / "f.txt", "x") / "run"],
+        "not_utf8": [
+            "--data",
+            _write_bytes(
+                tmp_path / "latin.jsonl",
+                b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
+            ),
+        ],
+        "bot_role": [
+            "--data",
+            _write_jsonl(
+                tmp_path / "c.jsonl",
+                [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}],
+            ),
+        ],
+        "csv_columns": ["--data", _write(tmp_path / "cols.csv", "question,answer\na,b\n")],
     }[case]
     if case == "empty":
         (tmp_path / "e.jsonl").write_text("")
-    proc = dft_cli("train", "--output_dir", out, *args, *TINY)
+    proc = dft_cli("train", "--output_dir", out, *TINY, *args)  # the case's flags win
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert __import__("re").search(match, proc.stderr), proc.stderr[-2000:]
     assert not out.exists()
@@ -332,3 +383,42 @@ def test_hub_id_offline_is_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "hub id" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_short_run_on_user_data_reports_steps_logs_and_resumes(tmp_path, toy_model_dir):
+    """A short run on the user's data: step count and epochs printed, logging_steps scaled to the run
+    (not TrainingArguments' 500), run_config without contradictions; resuming it continues without a
+    tied-weight warning; resuming a finished run is refused before anything is written."""
+    from dft.toy import arithmetic_examples
+
+    data = _write_jsonl(tmp_path / "d.jsonl", arithmetic_examples(40, seed=3))
+    out = tmp_path / "run"
+    common = ["--model", toy_model_dir, "--data", data, "--output_dir", out, "--per_device_train_batch_size", "4"]
+    common += ["--max_eval_examples", "2", "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "3"]
+    proc = dft_cli("train", *common, "--max_steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "for 3 steps (0.3 epochs of 10 steps, 38 examples, batch 4 x 1 accumulation x 1 processes)" in proc.stdout
+    assert "logging every 1 steps" in proc.stdout
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["max_steps"] == 3 and run_config["num_train_epochs"] is None
+    assert run_config["total_steps"] == 3 and run_config["logging_steps"] == 1
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    assert sum("loss" in h for h in history) == 3  # one log per step, not one per 500
+
+    more = dft_cli("train", *common, "--max_steps", "6", "--resume_from_checkpoint", "true")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming from" in more.stdout and "missing keys" not in more.stderr  # lm_head.weight is tied
+    metrics = (out / "metrics.json").read_text()
+    done = dft_cli("train", *common, "--max_steps", "6", "--resume_from_checkpoint", "true")
+    assert done.returncode == 2 and "is at step 6 of 6: that run is finished" in done.stderr, done.stderr[-2000:]
+    assert len(done.stderr.strip().splitlines()) == 1 and (out / "metrics.json").read_text() == metrics
+
+
+def test_eval_writes_predictions_next_to_a_local_model(tmp_path, toy_model_dir):
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(toy_model_dir, model)
+    proc = dft_cli("eval", "--model", model, "--max_eval_examples", "2", "--max_new_tokens", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (model / "eval" / "predictions.jsonl").is_file() and (model / "eval" / "eval_results.json").is_file()

@@ -111,7 +111,10 @@ class EvalScriptArguments:
     batch_size: int = field(default=32, metadata={"help": "Batch size for the CE pass."})
     max_new_tokens: int = field(default=64, metadata={"help": "Greedy generation length."})
     output_dir: str | None = field(
-        default=None, metadata={"help": "Write eval_results.json and predictions.jsonl here (default: print only)."}
+        default=None,
+        metadata={
+            "help": "Write eval_results.json and predictions.jsonl here (default: MODEL/eval for a local model)."
+        },
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code."})
 
@@ -141,9 +144,24 @@ def _parser(dataclasses: tuple, prog: str, epilog: str | None = None):
 
     class Parser(HfArgumentParser):
         def error(self, message: str) -> None:  # argparse would print 100+ lines of usage first
-            raise UsageError(f"{message} (see '{prog} --help')")
+            unknown = message.split("unrecognized arguments:", 1)[1].split() if "unrecognized" in message else []
+            raise UsageError(f"{message}{_did_you_mean(self, unknown)} (see '{prog} --help')")
 
-    return Parser(dataclasses, prog=prog, epilog=epilog)
+    # allow_abbrev=False: argparse would take --learning_rat as --learning_rate without a word
+    return Parser(dataclasses, prog=prog, epilog=epilog, allow_abbrev=False)
+
+
+def _did_you_mean(parser: Any, unknown: list[str]) -> str:
+    """``"; did you mean --learning_rate?"`` for flags close to a real one, else ``""``."""
+    import difflib
+
+    options = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for flag in unknown:
+        if flag.startswith("--"):
+            close = difflib.get_close_matches(flag.split("=", 1)[0], options, n=1, cutoff=0.75)
+            hints += [f"{flag.split('=', 1)[0]} -> {close[0]}"] if close else []
+    return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 # ---- dft train: arguments ------------------------------------------------------------------------
@@ -219,7 +237,9 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
         raise UsageError(_one_line(e)) from None
     if unknown:
-        raise UsageError(f"unknown flag(s) {unknown}; see 'dft train --help' for the flags.")
+        raise UsageError(
+            f"unknown flag(s) {unknown}{_did_you_mean(parser, unknown)}; see 'dft train --help' for the flags."
+        )
     if script.loss is not None:
         if script.loss not in ("dft", "sft", "asft", "eaft"):
             raise UsageError(f"--loss must be one of dft, sft, asft, eaft; got {script.loss!r}.")
@@ -227,8 +247,51 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         config.validate_dft_arguments()
     if not 0.0 < script.eval_fraction < 1.0:
         raise UsageError(f"--eval_fraction must be in (0, 1), got {script.eval_fraction}.")
+    _check_numbers(script, config)
     _check_reporting(config)
+    given = {a.split("=", 1)[0][2:] for a in file_flags + argv if a.startswith("--")}
+    script.given_flags = given  # which flags the user set (the rest may be adapted to the run's length)
     return script, config, toy
+
+
+def _check_numbers(script: Any, config: Any) -> None:
+    """Values TrainingArguments accepts but that fail (or silently do nothing) later: one line now."""
+    rules = [
+        ("learning_rate", config.learning_rate > 0, "> 0"),
+        ("per_device_train_batch_size", config.per_device_train_batch_size >= 1, ">= 1"),
+        ("per_device_eval_batch_size", config.per_device_eval_batch_size >= 1, ">= 1"),
+        ("gradient_accumulation_steps", config.gradient_accumulation_steps >= 1, ">= 1"),
+        ("max_steps", config.max_steps == -1 or config.max_steps > 0, "> 0, or -1 to train --num_train_epochs"),
+        ("num_train_epochs", config.max_steps > 0 or config.num_train_epochs > 0, "> 0 (or give --max_steps)"),
+        ("logging_steps", config.logging_steps > 0, "> 0"),
+        ("max_length", script.max_length >= 2, ">= 2"),
+        ("max_eval_examples", script.max_eval_examples >= 0, ">= 0"),
+        ("lora_r", script.lora_r >= 0, ">= 0 (0: full fine-tuning)"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            value = getattr(config, name, getattr(script, name, None))
+            raise UsageError(
+                f"--{name} must be {rule}, got {value:g}."
+                if isinstance(value, float)
+                else f"--{name} must be {rule}, got {value}."
+            )
+
+
+def check_writable(out: Path, flag: str = "--output_dir") -> None:
+    """``out`` (or, when it does not exist yet, the folder it would be created in) accepts files: a probe
+    file is created and removed. Nothing is left behind; a read-only place fails now, not after training."""
+    target = out
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        raise UsageError(f"{flag} {out}: {target} is a file, not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dft-write-probe-", dir=target)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag} {out} is not writable ({e.strerror} in {target}): choose another {flag}.") from None
 
 
 def _check_reporting(config: Any) -> None:
@@ -261,6 +324,11 @@ def _load_model_and_tokenizer(script: Any) -> tuple[Any, Any]:
     local = Path(path)
     if local.exists() and not local.is_dir():
         raise UsageError(f"--model {path} is a file; give the folder written by save_pretrained (or a hub id).")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise UsageError(
+            f"--model {path} has no config.json (the folder is not a saved model): save the model there with "
+            "model.save_pretrained(folder)."
+        )
     if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
         raise UsageError(
             f"--model {path} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...): save it there "
@@ -268,6 +336,8 @@ def _load_model_and_tokenizer(script: Any) -> tuple[Any, Any]:
         )
     if not local.is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise UsageError(f"model path not found: {path} (a local folder written by save_pretrained, or a hub id).")
+    if not local.is_dir():
+        _check_hub(path)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
     if script.torch_dtype not in dtypes:
         raise UsageError(f"--torch_dtype must be one of {sorted(dtypes)}, got {script.torch_dtype!r}.")
@@ -278,11 +348,50 @@ def _load_model_and_tokenizer(script: Any) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=script.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        where = "folder" if local.is_dir() else "hub id (offline? set HF_HUB_OFFLINE=0 and check the name)"
+        where = "folder" if local.is_dir() else "hub id"
         raise UsageError(f"cannot load a causal LM and its tokenizer from {where} {path}: {_one_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_hub(repo_id: str, timeout: float = 5.0) -> None:
+    """A hub id that is not in the local cache needs the Hub: say so at once when it cannot be reached
+    (huggingface_hub would retry for about a minute, then print two dozen lines)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return  # in the cache: from_pretrained can load it
+    except Exception:  # an id huggingface_hub refuses: from_pretrained will say why
+        return
+    if constants.HF_HUB_OFFLINE:
+        reason = "it is not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+    else:
+        url = urlparse(constants.ENDPOINT)
+        error: list[str] = [f"no answer within {timeout:g}s"]
+
+        def probe() -> None:
+            try:
+                socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+                error.clear()
+            except OSError as e:
+                error[:] = [e.strerror or type(e).__name__]
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(timeout + 1)  # name resolution is not covered by the socket timeout
+        if not error:
+            return
+        reason = f"it is not in the Hugging Face cache and {constants.ENDPOINT} cannot be reached ({error[0]})"
+    raise UsageError(
+        f"--model {repo_id}: not a local folder, so a hub id, but {reason}: give a folder written by "
+        "save_pretrained, or download the model where the Hub is reachable."
+    )
 
 
 def _apply_lora(model: Any, script: Any) -> Any:
@@ -377,8 +486,8 @@ def _run_config(script: Any, config: Any, toy: bool, sizes: dict[str, Any]) -> d
         "dft_warmup_ratio": config.dft_warmup_ratio,
         "learning_rate": config.learning_rate,
         "lr_scheduler_type": str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)),
-        "max_steps": config.max_steps,
-        "num_train_epochs": config.num_train_epochs,
+        "max_steps": config.max_steps if config.max_steps > 0 else None,
+        "num_train_epochs": None if config.max_steps > 0 else config.num_train_epochs,  # max_steps wins
         "per_device_train_batch_size": config.per_device_train_batch_size,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "seed": config.seed,
@@ -431,6 +540,15 @@ class _SignalStop:
         return StopOnSignal()
 
 
+def _schedule(trainer: Any) -> tuple[int, int]:
+    """``(optimizer steps of the run, steps per epoch)``, as Trainer will count them."""
+    args = trainer.args
+    batches = len(trainer.get_train_dataloader())
+    per_epoch = max(-(-batches // args.gradient_accumulation_steps), 1)
+    total = args.max_steps if args.max_steps > 0 else max(int(-(-args.num_train_epochs * per_epoch // 1)), 1)
+    return total, per_epoch
+
+
 def _resume_target(value: str | None, out: Path) -> str | None:
     if value is None or value.lower() in ("false", "none", ""):
         return None
@@ -460,11 +578,14 @@ def run_train(argv: list[str]) -> int:
     script, config, toy = parse_train_args(argv)
     out = Path(config.output_dir)
     resume = _resume_target(config.resume_from_checkpoint, out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file, not a folder.")
     if out.exists() and any(out.iterdir()) and not (script.overwrite or resume):
         raise UsageError(
             f"output_dir {out} exists and is not empty: choose another, pass --overwrite, or "
             "--resume_from_checkpoint true to continue it."
         )
+    check_writable(out)
     model, tokenizer = _load_model_and_tokenizer(script)
     train_set, eval_raw, eval_set, how = _load_data(script, tokenizer, config.seed)
     ref_model = None
@@ -488,10 +609,23 @@ def run_train(argv: list[str]) -> int:
             ref_model=ref_model,
             callbacks=[stop.callback()],
         )
-        steps = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.num_train_epochs:g} epochs"
+        total, per_epoch = _schedule(trainer)
+        if "logging_steps" not in script.given_flags and not toy:  # a 15-step run logs more than once
+            trainer.args.logging_steps = max(1, min(trainer.args.logging_steps, -(-total // 20)))
+        if resume:
+            done = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
+            if done >= total:
+                raise UsageError(
+                    f"--resume_from_checkpoint: {resume} is at step {done} of {total}: that run is finished "
+                    f"(results in {out}); raise --max_steps to train on, or use a new --output_dir."
+                )
+        epochs = total / per_epoch
         print(
-            f"training {_describe_loss(config)} for {steps} at lr {config.learning_rate:g} on "
-            f"{trainer.args.device}" + (f", resuming from {resume}" if resume else ""),
+            f"training {_describe_loss(config)} for {total} steps ({epochs:.3g} epochs of {per_epoch} steps, "
+            f"{len(train_set)} examples, batch {trainer.args.per_device_train_batch_size} x "
+            f"{trainer.args.gradient_accumulation_steps} accumulation x {trainer.args.world_size} processes) "
+            f"at lr {config.learning_rate:g} on {trainer.args.device}, logging every "
+            f"{trainer.args.logging_steps} steps" + (f", resuming from {resume}" if resume else ""),
             flush=True,
         )
         stop.training = True
@@ -503,7 +637,14 @@ def run_train(argv: list[str]) -> int:
         em, predictions = exact_match(trainer.model, tokenizer, eval_raw, script.max_eval_examples)
         metrics["eval_exact_match"] = em
         metrics["eval_exact_match_examples"] = len(predictions)
-        sizes = {"train_examples": len(train_set), "eval_examples": len(eval_set), "eval_split": how}
+        sizes = {
+            "train_examples": len(train_set),
+            "eval_examples": len(eval_set),
+            "eval_split": how,
+            "total_steps": total,
+            "steps_per_epoch": per_epoch,
+            "logging_steps": trainer.args.logging_steps,
+        }
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
         try:
@@ -531,6 +672,10 @@ def run_eval(argv: list[str]) -> int:
         parser.print_help()
         return 0
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if args.output_dir is None and Path(args.model).is_dir():
+        args.output_dir = str(Path(args.model) / "eval")
+    if args.output_dir:
+        check_writable(Path(args.output_dir))
     script = TrainScriptArguments(model=args.model, trust_remote_code=args.trust_remote_code)
     model, tokenizer = _load_model_and_tokenizer(script)
     raw = load_local_dataset(args.data or _asset("arithmetic_test.jsonl"))

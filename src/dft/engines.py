@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +224,7 @@ def run_model(
         ``(head_loss's result, model outputs)``; the model's logits cover one position only.
     """
     engine = engine or detect_engine(model)
+    _keep_head_loss_out_of_graphs()
     keep = _forward_takes_logits_to_keep(type(unwrap_model(model)))
     hidden: list[Tensor] = []
     results: list[Any] = []
@@ -255,10 +257,26 @@ def run_model(
     return results[0], outputs
 
 
-@torch.compiler.disable
-def _call_head_loss(head_loss: HeadLoss, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
-    """Outside any ``torch.compile`` graph: the chunk loop has data-dependent shapes."""
+def _head_loss_call(head_loss: HeadLoss, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
     return head_loss(hidden, weight, bias)
+
+
+_head_loss_not_compiled: Callable[..., Any] | None = None
+
+
+def _keep_head_loss_out_of_graphs() -> None:
+    """Called outside any trace: once ``torch._dynamo`` is loaded (someone compiles), the head's loss is
+    wrapped in ``torch.compiler.disable`` (the chunk loop has data-dependent shapes). Until then nothing
+    compiles, and ``import dft`` does not pay for importing dynamo."""
+    global _head_loss_not_compiled
+    if _head_loss_not_compiled is None and "torch._dynamo" in sys.modules:
+        _head_loss_not_compiled = torch.compiler.disable(_head_loss_call)
+
+
+def _call_head_loss(head_loss: HeadLoss, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
+    """The head's loss, outside any ``torch.compile`` graph (see :func:`_keep_head_loss_out_of_graphs`)."""
+    call = _head_loss_call if _head_loss_not_compiled is None else _head_loss_not_compiled
+    return call(head_loss, hidden, weight, bias)
 
 
 def tie_to_outputs(loss: Tensor, outputs: Any, engine: EngineAdapter) -> Tensor:

@@ -162,6 +162,15 @@ class _TrainerTouchPoints:
             local = self.accelerator.gather(local).sum()
         return batch_samples, local
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """Resuming a model with tied embeddings: the checkpoint (safetensors) stores the shared weight once,
+        so the tied name (``lm_head.weight``) is "missing"; it is not, once tied. Only other keys warn."""
+        tied = _tied_names(self.model, getattr(load_result, "missing_keys", []))
+        if tied:
+            self.model.tie_weights()
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
     def _router_loss_steps(self, num_items_in_batch: Tensor | int | None) -> int:
         """A MoE router loss is a per-micro-batch mean that the engine averages over ranks. With
         ``num_items_in_batch`` Trainer leaves accumulation to the loss, so it is divided by the
@@ -175,6 +184,15 @@ class _TrainerTouchPoints:
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
             loss = loss * (self.accelerator.num_processes // tp)
         return loss
+
+
+def _tied_names(model: nn.Module, names: list[str]) -> set[str]:
+    """The ``names`` whose parameter is shared with another parameter of ``model`` (tied weights)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owners: dict[int, int] = {}
+    for p in params.values():
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    return {n for n in names if n in params and owners[id(params[n])] > 1}
 
 
 def _deepspeed_reference(ref_model: nn.Module, accelerator: Any) -> nn.Module:

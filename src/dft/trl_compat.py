@@ -31,7 +31,16 @@ class DFTSFTConfig(DFTArguments, SFTConfig):
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
+        if self.bf16 is None and not self.fp16:  # TRL turns bf16 on, which fails where there is none (CPU)
+            self.bf16 = _bf16_available()
         super().__post_init__()
+
+
+def _bf16_available() -> bool:
+    """What TRL's ``bf16=None`` default should mean: on where a GPU supports it, off elsewhere (CPU)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 class DFTSFTTrainer(DFTTrainerMixin, SFTTrainer):
