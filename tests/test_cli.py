@@ -376,13 +376,21 @@ def test_lora_and_load_dtype_flags(tmp_path, toy_model_dir):
     assert json.loads((out / "run_config.json").read_text())["lora"]["r"] == 4
 
 
-def test_hub_id_offline_is_one_line(tmp_path):
+@pytest.mark.parametrize("offline", ["1", None])
+def test_hub_id_offline_is_one_line(tmp_path, offline):
+    """A hub id that is not cached: HF_HUB_OFFLINE set, or the Hub unreachable (no network here): one line,
+    exit 2, before huggingface_hub's minute of retries (the socket probe gives up after 5 s)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update({"HF_HUB_OFFLINE": offline} if offline else {})
     proc = subprocess.run(
         [sys.executable, "-m", "dft", "train", "--model", "some-org/some-model", "--output_dir", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "hub id" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_short_run_on_user_data_reports_steps_logs_and_resumes(tmp_path, toy_model_dir):

@@ -564,6 +564,18 @@ def _resume_target(value: str | None, out: Path) -> str | None:
     return value
 
 
+def _check_unfinished(checkpoint: Path, config: Any, out: Path) -> None:
+    """Resuming a run that already reached its last step would train nothing and overwrite its metrics."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    done, planned = int(state.get("global_step", 0)), int(state.get("max_steps", 0) or 0)
+    target = config.max_steps if config.max_steps > 0 else planned
+    if target and done >= target:
+        raise UsageError(
+            f"--resume_from_checkpoint: {checkpoint} is at step {done} of {target}: that run is finished "
+            f"(results in {out}); raise --max_steps to train on, or use a new --output_dir."
+        )
+
+
 def _publish(staging: Path, out: Path) -> None:
     """Move every final artefact into ``out``, each with an atomic rename; metrics.json last (it marks done)."""
     names = sorted(p.name for p in staging.iterdir())
@@ -578,6 +590,8 @@ def run_train(argv: list[str]) -> int:
     script, config, toy = parse_train_args(argv)
     out = Path(config.output_dir)
     resume = _resume_target(config.resume_from_checkpoint, out)
+    if resume:
+        _check_unfinished(Path(resume), config, out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file, not a folder.")
     if out.exists() and any(out.iterdir()) and not (script.overwrite or resume):
@@ -612,13 +626,6 @@ def run_train(argv: list[str]) -> int:
         total, per_epoch = _schedule(trainer)
         if "logging_steps" not in script.given_flags and not toy:  # a 15-step run logs more than once
             trainer.args.logging_steps = max(1, min(trainer.args.logging_steps, -(-total // 20)))
-        if resume:
-            done = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
-            if done >= total:
-                raise UsageError(
-                    f"--resume_from_checkpoint: {resume} is at step {done} of {total}: that run is finished "
-                    f"(results in {out}); raise --max_steps to train on, or use a new --output_dir."
-                )
         epochs = total / per_epoch
         print(
             f"training {_describe_loss(config)} for {total} steps ({epochs:.3g} epochs of {per_epoch} steps, "
