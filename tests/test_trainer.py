@@ -299,3 +299,32 @@ def test_asft_trainer_accumulation_equals_big_batch(tmp_path):
         runs[name] = model
     for (n, a), b in zip(runs["big"].named_parameters(), runs["accum"].parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_dft_ce_tokens_special_trains_special_targets_with_ce(tmp_path):
+    """dft_ce_tokens='special': the tokenizer's special ids (EOS included) get weight 1; the loss equals the
+    reference with those ids on CE; a bad spec or 'special' without a tokenizer fails at construction."""
+    from tests.helpers.reference import ref_dft_loss
+    from tests.helpers.tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    trainer = dft.DFTTrainer(
+        model=tiny_model("llama"),
+        args=_args(tmp_path, dft_ce_tokens="special,7"),
+        train_dataset=_dataset(4),
+        processing_class=tok,
+    )
+    ids = tuple(sorted({*tok.all_special_ids, tok.eos_token_id, 7}))
+    assert trainer.dft_weighting().ce_token_ids == ids
+    batch = token_batch(2, 10, seed=1)
+    batch["labels"][:, ::3] = tok.eos_token_id
+    out = dft.causal_lm_loss(trainer.model, batch, trainer.dft_weighting())
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    want = ref_dft_loss(logits, batch["labels"][:, 1:], ce_token_ids=ids)
+    torch.testing.assert_close(out.loss.double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dft_ce_tokens: 'eos' is neither 'special' nor a token id"):
+        _args(tmp_path, dft_ce_tokens="eos")
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        dft.DFTTrainer(
+            model=tiny_model("llama"), args=_args(tmp_path, dft_ce_tokens="special"), train_dataset=_dataset(4)
+        )

@@ -35,3 +35,51 @@ def test_object_and_flat_options_together_are_refused(gen):
 def test_with_beta_keeps_the_other_fields():
     w = DFTWeight(alpha=0.5, min_weight=0.1).with_beta(0.25)
     assert (w.alpha, w.min_weight, w.beta) == (0.5, 0.1, 0.25)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("extra", [{}, {"min_weight": 0.05, "beta": 0.5}, {"reduction": "none"}])
+def test_ce_token_ids_weight_one_on_those_targets_exact(fused, extra):
+    """ce_token_ids: weight exactly 1 on those targets (CE), DFT elsewhere; float64 reference, values and
+    gradients, on the logits path and the fused head, with ignored tokens in the batch."""
+    import torch.nn.functional as F
+
+    import dft
+    from tests.helpers.reference import ref_dft_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 20, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g) * 0.5
+    y = torch.randint(0, 50, (3, 20), generator=g)
+    y[:, ::4] = 7  # a frequent "special" token
+    y[0, :3] = -100
+    ids = (7, 3)
+    extra = dict(extra)
+    reduction = extra.pop("reduction", "mean")
+
+    def run(fn):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(hh, ww)
+        (loss.sum() if reduction == "none" else loss).backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    weighting = dft.DFTWeight(ce_token_ids=list(ids), **extra)
+    if fused:
+        got = run(lambda a, b: dft.linear_dft_loss(a, b, y, weighting, reduction=reduction, chunk_size=16))
+    else:
+        got = run(lambda a, b: dft.dft_loss(F.linear(a, b), y, weighting, reduction=reduction))
+    want = run(lambda a, b: ref_dft_loss(F.linear(a, b), y, reduction=reduction, ce_token_ids=ids, **extra))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    plain = run(lambda a, b: ref_dft_loss(F.linear(a, b), y, reduction=reduction, **extra))
+    assert not torch.allclose(got[2], plain[2])  # the option changes the update
+
+
+def test_ce_token_ids_validation():
+    import dft
+
+    assert dft.DFTWeight(ce_token_ids=[5, 2, 5]).ce_token_ids == (2, 5)
+    with pytest.raises(TypeError, match="ce_token_ids must be token ids"):
+        dft.DFTWeight(ce_token_ids="eos")
+    with pytest.raises(ValueError, match="need the target ids"):
+        dft.DFTWeight(ce_token_ids=[1])(torch.zeros(3))

@@ -461,6 +461,8 @@ def _describe_loss(config: Any) -> str:
         text = f"{kind} (alpha={config.dft_alpha}, beta={config.dft_beta}"
         if config.dft_min_weight is not None:
             text += f", min_weight={config.dft_min_weight}"
+        if config.dft_ce_tokens:
+            text += f", cross-entropy on {config.dft_ce_tokens} tokens"
         if config.dft_warmup_steps or config.dft_warmup_ratio:
             ramp = config.dft_warmup_steps or f"{config.dft_warmup_ratio:.0%} of the"
             text += f", CE->DFT warm-up over {ramp} steps"
@@ -482,6 +484,7 @@ def _run_config(script: Any, config: Any, toy: bool, sizes: dict[str, Any]) -> d
         "loss_type": config.loss_type,
         "weighting": {k: (repr(v) if callable(v) else v) for k, v in vars(weighting).items()},
         "kl_coef": config.effective_kl_coef(),
+        "dft_ce_tokens": config.dft_ce_tokens,
         "dft_warmup_steps": config.dft_warmup_steps,
         "dft_warmup_ratio": config.dft_warmup_ratio,
         "learning_rate": config.learning_rate,

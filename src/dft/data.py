@@ -122,8 +122,7 @@ def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
         return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-            "save the file as UTF-8."
+            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8."
         ) from None
 
 

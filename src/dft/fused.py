@@ -265,7 +265,7 @@ def _run_chunks(
         u_full = None
         if plan.weighting.needs_logits:  # EAFT reads the whole distribution (an eager float32 copy)
             u_full = plan.transform.apply(z.to(acc_dtype))
-        wt = plan.weighting(logp, u_full)
+        wt = plan.weighting(logp, u_full, y_c.squeeze(1))
         del u_full
         loss_c = -(wt * logp)
         kl = None

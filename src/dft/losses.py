@@ -77,7 +77,7 @@ def _dft_loss(
     safe = torch.where(valid, labels, torch.zeros_like(labels))
     lse = torch.logsumexp(z, dim=-1)
     target_logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
-    w = weight(target_logp.detach(), z.detach() if weight.needs_logits else None)
+    w = weight(target_logp.detach(), z.detach() if weight.needs_logits else None, safe)
     token_loss = -(w * target_logp)
     kl = None
     if ref_logits is not None:  # ASFT: KL(q_ref || p) over the whole vocabulary, reference detached

@@ -54,7 +54,7 @@ class DFTArguments:
             Compute the loss from the last hidden states and the output embedding without building
             the `[tokens, vocab]` logits. False uses the logits path.
         loss_chunk_size (`int`, *optional*):
-            Token rows per chunk of the fused head; None picks it from a ~64 MiB budget.
+            Token rows per chunk of the fused head; None: equal chunks within the device's budget.
         kl_coef (`float`, *optional*):
             Weight of the per-token `KL(reference || model)` anchor (ASFT). None: 0.1 for
             `loss_type="asft"`, 0 otherwise. Any value > 0 needs a reference.
@@ -62,6 +62,10 @@ class DFTArguments:
             EAFT's power of the normalised top-k entropy (used with `loss_type="eaft"`).
         eaft_top_k (`int`, *optional*, defaults to `20`):
             EAFT's `k`.
+        dft_ce_tokens (`str`, *optional*):
+            Targets kept on cross-entropy (weight 1, DFT elsewhere): `"special"` (the tokenizer's special
+            tokens, EOS included), comma-separated token ids, or both (`"special,32001"`). A stop token or
+            format marker the base never produced has `p ~ 1/V`: plain DFT barely trains it.
     """
 
     loss_type: str = field(default="dft", metadata={"help": "'dft' (Dynamic Fine-Tuning) or 'sft' (cross-entropy)."})
@@ -77,6 +81,12 @@ class DFTArguments:
     )
     eaft_alpha: float = field(default=1.0, metadata={"help": "EAFT: power of the top-k entropy weight."})
     eaft_top_k: int = field(default=20, metadata={"help": "EAFT: k of the top-k entropy."})
+    dft_ce_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": "Targets kept on cross-entropy: 'special' (the tokenizer's special tokens), ids '2,7', or both."
+        },
+    )
 
     def validate_dft_arguments(self) -> None:
         """Raise ``ValueError`` naming the field for an invalid DFT option."""
@@ -91,6 +101,7 @@ class DFTArguments:
             raise ValueError(f"loss_chunk_size must be >= 1 or None, got {self.loss_chunk_size!r}.")
         if self.kl_coef is not None and (not isinstance(self.kl_coef, (int, float)) or self.kl_coef < 0):
             raise ValueError(f"kl_coef must be a number >= 0 or None, got {self.kl_coef!r}.")
+        ce_token_ids(self.dft_ce_tokens, tokenizer=None)  # syntax only; "special" is resolved by the trainer
 
     def effective_kl_coef(self) -> float:
         """The ASFT weight in use: ``kl_coef``, or 0.1 for ``loss_type="asft"`` when unset."""
@@ -98,15 +109,43 @@ class DFTArguments:
             return float(self.kl_coef)
         return DEFAULT_ASFT_KL_COEF if self.loss_type == "asft" else 0.0
 
-    def dft_weighting(self, beta: float | None = None) -> DFTWeight:
-        """The :class:`dft.DFTWeight` these arguments describe (``beta``: the warm-up's current value)."""
+    def dft_weighting(self, beta: float | None = None, ce_tokens: tuple[int, ...] | None = None) -> DFTWeight:
+        """The :class:`dft.DFTWeight` these arguments describe (``beta``: the warm-up's current value;
+        ``ce_tokens``: ``dft_ce_tokens`` resolved to ids)."""
         if self.loss_type in ("sft", "nll"):
             return DFTWeight(alpha=0.0)
         if self.loss_type == "eaft":
-            return DFTWeight(alpha=0.0, eaft_alpha=self.eaft_alpha, eaft_top_k=self.eaft_top_k)
+            return DFTWeight(alpha=0.0, eaft_alpha=self.eaft_alpha, eaft_top_k=self.eaft_top_k, ce_token_ids=ce_tokens)
         return DFTWeight(
-            alpha=self.dft_alpha, min_weight=self.dft_min_weight, beta=self.dft_beta if beta is None else beta
+            alpha=self.dft_alpha,
+            min_weight=self.dft_min_weight,
+            beta=self.dft_beta if beta is None else beta,
+            ce_token_ids=ce_tokens,
         )
+
+
+def ce_token_ids(spec: str | None, tokenizer: Any = None) -> tuple[int, ...] | None:
+    """``dft_ce_tokens`` -> token ids: ``"special"`` (``tokenizer.all_special_ids``, EOS included) and/or ids.
+
+    ``tokenizer=None`` checks the syntax only. Raises ``ValueError`` naming the bad part.
+    """
+    if spec is None or not str(spec).strip():
+        return None
+    ids: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        if part == "special":
+            if tokenizer is not None:
+                tok = getattr(tokenizer, "tokenizer", tokenizer)  # a processor holds its tokenizer
+                special = set(getattr(tok, "all_special_ids", []) or [])
+                if getattr(tok, "eos_token_id", None) is not None:
+                    special.add(int(tok.eos_token_id))
+                ids |= special
+        elif part.isdigit():
+            ids.add(int(part))
+        else:
+            raise ValueError(f"dft_ce_tokens: {part!r} is neither 'special' nor a token id (e.g. 'special,32001').")
+    return tuple(sorted(ids)) if tokenizer is not None or ids else None
 
 
 @dataclass
@@ -241,7 +280,14 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
         self._dft_beta_used: float | None = None
+        self._dft_ce_tokens = self._resolve_ce_tokens()
         self._claim_loss_kwargs()
+
+    def _resolve_ce_tokens(self) -> tuple[int, ...] | None:
+        spec = self._dft_option("dft_ce_tokens", None)
+        if spec and "special" in str(spec) and self.processing_class is None:
+            raise ValueError("dft_ce_tokens='special' needs the tokenizer: pass processing_class=tokenizer.")
+        return ce_token_ids(spec, self.processing_class if spec else None)
 
     def _prepare_reference(self, ref_model: nn.Module | None) -> nn.Module | None:
         """ASFT's reference: frozen, in eval mode, placed by the accelerator; under DeepSpeed ZeRO-3 and FSDP2
@@ -283,7 +329,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
 
     def dft_weighting(self) -> DFTWeight:
         """The :class:`dft.DFTWeight` of the current step (warm-up applied)."""
-        return self._dft_args().dft_weighting(beta=self.current_dft_beta())
+        return self._dft_args().dft_weighting(beta=self.current_dft_beta(), ce_tokens=self._dft_ce_tokens)
 
     def compute_loss(
         self,

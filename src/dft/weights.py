@@ -12,6 +12,7 @@ in this order::
     w = w * (H_k / ln k) ** eaft_alpha  # EAFT: entropy of the model's top-k distribution (k = eaft_top_k)
     w = w * [p >= p_min] * [p <= p_max] # thresholds: tokens outside get weight 0
                                         # (they still count in the mean's denominator)
+    w = 1 where y in ce_token_ids       # tokens kept on cross-entropy (e.g. EOS and the special tokens)
 
 A user callable ``weight_fn(logp) -> w`` replaces the first three steps (EAFT and thresholds still
 apply). EAFT (Entropy-Adaptive Fine-Tuning, arXiv 2601.02151) needs the token's whole detached
@@ -72,6 +73,10 @@ class DFTWeight:
             top-``k`` distribution (detached). ``0`` disables it; EAFT proper is ``alpha=0, eaft_alpha=1``.
         eaft_top_k (`int`, *optional*, defaults to `20`):
             ``k`` of the EAFT entropy (LLaMA-Factory's default).
+        ce_token_ids (`tuple[int, ...]`, *optional*):
+            Target ids trained with cross-entropy (weight exactly 1, whatever the other options say),
+            e.g. the tokenizer's special tokens: a stop token the base never produced has ``p ~ 1/V``,
+            so DFT alone would give it almost no gradient and generation would not stop.
 
     Example::
 
@@ -88,8 +93,18 @@ class DFTWeight:
     weight_fn: WeightFn | None = None
     eaft_alpha: float = 0.0
     eaft_top_k: int = 20
+    ce_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.ce_token_ids is not None:
+            ids = self.ce_token_ids
+            if isinstance(ids, Tensor):
+                ids = ids.reshape(-1).tolist()
+            if isinstance(ids, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise TypeError(f"ce_token_ids must be token ids (ints >= 0), got {self.ce_token_ids!r}.")
+            object.__setattr__(self, "ce_token_ids", tuple(sorted(set(ids))) or None)
         _check_number("alpha", self.alpha, low=0.0)
         _check_number("beta", self.beta, low=0.0, high=1.0)
         for name in ("min_weight", "p_min", "p_max"):
@@ -125,13 +140,19 @@ class DFTWeight:
         """True when every weight is known to be >= 0 (all built-in weights; a ``weight_fn`` may not be)."""
         return self.weight_fn is None
 
-    def __call__(self, logp: Tensor, logits: Tensor | None = None) -> Tensor:
+    @property
+    def needs_labels(self) -> bool:
+        """True when the weight depends on the target id (``ce_token_ids``)."""
+        return self.ce_token_ids is not None
+
+    def __call__(self, logp: Tensor, logits: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """Weights for detached target log-probabilities.
 
         Args:
             logp: ``[...]`` log-probabilities of the targets, float32 or float64 (detached inside).
             logits: ``[..., V]`` the (transformed) logits of the same tokens; needed only when
                 :attr:`needs_logits` (EAFT), read without a gradient.
+            labels: ``[...]`` the target ids; needed only when :attr:`needs_labels` (``ce_token_ids``).
 
         Returns:
             ``[...]`` weights, same shape and dtype as ``logp``, no graph attached.
@@ -166,6 +187,10 @@ class DFTWeight:
                 w = w * (p >= self.p_min)
             if self.p_max is not None:
                 w = w * (p <= self.p_max)
+        if self.ce_token_ids is not None:
+            if labels is None or labels.shape != logp.shape:
+                raise ValueError("ce_token_ids weights need the target ids (labels) of the same tokens.")
+            w = torch.where(torch.isin(labels, _id_tensor(self.ce_token_ids, labels.device)), torch.ones_like(w), w)
         return w
 
     @classmethod
@@ -189,6 +214,17 @@ class DFTWeight:
     def with_beta(self, beta: float) -> DFTWeight:
         """A copy with another ``beta`` (the CE -> DFT warm-up changes it every step)."""
         return replace(self, beta=beta)
+
+
+_ID_TENSORS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _id_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
+    """``ids`` as a tensor on ``device``, built once (no host-to-device copy per call)."""
+    key = (ids, device)
+    if key not in _ID_TENSORS:
+        _ID_TENSORS[key] = torch.tensor(ids, dtype=torch.long, device=device)
+    return _ID_TENSORS[key]
 
 
 @torch.no_grad()
@@ -217,6 +253,7 @@ class WeightOptions(TypedDict, total=False):
     weight_fn: WeightFn | None
     eaft_alpha: float
     eaft_top_k: int
+    ce_token_ids: tuple[int, ...] | None
 
 
 WEIGHT_OPTION_NAMES: frozenset[str] = frozenset(f.name for f in fields(DFTWeight))

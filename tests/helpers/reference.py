@@ -26,7 +26,9 @@ def ref_weights(
     weight_fn=None,
     eaft_alpha=0.0,
     eaft_top_k=20,
+    ce_token_ids=None,
     logits=None,
+    labels=None,
 ):
     p = logp.exp()
     if weight_fn is not None:
@@ -42,6 +44,9 @@ def ref_weights(
         w = torch.where(p >= p_min, w, torch.zeros_like(w))
     if p_max is not None:
         w = torch.where(p <= p_max, w, torch.zeros_like(w))
+    if ce_token_ids is not None:  # plain loop over the ids: weight 1 on those targets
+        for i in ce_token_ids:
+            w = torch.where(labels == i, torch.ones_like(w), w)
     return w
 
 
@@ -66,7 +71,7 @@ def ref_dft_loss(
     safe = labels.clone()
     safe[~valid] = 0
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    w = ref_weights(logp.detach(), logits=z.detach(), **weight_options)
+    w = ref_weights(logp.detach(), logits=z.detach(), labels=safe, **weight_options)
     per = -(w * logp)
     if ref_logits is not None:
         logq = F.log_softmax(ref_logits.double(), dim=-1)
