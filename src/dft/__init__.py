@@ -13,6 +13,7 @@ from .causal import CausalLMLossOutput, causal_lm_loss
 from .fused import LinearDFTLoss, linear_dft_loss
 from .labels import causal_targets, shift_causal_labels
 from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, token_stats
+from .prior import PriorReport, inspect_prior
 from .stats import TokenStats
 from .transform import LogitTransform
 from .weights import DFTWeight, beta_schedule
@@ -40,6 +41,7 @@ __all__ = [
     "DFTWeight",
     "LinearDFTLoss",
     "LogitTransform",
+    "PriorReport",
     "TokenStats",
     "beta_schedule",
     "causal_dft_loss",
@@ -48,6 +50,7 @@ __all__ = [
     "compute_loss_func",
     "dft_loss",
     "global_num_items",
+    "inspect_prior",
     "linear_dft_loss",
     "shift_causal_labels",
     "token_stats",

@@ -30,7 +30,7 @@ from typing import Any
 from .evaluation import exact_match, token_ce
 from .reporting import format_table, plot_history, write_metrics
 
-__all__ = ["EvalScriptArguments", "TrainScriptArguments", "main"]
+__all__ = ["EvalScriptArguments", "InspectScriptArguments", "TrainScriptArguments", "main"]
 
 TOY_RECIPE = {
     "per_device_train_batch_size": "32",
@@ -116,6 +116,22 @@ class EvalScriptArguments:
             "help": "Write eval_results.json and predictions.jsonl here (default: MODEL/eval for a local model)."
         },
     )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code."})
+
+
+@dataclass
+class InspectScriptArguments:
+    model: str | None = field(
+        default=None, metadata={"help": "Model folder or hub id (as dft train). Default: the built-in tiny Llama."}
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "Data file or save_to_disk folder (as dft train). Default: shipped arithmetic."}
+    )
+    max_examples: int = field(default=1000, metadata={"help": "Examples to read (the first N)."})
+    max_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens (as dft train)."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per forward pass."})
+    output_dir: str = field(default="dft-inspect", metadata={"help": "Where inspect.json and inspect.png go."})
+    torch_dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16, float16 or auto."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow the model's own code."})
 
 
@@ -705,11 +721,66 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: dft {train,eval} [flags]
+def run_inspect(argv: list[str]) -> int:
+    """``dft inspect``: the base model's p on the supervised tokens, and whether DFT fits (dft.prior)."""
+    import torch
+
+    from .data import collator, load_local_dataset
+    from .prior import inspect_prior
+    from .reporting import plot_prior
+
+    parser = _parser((InspectScriptArguments,), "dft inspect")
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        return 0
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    for name in ("max_examples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    out = Path(args.output_dir)
+    check_writable(out)
+    script = TrainScriptArguments(
+        model=args.model, torch_dtype=args.torch_dtype, trust_remote_code=args.trust_remote_code
+    )
+    model, tokenizer = _load_model_and_tokenizer(script)
+    raw = load_local_dataset(args.data or _asset("arithmetic_train.jsonl"))
+    raw = raw.select(range(min(args.max_examples, len(raw))))
+    prepared = _prepare(raw, tokenizer, args.max_length, "inspect")
+    loader = torch.utils.data.DataLoader(prepared, batch_size=args.batch_size, collate_fn=collator(tokenizer))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if tokenizer.eos_token_id is not None:
+        special.add(tokenizer.eos_token_id)
+    report = inspect_prior(model, loader, special_ids=special).as_dict()
+    report["model"] = args.model or "built-in tiny Llama (dft.toy)"
+    report["data"] = args.data or "shipped arithmetic_train.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inspect.json").write_text(json.dumps(report, indent=1))
+    plot_prior(out / "inspect.png", report)
+    fig = report["frac_below"]
+    sp = report["special_tokens"]
+    print(
+        f"{report['supervised_tokens']} supervised tokens: mean p {report['mean_p']:.3f}, median "
+        f"{report['quantiles']['0.5']:.3g}; p < 0.01 for {fig['0.01']:.1%} (DFT keeps under 1% of SFT's update "
+        f"there), p < 0.001 for {fig['0.001']:.1%}"
+    )
+    if sp["supervised_tokens"]:
+        print(
+            f"special tokens: {sp['supervised_tokens']} targets, mean p {sp['mean_p']:.3f}, p < 0.01 for "
+            f"{sp['frac_below']['0.01']:.1%}"
+            + ("  <- consider --dft_ce_tokens special" if sp["frac_below"]["0.01"] > 0.5 else "")
+        )
+    print(f"recommendation: {report['recommendation']} ({report['reason']})")
+    print(f"wrote {out}/inspect.json and inspect.png")
+    return 0
+
+
+USAGE = """usage: dft {train,eval,inspect} [flags]
 
   dft train [--model M] [--data D] [--loss dft|sft|asft|eaft] [TrainingArguments flags]
             with neither --model nor --data: the built-in toy job (tiny Llama, shipped arithmetic, CPU)
   dft eval --model M [--data D] [--output_dir OUT]
+  dft inspect --model M --data D [--max_examples N] [--output_dir OUT]
+            should I switch? the model's p on your supervised tokens, and a recommendation
 
   dft train --help, dft eval --help: every flag and its default"""
 
@@ -727,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(rest)
         if command == "eval":
             return run_eval(rest)
+        if command == "inspect":
+            return run_inspect(rest)
         raise UsageError(f"unknown command {command!r}. {USAGE.splitlines()[0]}")
     except (UsageError, DataError) as e:
         print(f"dft: error: {_one_line(e)}", file=sys.stderr)

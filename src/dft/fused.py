@@ -36,7 +36,7 @@ from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
 from .precision import compute_dtype, matmul_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
-from .stats import TokenStats
+from .stats import LOW_P_LOG, TokenStats
 from .transform import LogitTransform
 from .weights import DFTWeight
 
@@ -281,6 +281,7 @@ def _run_chunks(
             entropy = log_s - t / s
             sums = [-logp.sum(), logp.exp().sum(), (amax == y_c.squeeze(1)).sum(), entropy.sum()]
             sums += [logp.new_zeros(()) if kl is None else kl.sum(), logp.new_tensor(float(logp.shape[0]))]
+            sums.append((logp < LOW_P_LOG).sum())
             stats += torch.stack([x.to(stats.dtype) for x in sums])
         if not want_grad:
             continue

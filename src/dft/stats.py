@@ -15,6 +15,8 @@ from torch import Tensor
 
 __all__ = ["TokenStats", "token_stats_from_probs"]
 
+LOW_P_LOG = -4.605170185988091  # log(0.01): the threshold of TokenStats.low_p
+
 
 @dataclass
 class TokenStats:
@@ -27,6 +29,7 @@ class TokenStats:
         entropy_sum: sum of the predictive entropies ``H(softmax(logits_t))``.
         kl_sum: sum of ``KL(q_ref || p)`` to a reference model (ASFT); 0 without a reference.
         num_tokens: number of supervised tokens.
+        low_p: number of supervised tokens with ``p_t < 0.01`` (those DFT barely trains; ``dft.prior``).
     """
 
     ce_sum: Tensor
@@ -35,6 +38,7 @@ class TokenStats:
     entropy_sum: Tensor
     kl_sum: Tensor
     num_tokens: Tensor
+    low_p: Tensor
 
     def __add__(self, other: TokenStats) -> TokenStats:
         return TokenStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
@@ -61,6 +65,11 @@ class TokenStats:
     def entropy(self) -> Tensor:
         """Mean predictive entropy (nats)."""
         return self._mean(self.entropy_sum)
+
+    @property
+    def frac_low_p(self) -> Tensor:
+        """Share of supervised tokens with ``p < 0.01``."""
+        return self._mean(self.low_p)
 
     @property
     def kl(self) -> Tensor:
@@ -133,4 +142,5 @@ def token_stats_from_probs(
         entropy_sum=torch.where(valid, entropy, zero).sum().float(),
         kl_sum=zero.float() if kl is None else torch.where(valid, kl.detach(), zero).sum().float(),
         num_tokens=valid.sum().float(),
+        low_p=(valid & (target_logp < LOW_P_LOG)).sum().float(),
     )

@@ -62,6 +62,9 @@ class DFTArguments:
             EAFT's power of the normalised top-k entropy (used with `loss_type="eaft"`).
         eaft_top_k (`int`, *optional*, defaults to `20`):
             EAFT's `k`.
+        dft_log_prior (`bool`, *optional*, defaults to `True`):
+            Log `prior/mean_p` and `prior/frac_below_0.01` once: the base model's figures on the first
+            optimizer step's batches (from the loss's own statistics, no extra pass; see `dft inspect`).
         dft_ce_tokens (`str`, *optional*):
             Targets kept on cross-entropy (weight 1, DFT elsewhere): `"special"` (the tokenizer's special
             tokens, EOS included), comma-separated token ids, or both (`"special,32001"`). A stop token or
@@ -81,6 +84,10 @@ class DFTArguments:
     )
     eaft_alpha: float = field(default=1.0, metadata={"help": "EAFT: power of the top-k entropy weight."})
     eaft_top_k: int = field(default=20, metadata={"help": "EAFT: k of the top-k entropy."})
+    dft_log_prior: bool = field(
+        default=True,
+        metadata={"help": "Log prior/mean_p and prior/frac_below_0.01 of the first step's batches (the base model)."},
+    )
     dft_ce_tokens: str | None = field(
         default=None,
         metadata={
@@ -280,6 +287,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
         self._dft_beta_used: float | None = None
+        self._dft_prior: TokenStats | None = None
         self._dft_ce_tokens = self._resolve_ce_tokens()
         self._claim_loss_kwargs()
 
@@ -353,6 +361,8 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         if mode == "train" and self._dft_option("loss_type", "dft") in ("dft", "asft"):
             self._dft_beta_used = weighting.beta
         self._dft_stats[mode] = TokenStats.accumulate(self._dft_stats.get(mode), out.stats)
+        if mode == "train" and self.state.global_step == 0 and self._dft_option("dft_log_prior", True):
+            self._dft_prior = TokenStats.accumulate(self._dft_prior, out.stats)  # before any update: the base
         if out.aux_loss is not None:
             new = torch.stack([out.aux_loss.float(), torch.ones((), device=out.aux_loss.device)])
             previous_aux = self._dft_aux.get(mode)
@@ -374,6 +384,11 @@ class DFTTrainerMixin(_TrainerTouchPoints):
                 total, count = self.accelerator.reduce(aux, reduction="sum").tolist()
                 logs[f"{prefix}aux_loss"] = total / max(count, 1.0)
                 self._dft_aux[mode] = None
+        if "loss" in logs and self._dft_prior is not None and self.state.global_step > 0:
+            prior = TokenStats.unpack(self.accelerator.reduce(self._dft_prior.pack(), reduction="sum"))
+            logs["prior/mean_p"] = prior.mean_p.item()
+            logs["prior/frac_below_0.01"] = prior.frac_low_p.item()
+            self._dft_prior = None
         if "loss" in logs and self._dft_beta_used is not None:
             logs["dft_beta"] = self._dft_beta_used  # the beta of the last step the logged loss covers
         super().log(logs, *args, **kwargs)
