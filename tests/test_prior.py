@@ -65,6 +65,9 @@ def test_rule_thresholds():
     assert recommend(figures(0.0, mean_p=0.04), vocab_size=25)[0] == "sft"  # near uniform: no prior
     assert recommend(prior_figures(torch.zeros(0)))[0] == "sft"
     assert "mean p 0.800, 20.0% of the supervised tokens at p < 0.01" in recommend(figures(0.2))[1]
+    new_stop = {"supervised_tokens": 30, "mean_p": 1e-6, "frac_below": {"0.01": 1.0}}
+    assert "--dft_ce_tokens special" in recommend(figures(0.03), 1000, new_stop)[1]
+    assert "dft_ce_tokens" not in recommend(figures(0.03), 1000, figures(0.0))[1]
 
 
 def test_study_base_reasoning_goes_to_dft_and_new_facts_away_from_it():

@@ -83,3 +83,26 @@ def test_ce_token_ids_validation():
         dft.DFTWeight(ce_token_ids="eos")
     with pytest.raises(ValueError, match="need the target ids"):
         dft.DFTWeight(ce_token_ids=[1])(torch.zeros(3))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ce_token_ids_accumulation_equals_one_big_batch(fused):
+    """ce_token_ids under gradient accumulation (global num_items_in_batch): the summed micro-batch
+    gradients equal one batch holding every row, on the fused head and the logits path."""
+    import dft
+    from tests.helpers.tiny_models import tiny_model, token_batch
+
+    model = tiny_model("llama").double()
+    weighting = dft.DFTWeight(alpha=1.0, min_weight=0.05, ce_token_ids=(3, 11, 17))
+    parts = [token_batch(2, 12, seed=s) for s in (1, 2)]
+    for part in parts:
+        part["labels"][:, 4::3] = 11  # targets kept on CE in every row
+    n = dft.global_num_items(parts)
+    for part in parts:
+        dft.causal_lm_loss(model, part, weighting, num_items_in_batch=n, fused=fused).loss.backward()
+    accumulated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    big = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    dft.causal_lm_loss(model, big, weighting, fused=fused).loss.backward()
+    for a, b in zip(accumulated, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)

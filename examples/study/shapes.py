@@ -127,10 +127,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results" / "shapes.json"))
+    parser.add_argument("--shapes", nargs="+", default=list(METRICS), choices=list(METRICS))
+    parser.add_argument("--lr", type=float, default=None, help="one lr for every loss instead of the study's best")
     args = parser.parse_args()
     cfg = dict(study.SMOKE if args.smoke else study.FULL)
     study_runs = json.loads((HERE / "results" / "results.json").read_text())["experiments"]
     lrs = {"new_format": study_runs["reasoning"]["best_lr"], "mixed": study_runs["knowledge"]["best_lr"]}
+    if args.lr is not None:
+        lrs = {shape: dict.fromkeys(lrs[shape], args.lr) for shape in lrs}
+    shapes = {shape: METRICS[shape] for shape in args.shapes}
     t0 = time.time()
     figures = inspect_figures(cfg)
     for shape, f in figures.items():
@@ -139,17 +144,17 @@ def main() -> None:
             f"{f['frac_below']['0.01']:.3f}  -> {f['recommendation']}"
         )
     base = lab.load_base()
-    bases = {shape: score(base, shape, 0, cfg) for shape in METRICS}
+    bases = {shape: score(base, shape, 0, cfg) for shape in shapes}
     jobs = [
         (shape, name, w, lr, seed, cfg)
-        for shape in METRICS
+        for shape in shapes
         for name, (w, lr) in losses(lrs[shape], shape).items()
         for seed in cfg["seeds"]
     ]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         runs = pool.map(run_one, jobs)
     table: dict[str, dict] = {}
-    for shape, metrics in METRICS.items():
+    for shape, metrics in shapes.items():
         table[shape] = {}
         sft = sorted((r for r in runs if r["shape"] == shape and r["loss"] == "sft"), key=lambda r: r["seed"])
         for name in losses(lrs[shape], shape):
@@ -165,7 +170,9 @@ def main() -> None:
             )
             print(f"{shape:11s} {name:9s} lr {row['lr']:g}: {line}", flush=True)
     out = {
-        "command": "python examples/study/shapes.py" + (" --smoke" if args.smoke else ""),
+        "command": "python examples/study/shapes.py"
+        + (" --smoke" if args.smoke else "")
+        + (f" --shapes {' '.join(args.shapes)} --lr {args.lr:g}" if args.lr is not None else ""),
         "minutes": (time.time() - t0) / 60,
         "seeds": cfg["seeds"],
         "inspect": figures,

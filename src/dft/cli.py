@@ -765,9 +765,8 @@ def run_inspect(argv: list[str]) -> int:
     )
     if sp["supervised_tokens"]:
         print(
-            f"special tokens: {sp['supervised_tokens']} targets, mean p {sp['mean_p']:.3f}, p < 0.01 for "
-            f"{sp['frac_below']['0.01']:.1%}"
-            + ("  <- consider --dft_ce_tokens special" if sp["frac_below"]["0.01"] > 0.5 else "")
+            f"special tokens: {sp['supervised_tokens']} targets, mean p {sp['mean_p']:.3g}, "
+            f"p < 0.01 for {sp['frac_below']['0.01']:.1%}"
         )
     print(f"recommendation: {report['recommendation']} ({report['reason']})")
     print(f"wrote {out}/inspect.json and inspect.png")

@@ -87,8 +87,22 @@ def prior_figures(p: Tensor) -> dict[str, Any]:
     }
 
 
-def recommend(figures: Mapping[str, Any], vocab_size: int | None = None) -> tuple[str, str]:
-    """``(recommendation, reason)`` from :func:`prior_figures` (the thresholds of :data:`RULE`)."""
+def recommend(
+    figures: Mapping[str, Any], vocab_size: int | None = None, special: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """``(recommendation, reason)`` from :func:`prior_figures` (the thresholds of :data:`RULE`); when most
+    special-token targets (``special``: their figures) are at ``p < 0.01`` the reason says to keep them
+    on cross-entropy (``dft_ce_tokens="special"``): a new stop token DFT would not learn."""
+    name, reason = _recommend(figures, vocab_size)
+    if special and special.get("supervised_tokens") and special["frac_below"]["0.01"] > 0.5:
+        reason += (
+            f" The special tokens (EOS, ...) are new to the model (mean p {special['mean_p']:.2g}): keep them on"
+            " cross-entropy (dft_ce_tokens='special', --dft_ce_tokens special)."
+        )
+    return name, reason
+
+
+def _recommend(figures: Mapping[str, Any], vocab_size: int | None) -> tuple[str, str]:
     if not figures["supervised_tokens"]:
         return "sft", "no supervised token: nothing to decide on."
     low = figures["frac_below"]["0.01"]
@@ -162,12 +176,13 @@ def inspect_prior(
     p = logp.exp()
     special = torch.isin(tgt, torch.tensor(sorted(set(special_ids)), dtype=torch.long))
     figures = prior_figures(p)
+    special_figures = prior_figures(p[special])
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or (head.weight.shape[0] if head else None)
-    recommendation, reason = recommend(figures, vocab)
+    recommendation, reason = recommend(figures, vocab, special_figures)
     return PriorReport(
         **figures,
-        special_tokens=prior_figures(p[special]),
+        special_tokens=special_figures,
         recommendation=recommendation,
         reason=reason,
         histogram=_histogram(logp / math.log(10), special, p),
