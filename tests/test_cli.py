@@ -275,7 +275,7 @@ def test_variant_losses_from_the_command_line(tmp_path, loss, logged):
 
 def test_bare_command_prints_usage_and_writes_nothing(tmp_path):
     proc = dft_cli(cwd=tmp_path)
-    assert proc.returncode == 2 and "usage: dft {train,eval}" in proc.stderr
+    assert proc.returncode == 2 and "usage: dft {train,eval,inspect}" in proc.stderr
     assert not list(tmp_path.iterdir())
 
 
