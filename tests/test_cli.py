@@ -430,3 +430,18 @@ def test_eval_writes_predictions_next_to_a_local_model(tmp_path, toy_model_dir):
     proc = dft_cli("eval", "--model", model, "--max_eval_examples", "2", "--max_new_tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (model / "eval" / "predictions.jsonl").is_file() and (model / "eval" / "eval_results.json").is_file()
+
+
+def test_existing_read_only_output_dir_is_caught_by_the_probe(tmp_path, monkeypatch):
+    """An output dir that exists but refuses files (a read-only mount; chmod does not stop root, who runs
+    these tests): the probe file's PermissionError becomes the one-line usage error, before any training."""
+    from dft import cli
+
+    def deny(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", deny)
+    with pytest.raises(cli.UsageError, match=r"--output_dir .* is not writable \(Permission denied in .*\)"):
+        cli.check_writable(tmp_path)
+    with pytest.raises(cli.UsageError, match="is not writable"):
+        cli.check_writable(tmp_path / "new" / "run")  # created later: its nearest existing parent is probed
