@@ -328,3 +328,24 @@ def test_dft_ce_tokens_special_trains_special_targets_with_ce(tmp_path):
         dft.DFTTrainer(
             model=tiny_model("llama"), args=_args(tmp_path, dft_ce_tokens="special"), train_dataset=_dataset(4)
         )
+
+
+@pytest.mark.parametrize("log_prior", [True, False])
+def test_prior_figures_logged_once_from_the_first_step(tmp_path, log_prior):
+    """prior/mean_p and prior/frac_below_0.01 come from the first optimizer step's batches (the base model,
+    before any update: with logging_steps=1 they equal that step's own mean_p), logged once; off with
+    dft_log_prior=False."""
+    trainer = dft.DFTTrainer(
+        model=tiny_model("llama"),
+        args=_args(tmp_path, max_steps=3, logging_steps=1, dft_log_prior=log_prior),
+        train_dataset=_dataset(8),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    priors = [h for h in trainer.state.log_history if "prior/mean_p" in h]
+    if not log_prior:
+        assert not priors
+        return
+    assert len(priors) == 1 and priors[0] is logs[0]
+    assert priors[0]["prior/mean_p"] == pytest.approx(logs[0]["mean_p"], rel=1e-6)
+    assert 0.0 <= priors[0]["prior/frac_below_0.01"] <= 1.0
