@@ -36,7 +36,7 @@ from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
 from .precision import compute_dtype, matmul_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
-from .stats import LOW_P_LOG, TokenStats
+from .stats import TokenStats, token_stats_from_rows
 from .transform import LogitTransform
 from .weights import DFTWeight
 
@@ -219,7 +219,7 @@ def _run_chunks(
     coef: Tensor | None,
     need: tuple[bool, bool, bool],
     coef_nonneg: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+) -> tuple[Tensor, TokenStats | None, Tensor | None, Tensor | None, Tensor | None]:
     """One pass over the supervised rows.
 
     Args:
@@ -231,7 +231,7 @@ def _run_chunks(
         need: which of (dh, dW, db) to compute.
 
     Returns:
-        token losses ``[n]``, packed stats sums (``TokenStats.pack`` layout) or None, ``dh [n, H]``,
+        token losses ``[n]``, stats (:class:`TokenStats`) or None, ``dh [n, H]``,
         ``dW [V, H]`` (float32/64), ``db [V]``.
     """
     n, vocab = h.shape[0], w.shape[0]
@@ -244,7 +244,7 @@ def _run_chunks(
     dh = (torch.empty(h.shape, dtype=acc_dtype, device=device) if fp16 else torch.empty_like(h)) if need_dh else None
     dw = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_dw else None
     db = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_db else None
-    stats = torch.zeros(len(dataclasses.fields(TokenStats)), device=device) if plan.want_stats else None
+    stats = TokenStats.zeros(device) if plan.want_stats else None
     ref = plan.reference
     kz = _consts(plan.transform)
     kr = None if ref is None else _consts(ref.transform)
@@ -278,11 +278,7 @@ def _run_chunks(
             loss_c = loss_c + ref.kl_coef * kl
         token_loss[rows] = loss_c
         if stats is not None:
-            entropy = log_s - t / s
-            sums = [-logp.sum(), logp.exp().sum(), (amax == y_c.squeeze(1)).sum(), entropy.sum()]
-            sums += [logp.new_zeros(()) if kl is None else kl.sum(), logp.new_tensor(float(logp.shape[0]))]
-            sums.append((logp < LOW_P_LOG).sum())
-            stats += torch.stack([x.to(stats.dtype) for x in sums])
+            stats = stats + token_stats_from_rows(logp, amax == y_c.squeeze(1), log_s - t / s, kl)
         if not want_grad:
             continue
         # dU = c_p softmax(u) - c_w onehot(y) - c_q softmax(r_u);  c_p = c w (+ c kl_coef), c_q = c kl_coef
@@ -395,8 +391,8 @@ def _finish(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype | None
     return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
-def _pack_stats(stats: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_zeros(0, dtype=torch.float32) if stats is None else stats
+def _pack_stats(stats: TokenStats | None, like: Tensor) -> Tensor:
+    return like.new_zeros(0, dtype=torch.float32) if stats is None else stats.pack()
 
 
 def _check_chunk_size(chunk_size: object) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["TokenStats", "token_stats_from_probs"]
+__all__ = ["TokenStats", "token_stats_from_probs", "token_stats_from_rows"]
 
 LOW_P_LOG = -4.605170185988091  # log(0.01): the threshold of TokenStats.low_p
 
@@ -131,9 +131,24 @@ def token_stats_from_probs(
         valid: ``[N]`` bool mask of supervised tokens.
         kl: ``[N]`` per-token ``KL(q_ref || p)`` (ASFT), or None.
     """
-    target_logp = target_logp.detach()
     entropy = torch.special.entr(probs).sum(-1)
-    correct = probs.argmax(-1) == labels
+    return token_stats_from_rows(target_logp, probs.argmax(-1) == labels, entropy, kl, valid)
+
+
+@torch.no_grad()
+def token_stats_from_rows(
+    target_logp: Tensor, correct: Tensor, entropy: Tensor, kl: Tensor | None = None, valid: Tensor | None = None
+) -> TokenStats:
+    """The sums of :class:`TokenStats` from per-token values (the one place they are summed).
+
+    Args:
+        target_logp: ``[N]`` ``log p`` of the labels; correct: ``[N]`` bool, argmax == label;
+        entropy: ``[N]`` predictive entropies; kl: ``[N]`` ``KL(q_ref || p)`` (ASFT) or None;
+        valid: ``[N]`` bool mask of supervised tokens (None: every token).
+    """
+    target_logp = target_logp.detach()
+    if valid is None:
+        valid = torch.ones_like(correct, dtype=torch.bool)
     zero = torch.zeros((), dtype=target_logp.dtype, device=target_logp.device)
     return TokenStats(
         ce_sum=torch.where(valid, -target_logp, zero).sum().float(),
