@@ -728,6 +728,7 @@ def run_inspect(argv: list[str]) -> int:
     from .data import collator, load_local_dataset
     from .prior import inspect_prior
     from .reporting import plot_prior
+    from .trainer import ce_token_ids
 
     parser = _parser((InspectScriptArguments,), "dft inspect")
     if any(a in ("-h", "--help") for a in argv):
@@ -747,9 +748,7 @@ def run_inspect(argv: list[str]) -> int:
     raw = raw.select(range(min(args.max_examples, len(raw))))
     prepared = _prepare(raw, tokenizer, args.max_length, "inspect")
     loader = torch.utils.data.DataLoader(prepared, batch_size=args.batch_size, collate_fn=collator(tokenizer))
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    if tokenizer.eos_token_id is not None:
-        special.add(tokenizer.eos_token_id)
+    special = ce_token_ids("special", tokenizer)  # the ids --dft_ce_tokens special would keep on CE
     report = inspect_prior(model, loader, special_ids=special).as_dict()
     report["model"] = args.model or "built-in tiny Llama (dft.toy)"
     report["data"] = args.data or "shipped arithmetic_train.jsonl"
