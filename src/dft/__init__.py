@@ -16,6 +16,7 @@ from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, token
 from .prior import PriorReport, inspect_prior
 from .stats import TokenStats
 from .transform import LogitTransform
+from .vocab_parallel import VocabShard
 from .weights import DFTWeight, beta_schedule
 
 _LAZY = {
@@ -43,6 +44,7 @@ __all__ = [
     "LogitTransform",
     "PriorReport",
     "TokenStats",
+    "VocabShard",
     "beta_schedule",
     "causal_dft_loss",
     "causal_lm_loss",

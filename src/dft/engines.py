@@ -11,6 +11,9 @@ head module's own forward call:
   unit of its own; ``reshard_after_forward`` true or false): the pre-forward hook swaps the gathered
   parameter in, the post-forward hook reshards it, the post-backward hook on the unit's *inputs*
   reduce-scatters the gradient.
+* tensor parallel (transformers ``tp_plan="auto"``, torch ``ColwiseParallel`` on the head): the head
+  weight stays a ``Shard(0)`` DTensor (this rank's vocabulary rows); the loss combines the row
+  statistics over the tensor-parallel group (:mod:`dft.vocab_parallel`) and never gathers it.
 * DeepSpeed ZeRO-3: the pre-forward hook all-gathers the module's partitioned parameters, the
   post-forward hook releases them, a hook on each parameter's gradient accumulation reduce-scatters.
 
@@ -61,6 +64,14 @@ def _is_deepspeed_engine(model: object) -> bool:
     return "DeepSpeedEngine" in _class_names(model)
 
 
+def _has_dtensor_params(model: nn.Module) -> bool:
+    """Parameters are DTensors outside FSDP2 (checked before): transformers ``tp_plan`` / torch
+    ``parallelize_module``. The head weight, a ``Shard(0)`` DTensor, goes to :mod:`dft.vocab_parallel`."""
+    from .vocab_parallel import is_dtensor
+
+    return any(is_dtensor(p) for p in model.parameters())
+
+
 def _has_zero3_params(model: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
@@ -105,6 +116,7 @@ ENGINES: tuple[EngineAdapter, ...] = (
     ),
     EngineAdapter("fsdp2", lambda m: _any_module(m, _is_fsdp2_module), gathers_params=True),
     EngineAdapter("ddp", lambda m: "DistributedDataParallel" in _class_names(m)),
+    EngineAdapter("tensor-parallel", lambda m: _has_dtensor_params(m)),
     EngineAdapter("plain", lambda m: True),
 )
 """Checked in order; the first that matches is the model's engine."""
@@ -191,15 +203,25 @@ def _with_last_position(output: Any) -> Any:
 
 
 def _check_gathered(weight: Tensor) -> None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        DTensor = ()  # noqa: N806
-    if isinstance(weight, DTensor) or weight.numel() == 0:
+    """The head weight as the fused head can use it: whole, or a vocabulary shard (a ``Shard(0)`` DTensor,
+    tensor parallel: :mod:`dft.vocab_parallel` combines the rows). A ZeRO-3 partition left empty or any
+    other DTensor layout is an engine the fused head does not know."""
+    from .vocab_parallel import is_dtensor
+
+    if weight.numel() == 0 or (is_dtensor(weight) and not _is_vocab_sharded(weight)):
+        layout = f" (DTensor placements {weight.placements})" if is_dtensor(weight) else ""
         raise RuntimeError(
-            "dft: the LM head weight is not gathered inside the head's forward (sharded or partitioned); this engine "
-            "is not supported by the fused head: use fused_lm_head=False and report the engine."
+            f"dft: the LM head weight is not gathered inside the head's forward{layout}; this engine is not "
+            "supported by the fused head: use fused_lm_head=False and report the engine."
         )
+
+
+def _is_vocab_sharded(weight: Tensor) -> bool:
+    from torch.distributed.tensor import Replicate, Shard
+
+    return all(
+        isinstance(p, (Replicate, Shard)) and (not isinstance(p, Shard) or p.dim == 0) for p in weight.placements
+    )
 
 
 def run_model(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
@@ -38,6 +38,17 @@ from .precision import compute_dtype, matmul_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
 from .stats import TokenStats, token_stats_from_rows
 from .transform import LogitTransform
+from .vocab_parallel import (
+    RefPartials,
+    RowPartials,
+    VocabShard,
+    all_reduce_,
+    check_same_rows,
+    combine,
+    gather_topk,
+    localize_head,
+    vocab_size_of,
+)
 from .weights import DFTWeight
 
 __all__ = [
@@ -126,6 +137,7 @@ class _Plan:
     want_stats: bool
     grad_enabled: bool  # grad mode at call time: no gradient work under torch.no_grad()
     reference: _Reference | None = None  # ASFT
+    shard: VocabShard | None = None  # a vocabulary-sharded head (tensor parallel): dft.vocab_parallel
 
 
 _ADDMM_OUT_DTYPE: dict[str, bool] = {}
@@ -211,6 +223,160 @@ def default_chunk_size(
     return auto_chunk_size(vocab, chunk_budget_bytes(device), bytes_per_logit=per_logit, rows=rows)
 
 
+class _Target(NamedTuple):
+    """Where each row's target column is in this rank's logits block: ``col [C, 1]``; ``owned [C]`` (None:
+    every target is here, i.e. no vocabulary shard)."""
+
+    col: Tensor
+    owned: Tensor | None
+
+    @staticmethod
+    def of(labels: Tensor, shard: VocabShard | None, local_vocab: int) -> _Target:
+        if shard is None:
+            return _Target(labels.unsqueeze(1), None)
+        local = labels - shard.offset
+        owned = (local >= 0) & (local < local_vocab)
+        return _Target(torch.where(owned, local, 0).unsqueeze(1), owned)
+
+    def read(self, z: Tensor, dtype: torch.dtype) -> Tensor:
+        """``z[row, y]`` in ``dtype`` (0 where another rank holds the column)."""
+        z_y = z.gather(1, self.col).squeeze(1).to(dtype)
+        return z_y if self.owned is None else torch.where(self.owned, z_y, 0)
+
+    def write_(self, z: Tensor, values: Tensor) -> None:
+        """``z[row, y] = values`` where this rank holds the column."""
+        if self.owned is not None:
+            values = torch.where(self.owned, values, z.gather(1, self.col).squeeze(1))
+        z.scatter_(1, self.col, values.unsqueeze(1))
+
+
+class _Rows(NamedTuple):
+    """One chunk's per-row values once its partials are combined over the whole vocabulary (``[C]`` each)."""
+
+    logp: Tensor  # log p_y
+    weight: Tensor  # DFTWeight(log p_y) (detached)
+    loss: Tensor  # -weight * logp (+ kl_coef * kl)
+    lse: Tensor  # m + log s
+    s: Tensor  # sum exp(u - m): max_v p_v = 1 / s
+    kl: Tensor | None  # KL(q_ref || p) (ASFT)
+    r_lse: Tensor | None  # the reference's m_r + log s_r (ASFT)
+    r_s: Tensor | None  # the reference's s_r (ASFT)
+    r_uy: Tensor | None  # the reference's target logit (ASFT)
+
+
+class _Grads(NamedTuple):
+    """The gradient accumulators of one call (None where not needed): ``dh [n, H]``, ``dW [V_k, H]``, ``db [V_k]``."""
+
+    dh: Tensor | None
+    dw: Tensor | None
+    db: Tensor | None
+
+    @staticmethod
+    def zeros(h: Tensor, w: Tensor, need: tuple[bool, bool, bool], acc_dtype: torch.dtype) -> _Grads:
+        need_dh, need_dw, need_db = need
+        fp16 = h.dtype == torch.float16  # float16: dh stays float32 until the loss scale is applied
+        dh = None
+        if need_dh:
+            dh = torch.empty(h.shape, dtype=acc_dtype, device=h.device) if fp16 else torch.empty_like(h)
+        dw = torch.zeros(w.shape, dtype=acc_dtype, device=h.device) if need_dw else None
+        db = torch.zeros(w.shape[0], dtype=acc_dtype, device=h.device) if need_db else None
+        return _Grads(dh, dw, db)
+
+
+def _reduce_chunk(
+    plan: _Plan, pass_: Epilogue, z: Tensor, r: Tensor | None, target: _Target, acc_dtype: torch.dtype, stats: bool
+) -> tuple[RowPartials, Tensor | None]:
+    """Phase 1: this rank's row partials of ``u = transform(z)`` (and of ASFT's ``r``), and the target's tanh."""
+    kz = _consts(plan.transform)
+    u_y, th_y = plan.transform.forward_(target.read(z, acc_dtype))
+    if target.owned is not None:
+        u_y = torch.where(target.owned, u_y, 0)
+    m, s, amax, t = pass_.reduce(z, acc_dtype, kz, stats)
+    if amax is not None and plan.shard is not None:
+        amax = amax + plan.shard.offset
+    ref = None
+    if r is not None:
+        r_uy, _ = plan.reference.transform.forward_(target.read(r, acc_dtype))
+        m_r, s_r, d = pass_.ref_reduce(r, z, acc_dtype, _consts(plan.reference.transform), kz)
+        ref = RefPartials(m_r, s_r, d, r_uy)
+    return RowPartials(m, s, u_y, amax, t, ref), th_y
+
+
+def _finish_rows(plan: _Plan, part: RowPartials, z: Tensor, y: Tensor, acc_dtype: torch.dtype) -> _Rows:
+    """Phase 3: from the whole row's values, the log-probability, the weight, the loss and ASFT's KL."""
+    log_s = part.s.log()
+    lse = part.m + log_s
+    logp = part.u_y - lse
+    u_full = None
+    if plan.weighting.needs_logits:  # EAFT reads the distribution (an eager float32 copy; top-k under a shard)
+        u_full = gather_topk(plan.transform.apply(z.to(acc_dtype)), plan.weighting.eaft_top_k, plan.shard)
+    wt = plan.weighting(logp, u_full, y)
+    del u_full
+    loss = -(wt * logp)
+    kl = r_lse = r_s = r_uy = None
+    if part.ref is not None:  # ASFT: + kl_coef * KL(q || p), q = softmax(r_u)
+        ref = part.ref
+        log_s_r = ref.s.log()
+        kl = ref.d / ref.s + (part.m - ref.m) + (log_s - log_s_r)
+        loss = loss + plan.reference.kl_coef * kl
+        r_lse, r_s, r_uy = ref.m + log_s_r, ref.s, ref.u_y
+    return _Rows(logp, wt, loss, lse, part.s, kl, r_lse, r_s, r_uy)
+
+
+def _backprop_chunk(
+    plan: _Plan,
+    pass_: Epilogue,
+    row: _Rows,
+    c: Tensor,
+    coef_nonneg: bool,
+    z: Tensor,
+    r: Tensor | None,
+    th_y: Tensor | None,
+    target: _Target,
+    h_c: Tensor,
+    w: Tensor,
+    grads: _Grads,
+    rows: slice,
+) -> None:
+    """Phase 4: ``z <- dz`` in place (this rank's columns), then ``dh[rows]``, ``dW += dz.T h``, ``db += sum dz``.
+
+    ``dU = c_p softmax(u) - c_w onehot(y) - c_q softmax(r_u)``: ``c_w = c w`` (the DFT term),
+    ``c_q = c kl_coef`` (ASFT's anchor), ``c_p = c_w + c_q``; ``c`` the reduction coefficient.
+    """
+    acc_dtype = row.logp.dtype
+    kz = _consts(plan.transform)
+    ref = plan.reference
+    c_w = c * row.weight
+    c_q = None if ref is None else c * ref.kl_coef
+    c_p = c_w if c_q is None else c_w + c_q
+    shift, mult = (row.lse - c_p.log(), None) if coef_nonneg else (row.lse, c_p)  # exp(u - lse + log c_p) = c_p p
+    scale = inv_scale = None
+    if h_c.dtype == torch.float16:  # |dU| <= |c_p| max p + |c_w| + |c_q| max q, max p = 1/s; transform' <= scale/T
+        bound = c_p.abs() / row.s + c_w.abs() + (0.0 if c_q is None else c_q.abs() / row.r_s)
+        scale = _pow2_scale(bound * abs(kz.scale / kz.temperature))
+        inv_scale = scale.reciprocal()
+    kr = None if ref is None else _consts(ref.transform)
+    pass_.grad_(z, shift, mult, acc_dtype, kz, scale, r, row.r_lse, c_q, kr)
+    # the target column, exactly from float32 row values: dU_y = c_p p_y - c_w - c_q q_y
+    du_y = c_p * row.logp.exp() - c_w
+    if ref is not None:
+        du_y = du_y - c_q * (row.r_uy - row.r_lse).exp()
+    dz_y = plan.transform.backward_(du_y, th_y)
+    if scale is not None:
+        dz_y = dz_y * scale
+    target.write_(z, dz_y.to(z.dtype))
+    if grads.db is not None:
+        col = z.sum(0, dtype=acc_dtype)
+        grads.db.add_(col if inv_scale is None else col.mul_(inv_scale))
+    if grads.dh is not None:
+        if inv_scale is not None:
+            grads.dh[rows].copy_(torch.mm(z, w)).mul_(inv_scale)  # float32 dh
+        else:
+            torch.mm(z, w, out=grads.dh[rows])
+    if grads.dw is not None:
+        _mm_into(grads.dw, z.t(), h_c, inv_scale)
+
+
 def _run_chunks(
     plan: _Plan,
     h: Tensor,
@@ -219,100 +385,61 @@ def _run_chunks(
     coef: Tensor | None,
     need: tuple[bool, bool, bool],
     coef_nonneg: bool = True,
-) -> tuple[Tensor, TokenStats | None, Tensor | None, Tensor | None, Tensor | None]:
-    """One pass over the supervised rows.
+) -> tuple[Tensor, TokenStats | None, _Grads]:
+    """One pass over the supervised rows, chunk by chunk: logits, local reduce, combine over the vocabulary
+    group (:func:`dft.vocab_parallel.combine`; identity without a shard), finish, gradients.
 
     Args:
-        h: ``[n, H]`` supervised hidden rows (mm dtype); w: ``[V, H]``; b: ``[V]`` or None.
+        h: ``[n, H]`` supervised hidden rows (mm dtype); w: ``[V_k, H]`` (this rank's vocabulary rows,
+            all ``V`` without a shard); b: ``[V_k]`` or None.
         coef: ``[n]`` gradient coefficients (reduction coefficients, or the upstream gradient), or
             None to compute losses only.
+        need: which of (dh, dW, db) to compute.
         coef_nonneg: the coefficients are >= 0 (reduction coefficients), which allows folding them
             into the exponential; False for an upstream gradient of any sign.
-        need: which of (dh, dW, db) to compute.
 
     Returns:
-        token losses ``[n]``, stats (:class:`TokenStats`) or None, ``dh [n, H]``,
-        ``dW [V, H]`` (float32/64), ``db [V]``.
+        token losses ``[n]`` (float32/64), stats (:class:`TokenStats`) or None, and :class:`_Grads`
+        (``dh`` summed over the vocabulary group).
     """
-    n, vocab = h.shape[0], w.shape[0]
+    n, local_vocab = h.shape[0], w.shape[0]
     acc_dtype = compute_dtype(h.dtype)
-    device = h.device
-    token_loss = torch.empty(n, dtype=acc_dtype, device=device)
+    token_loss = torch.empty(n, dtype=acc_dtype, device=h.device)
     want_grad = coef is not None
-    need_dh, need_dw, need_db = (x and want_grad for x in need)
-    fp16 = h.dtype == torch.float16
-    dh = (torch.empty(h.shape, dtype=acc_dtype, device=device) if fp16 else torch.empty_like(h)) if need_dh else None
-    dw = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_dw else None
-    db = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_db else None
-    stats = TokenStats.zeros(device) if plan.want_stats else None
+    grads = _Grads.zeros(h, w, tuple(x and want_grad for x in need), acc_dtype)
+    stats = TokenStats.zeros(h.device) if plan.want_stats else None
     ref = plan.reference
-    kz = _consts(plan.transform)
-    kr = None if ref is None else _consts(ref.transform)
-    ep = epilogue_for(device, n * vocab)
-    chunk = plan.chunk_size or default_chunk_size(vocab, n, device, h.dtype, ep, ref is not None, plan.transform)
+    ep = epilogue_for(h.device, n * local_vocab)
+    chunk = plan.chunk_size or default_chunk_size(
+        local_vocab if plan.shard is None else plan.shard.max_local,  # the same chunks on every rank
+        n,
+        h.device,
+        h.dtype,
+        ep,
+        ref is not None,
+        plan.transform,
+    )
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
-        h_c, y_c = h[rows], plan.labels[rows].unsqueeze(1)
+        h_c, y = h[rows], plan.labels[rows]
         pass_ = ep if h_c.shape[0] >= 2 else EAGER  # dynamic shapes specialise 0/1 rows: never recompile a tail
         z = r = None  # free the previous chunk's blocks before this chunk's are allocated
-        z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())  # [C, V] matmul dtype
-        z_y = z.gather(1, y_c).squeeze(1).to(acc_dtype)  # the target logits, before z is overwritten
-        u_y, th_y = plan.transform.forward_(z_y)
-        m, s, amax, t = pass_.reduce(z, acc_dtype, kz, stats is not None)
-        log_s = s.log()
-        lse = m + log_s
-        logp = u_y - lse
-        u_full = None
-        if plan.weighting.needs_logits:  # EAFT reads the whole distribution (an eager float32 copy)
-            u_full = plan.transform.apply(z.to(acc_dtype))
-        wt = plan.weighting(logp, u_full, y_c.squeeze(1))
-        del u_full
-        loss_c = -(wt * logp)
-        kl = None
-        if ref is not None:  # ASFT: + kl_coef * KL(q || p), q = softmax(r_u)
-            r = ref.logits(rows)
-            r_uy, _ = ref.transform.forward_(r.gather(1, y_c).squeeze(1).to(acc_dtype))
-            m_r, s_r, d = pass_.ref_reduce(r, z, acc_dtype, kr, kz)
-            log_s_r = s_r.log()
-            kl = d / s_r + (m - m_r) + (log_s - log_s_r)
-            loss_c = loss_c + ref.kl_coef * kl
-        token_loss[rows] = loss_c
+        z = torch.mm(h_c, w.t()) if b is None else torch.addmm(b, h_c, w.t())  # [C, V_k] matmul dtype
+        r = None if ref is None else ref.logits(rows)
+        target = _Target.of(y, plan.shard, local_vocab)
+        part, th_y = _reduce_chunk(plan, pass_, z, r, target, acc_dtype, stats is not None)
+        whole = combine(part, plan.shard)  # phase 2: the full row's values on every rank
+        row = _finish_rows(plan, whole, z, y, acc_dtype)
+        token_loss[rows] = row.loss
         if stats is not None:
-            stats = stats + token_stats_from_rows(logp, amax == y_c.squeeze(1), log_s - t / s, kl)
+            entropy = whole.s.log() - whole.t / whole.s
+            stats = stats + token_stats_from_rows(row.logp, whole.argmax == y, entropy, row.kl)
         if not want_grad:
             continue
-        # dU = c_p softmax(u) - c_w onehot(y) - c_q softmax(r_u);  c_p = c w (+ c kl_coef), c_q = c kl_coef
         c = coef[rows].to(acc_dtype)
-        cw = c * wt
-        cq = None if ref is None else c * ref.kl_coef
-        cp = cw if cq is None else cw + cq
-        shift, mult = (lse - cp.log(), None) if coef_nonneg else (lse, cp)  # exp(u - lse + log c_p) = c_p p
-        scale = inv_scale = None
-        if fp16:  # |dU| <= |c_p| max p + |c_w| + |c_q| max q, max p = 1 / s; transform' <= scale / temperature
-            bound = cp.abs() / s + cw.abs() + (0.0 if cq is None else cq.abs() / s_r)
-            scale = _pow2_scale(bound * abs(kz.scale / kz.temperature))
-            inv_scale = scale.reciprocal()
-        r_shift = None if ref is None else m_r + log_s_r
-        pass_.grad_(z, shift, mult, acc_dtype, kz, scale, r, r_shift, cq, kr)
-        # the target column, exactly from float32 row values: dU_y = c_p p_y - c_w - c_q q_y
-        du_y = cp * logp.exp() - cw
-        if ref is not None:
-            du_y = du_y - cq * (r_uy - r_shift).exp()
-        dz_y = plan.transform.backward_(du_y, th_y)
-        if scale is not None:
-            dz_y = dz_y * scale
-        z.scatter_(1, y_c, dz_y.unsqueeze(1).to(z.dtype))
-        if db is not None:
-            col = z.sum(0, dtype=acc_dtype)
-            db.add_(col if inv_scale is None else col.mul_(inv_scale))
-        if dh is not None:
-            if fp16:
-                dh[rows].copy_(torch.mm(z, w)).mul_(inv_scale)  # float32 dh
-            else:
-                torch.mm(z, w, out=dh[rows])
-        if dw is not None:
-            _mm_into(dw, z.t(), h_c, inv_scale)
-    return token_loss, stats, dh, dw, db
+        _backprop_chunk(plan, pass_, row, c, coef_nonneg, z, r, th_y, target, h_c, w, grads, rows)
+    all_reduce_(grads.dh, plan.shard)
+    return token_loss, stats, grads
 
 
 def _scatter_rows(values: Tensor, plan: _Plan) -> Tensor:
@@ -338,7 +465,7 @@ class _LinearDFTFunction(torch.autograd.Function):
         h = _gather_rows(hidden, plan)
         w = weight.to(plan.mm_dtype)
         b = None if bias is None else bias.to(plan.mm_dtype)
-        token_loss, stats, dh, dw, db = _run_chunks(
+        token_loss, stats, (dh, dw, db) = _run_chunks(
             plan, h, w, b, plan.coef if grad_in_forward else None, need, coef_nonneg=plan.weighting.is_nonnegative
         )
         packed = _pack_stats(stats, token_loss)
@@ -371,7 +498,7 @@ class _LinearDFTFunction(torch.autograd.Function):
             h = _gather_rows(hidden, plan)
             w = weight.to(plan.mm_dtype)
             b = None if bias is None else bias.to(plan.mm_dtype)
-            _, _, dh, dw, db = _run_chunks(plan, h, w, b, coef, tuple(ctx.needs_input_grad[:3]), coef_nonneg=False)
+            _, _, (dh, dw, db) = _run_chunks(plan, h, w, b, coef, tuple(ctx.needs_input_grad[:3]), coef_nonneg=False)
             dh = None if dh is None else _scatter_rows(dh, plan)
             grad_out = None
         return (
@@ -465,6 +592,7 @@ def linear_dft_loss(
     ref_bias: Tensor | None = None,
     ref_transform: LogitTransform | None = None,
     kl_coef: float = 0.0,
+    vocab_shard: VocabShard | None = None,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
@@ -497,6 +625,15 @@ def linear_dft_loss(
         ref_transform: the reference's :class:`dft.LogitTransform` (default: ``transform``).
         kl_coef: ASFT weight: each supervised token adds ``kl_coef * KL(softmax(ref) || softmax(u))``,
             whose gradient ``kl_coef * (softmax(u) - softmax(ref))`` is folded into the same pass.
+        vocab_shard: for a head split on the vocabulary by hand (Megatron-style): ``weight`` (and
+            ``bias``) are this rank's rows ``[V_k, H]`` and :class:`dft.VocabShard` says which ids they
+            are (``offset``), the full ``vocab_size`` and the tensor-parallel ``group``. A ``Shard(0)``
+            DTensor weight (transformers ``tp_plan="auto"``, torch ``ColwiseParallel``) needs nothing:
+            its shard is read from it. Either way every rank of the group passes the same ``hidden``
+            and ``labels``; the row statistics are combined over the group (:mod:`dft.vocab_parallel`),
+            ``dW`` is this rank's shard only and ``dh`` is summed over the group. Passing a local shard
+            *without* ``vocab_shard`` is a softmax over that shard only: labels beyond it raise, but
+            labels that all fall inside it cannot be told from a smaller vocabulary.
         **options: flat keywords instead of ``weighting``/``transform``: ``alpha``, ``min_weight``,
             ``beta``, ``p_min``, ``p_max``, ``weight_fn``, ``logit_scale``, ``softcap``, ``temperature``.
 
@@ -513,7 +650,8 @@ def linear_dft_loss(
     _check_chunk_size(chunk_size)
     weighting, transform = resolve_options(weighting, transform, options)
     ref_transform = transform if ref_transform is None else ref_transform
-    reference = _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef)
+    hidden, weight, bias, shard = localize_head(hidden, weight, bias, vocab_shard)
+    reference = _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef, shard)
     return _linear_dft_loss(
         hidden,
         weight,
@@ -528,6 +666,7 @@ def linear_dft_loss(
         return_stats,
         reference,
         validate,
+        shard,
     )
 
 
@@ -539,6 +678,7 @@ def _check_reference(
     ref_bias: object,
     ref_transform: object,
     kl_coef: object,
+    shard: VocabShard | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None:
     check_kl(kl_coef, ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight")
     if ref_hidden is None and ref_weight is None:
@@ -546,6 +686,9 @@ def _check_reference(
     if ref_hidden is None or ref_weight is None:
         raise ValueError("ASFT needs both ref_hidden and ref_weight (and ref_bias if the reference head has one).")
     _validate_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    ref_hidden, ref_weight, ref_bias = _reference_rows_of_shard(
+        ref_hidden, ref_weight, ref_bias, shard, weight.shape[0]
+    )
     if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"ref_hidden {tuple(ref_hidden.shape)} / ref_weight {tuple(ref_weight.shape)} must match hidden "
@@ -554,6 +697,28 @@ def _check_reference(
     if not isinstance(ref_transform, LogitTransform):
         raise TypeError(f"ref_transform must be a dft.LogitTransform, got {type(ref_transform).__name__}.")
     return ref_hidden, ref_weight, ref_bias, ref_transform, float(kl_coef)
+
+
+def _reference_rows_of_shard(
+    ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Tensor | None, shard: VocabShard | None, local_rows: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """ASFT's reference head as the rows of the policy's vocabulary shard: a DTensor sharded the same way
+    gives its local part; a whole ``[V, H_ref]`` reference (not tensor parallel) is sliced to the shard's rows."""
+    ref_hidden, ref_weight, ref_bias, ref_shard = localize_head(ref_hidden, ref_weight, ref_bias, None)
+    if shard is None:
+        if ref_shard is not None:
+            raise ValueError("ref_weight is sharded on the vocabulary but weight is not; shard both the same way.")
+        return ref_hidden, ref_weight, ref_bias
+    if ref_shard is not None:
+        if (ref_shard.offset, ref_shard.vocab_size) != (shard.offset, shard.vocab_size):
+            raise ValueError(
+                f"ref_weight's vocabulary shard (offset {ref_shard.offset}) differs from weight's (offset {shard.offset})."
+            )
+        return ref_hidden, ref_weight, ref_bias
+    if ref_weight.shape[0] == shard.vocab_size:  # a whole reference: this rank's rows of it
+        rows = slice(shard.offset, shard.offset + local_rows)
+        return ref_hidden, ref_weight[rows], None if ref_bias is None else ref_bias[rows]
+    return ref_hidden, ref_weight, ref_bias
 
 
 def _linear_dft_loss(
@@ -570,10 +735,15 @@ def _linear_dft_loss(
     return_stats: bool,
     reference: tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None = None,
     validate: bool = True,
+    shard: VocabShard | None = None,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     valid = labels != ignore_index
     num_rows = valid.numel()
-    index = supervised_index(labels, ignore_index, weight.shape[0], check_range=validate)  # the one host sync
+    if validate:
+        check_same_rows(labels, shard)
+    index = supervised_index(  # the one host sync
+        labels, ignore_index, vocab_size_of(weight, shard), check_range=validate, what="hidden"
+    )
     flat_labels = labels.reshape(-1)
     sup_labels = flat_labels if index is None else flat_labels.index_select(0, index)
     coef = None
@@ -591,6 +761,7 @@ def _linear_dft_loss(
         mm_dtype=matmul_dtype(hidden),
         want_stats=return_stats,
         grad_enabled=torch.is_grad_enabled(),
+        shard=shard,
     )
     if reference is not None:
         ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef = reference

@@ -60,7 +60,12 @@ def check_labels(
             first = labels[bad][0].item()
             raise ValueError(
                 f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; found {first} "
-                f"(vocabulary size {num_classes}). Check the tokenizer/model vocabulary and the pad label."
+                f"(vocabulary size {num_classes}). Check the tokenizer/model vocabulary and the pad label"
+                + (
+                    "; a tensor-parallel rank's local head shard needs vocab_shard=dft.VocabShard(offset, vocab_size)."
+                    if what == "hidden"
+                    else "."
+                )
             )
 
 
@@ -109,7 +114,9 @@ def count_targets(targets: Tensor, ignore_index: int = -100) -> Tensor:
     return (targets != ignore_index).sum()
 
 
-def supervised_index(labels: Tensor, ignore_index: int, num_classes: int, *, check_range: bool = True) -> Tensor | None:
+def supervised_index(
+    labels: Tensor, ignore_index: int, num_classes: int, *, check_range: bool = True, what: str = "logits"
+) -> Tensor | None:
     """Flat indices ``[n]`` of the supervised labels, or None when every label is supervised.
 
     One host sync (``nonzero``) covers both the index and, with ``check_range``, the range check of
@@ -127,5 +134,5 @@ def supervised_index(labels: Tensor, ignore_index: int, num_classes: int, *, che
         mask = torch.cat([valid, bad.any().expand(n + 1)])
     index = mask.nonzero().squeeze(1)
     if index.numel() > n:
-        check_labels(labels, labels.shape, num_classes, ignore_index)  # raises with the first bad label
+        check_labels(labels, labels.shape, num_classes, ignore_index, what=what)  # raises with the first bad label
     return None if index.numel() == n else index

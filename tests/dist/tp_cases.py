@@ -1,0 +1,40 @@
+"""The tensor-parallel cases of tests/dist/tp_worker.py and their single-process reference (float64)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import dft
+from tests.dist.engine_cases import KL_COEF, LR, ROWS_PER_STEP, STEPS, build_model, rows
+
+CASES = ("tp-tied", "tp-untied", "tp-asft")
+
+
+def models(case: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The policy (and ASFT's reference) in float64; V = 23 splits 12 / 11 over 2 ranks."""
+    policy = build_model("untied" if case == "tp-untied" else "tied").double()
+    reference = build_model("tied", seed=1).double() if case == "tp-asft" else None
+    return policy, reference
+
+
+def save_models(out_dir: Path, case: str) -> None:
+    policy, reference = models(case)
+    policy.save_pretrained(out_dir / "policy")
+    if reference is not None:
+        reference.save_pretrained(out_dir / "reference")
+
+
+def single_process(case: str) -> dict[str, torch.Tensor]:
+    """One process, each step's rows as one batch, the same SGD steps (float64)."""
+    model, ref = models(case)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    data = rows("zero2")
+    for step in range(STEPS):
+        batch = {k: v[step * ROWS_PER_STEP : (step + 1) * ROWS_PER_STEP] for k, v in data.items()}
+        kw = {"ref_model": ref.eval(), "kl_coef": KL_COEF} if ref is not None else {}
+        optimizer.zero_grad()
+        dft.causal_lm_loss(model, batch, **kw).loss.backward()
+        optimizer.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,96 @@
+"""Run under torchrun (2 CPU ranks, gloo): DFTTrainer on a tensor-parallel model, as users launch it.
+
+    PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/dist/tp_worker.py OUT_DIR CASE
+
+The model is loaded with ``from_pretrained(folder, tp_plan="auto", dtype=float64)``: transformers shards
+it (``lm_head``: ``colwise_gather_output``, a ``Shard(0)`` DTensor; the tied embedding shares it) and
+Trainer builds ``ParallelismConfig(tp_size=2)`` itself. Both ranks see the same batches (one data-parallel
+rank). CASE: ``tp-tied``, ``tp-untied``, ``tp-asft`` (a reference loaded with the same plan),
+``tp-logits`` (``fused_lm_head=False``, the logits path: the baseline of the comparison).
+Saves the full parameters after 2 optimizer steps, the ``dft:`` warnings and the head's gradient layout.
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import SequentialSampler
+from transformers import AutoModelForCausalLM, default_data_collator
+
+import dft
+from dft.engines import detect_engine
+from tests.dist import exit_without_teardown
+from tests.dist.engine_cases import KL_COEF, LR, ROWS_PER_STEP, STEPS, dataset
+from tests.dist.sp_shim import allow_cpu_parallelism_config
+from tests.dist.tp_cases import save_models
+
+
+class SequentialTrainer(dft.DFTTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def main() -> None:
+    out_dir, case = Path(sys.argv[1]), sys.argv[2]
+    allow_cpu_parallelism_config()  # accelerate refuses ParallelismConfig on MULTI_CPU (tests/dist/sp_shim.py)
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        save_models(out_dir, case)
+    dist.barrier()
+    model = AutoModelForCausalLM.from_pretrained(out_dir / "policy", tp_plan="auto", dtype=torch.float64)
+    ref_model = None
+    if case == "tp-asft":
+        ref_model = AutoModelForCausalLM.from_pretrained(out_dir / "reference", tp_plan="auto", dtype=torch.float64)
+    head_grads = []
+    model.lm_head.weight.register_hook(
+        lambda g: head_grads.append((type(g).__name__, str(g.placements), g.to_local().shape))
+    )
+    args = dft.DFTConfig(
+        output_dir=str(out_dir / "run"),
+        per_device_train_batch_size=ROWS_PER_STEP // 2,
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        learning_rate=LR,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        fused_lm_head=case != "tp-logits",
+        **({"loss_type": "asft", "kl_coef": KL_COEF} if case == "tp-asft" else {}),
+    )
+    trainer = SequentialTrainer(
+        model=model, args=args, train_dataset=dataset("zero2"), data_collator=default_data_collator, ref_model=ref_model
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    dft_warnings = sorted({str(w.message) for w in caught if str(w.message).startswith("dft:")})
+    params = {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
+    if dist.get_rank() == 0:
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        torch.save(
+            {
+                "params": params,
+                "warnings": dft_warnings,
+                "engine": detect_engine(trainer.model_wrapped).name,
+                "tp_size": trainer.get_tp_size(),
+                "head_grads": head_grads,
+                "logs": logs,
+            },
+            out_dir / "trainer.pt",
+        )
+    dist.barrier()
+    exit_without_teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Run under torchrun (2 CPU ranks, gloo): the vocabulary-parallel fused head against a float64 reference.
+
+    PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/dist/vocab_worker.py OUT_DIR
+
+Every case builds the same full head on both ranks, splits it on the vocabulary (a ``Shard(0)``
+DTensor through ``distribute_tensor``, torch's ``ColwiseParallel``, or a local block with a
+``dft.VocabShard``), and records per rank the loss, the stats, ``dh`` and this rank's ``dW`` rows next to
+the full-logits float64 reference (``dft.dft_loss`` on ``F.linear``). V = 23 does not divide by 2 (local
+12 / 11 rows), labels hit both shards, ~25% are ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+import dft
+from dft import VocabShard
+from tests.dist import exit_without_teardown
+
+V, H, B, T = 23, 16, 3, 7
+
+CASES: dict[str, dict] = {
+    "dtensor-mean": {},
+    "dtensor-stats-softcap": {"transform": dft.LogitTransform(logit_scale=0.7, softcap=3.0), "stats": True},
+    "dtensor-bias-floor": {"bias": True, "options": {"alpha": 0.5, "min_weight": 0.1}},
+    "dtensor-sum": {"reduction": "sum"},
+    "dtensor-none": {"reduction": "none"},
+    "dtensor-num-items": {"num_items": 9.0},
+    "dtensor-eaft": {"options": {"alpha": 0.0, "eaft_alpha": 1.0, "eaft_top_k": 15}, "stats": True},
+    "dtensor-asft": {"asft": "dtensor", "stats": True},
+    "dtensor-asft-whole-ref": {"asft": "whole", "stats": True},
+    "dtensor-chunks": {"chunk_size": 4, "stats": True},
+    "dtensor-all-masked": {"all_masked": True},
+    "local-shard": {"local": True, "stats": True},
+    "colwise-module": {"colwise": True, "stats": True},
+    "bf16": {"dtype": torch.bfloat16, "stats": True},
+}
+
+
+def data(case: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    bias = torch.randn(V, generator=g, dtype=torch.float64) if case.get("bias") else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[torch.rand(B, T, generator=g) < 0.25] = -100
+    if case.get("all_masked"):
+        labels[:] = -100
+    ref_hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    ref_weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    out = {"hidden": hidden, "weight": weight, "labels": labels, "ref_hidden": ref_hidden, "ref_weight": ref_weight}
+    if bias is not None:
+        out["bias"] = bias
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}
+
+
+def kwargs_of(case: dict) -> dict:
+    kw = dict(case.get("options", {}))
+    kw["reduction"] = case.get("reduction", "mean")
+    if "transform" in case:
+        kw["transform"] = case["transform"]
+    if "num_items" in case:
+        kw["num_items_in_batch"] = case["num_items"]
+    return kw
+
+
+def reference(case: dict, d: dict) -> dict:
+    """Full logits in float64, dft.dft_loss (itself tested against log_softmax + gather)."""
+    hidden, weight = (d[k].to(torch.float64, copy=True).requires_grad_() for k in ("hidden", "weight"))
+    bias = d["bias"].to(torch.float64, copy=True).requires_grad_() if "bias" in d else None
+    logits = F.linear(hidden, weight, bias)
+    kw = kwargs_of(case)
+    if case.get("asft"):
+        kw |= {"ref_logits": F.linear(d["ref_hidden"].double(), d["ref_weight"].double()), "kl_coef": 0.5}
+    loss, stats = dft.dft_loss(logits, d["labels"], return_stats=True, **kw)
+    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * up).sum().backward()
+    return {
+        "loss": loss.detach(),
+        "stats": stats.pack().double() if case.get("stats") else None,
+        "dh": hidden.grad,
+        "dw": weight.grad,
+        "db": None if bias is None else bias.grad,
+    }
+
+
+def single_process(case: dict, d: dict) -> dict:
+    """The same call on one rank with the whole weight (the in-dtype baseline for low precision)."""
+    hidden = d["hidden"].clone().requires_grad_()
+    weight = d["weight"].clone().requires_grad_()
+    kw = kwargs_of(case)
+    if case.get("asft"):
+        kw |= {"ref_hidden": d["ref_hidden"], "ref_weight": d["ref_weight"], "kl_coef": 0.5}
+    loss, stats = dft.linear_dft_loss(
+        hidden, weight, d["labels"], chunk_size=case.get("chunk_size"), return_stats=True, **kw
+    )
+    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * up).sum().backward()
+    return {
+        "loss": loss.detach().double(),
+        "stats": stats.pack().double(),
+        "dh": hidden.grad.double(),
+        "dw": weight.grad.double(),
+    }
+
+
+def fused(case: dict, d: dict, mesh) -> dict:
+    rank = dist.get_rank()
+    hidden = d["hidden"].clone().requires_grad_()
+    full_w = d["weight"].clone()
+    kw = kwargs_of(case)
+    bias = None
+    if case.get("local"):  # Megatron-style: this rank's rows and a VocabShard
+        rows = torch.arange(V).chunk(2)[rank]
+        weight = full_w[rows].clone().requires_grad_()
+        kw["vocab_shard"] = VocabShard(offset=int(rows[0]), vocab_size=V)
+        param = weight
+    elif case.get("colwise"):  # torch's own tensor parallel API on an nn.Linear head
+        head = torch.nn.Linear(H, V, bias=False, dtype=full_w.dtype)
+        head.weight.data.copy_(full_w)
+        parallelize_module(head, mesh, ColwiseParallel())
+        weight = param = head.weight
+    else:
+        weight = param = torch.nn.Parameter(distribute_tensor(full_w, mesh, [Shard(0)]))
+        if "bias" in d:
+            bias = torch.nn.Parameter(distribute_tensor(d["bias"].clone(), mesh, [Shard(0)]))
+    if case.get("asft"):
+        ref_w = d["ref_weight"]
+        if case["asft"] == "dtensor":
+            ref_w = distribute_tensor(ref_w, mesh, [Shard(0)])
+        kw |= {"ref_hidden": d["ref_hidden"], "ref_weight": ref_w, "kl_coef": 0.5}
+    loss, stats = dft.linear_dft_loss(
+        hidden, weight, d["labels"], bias=bias, chunk_size=case.get("chunk_size"), return_stats=True, **kw
+    )
+    up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * up).sum().backward()
+    grad_w = param.grad
+    is_dtensor = isinstance(grad_w, DTensor)
+    out = {
+        "loss": loss.detach().double(),
+        "stats": stats.pack().double() if case.get("stats") else None,
+        "dh": hidden.grad.double(),
+        "dw_local": (grad_w.to_local() if is_dtensor else grad_w).double(),
+        "dw_placements": str(grad_w.placements) if is_dtensor else "local",
+        "dw_local_shape": tuple((grad_w.to_local() if is_dtensor else grad_w).shape),
+        "rows": torch.arange(V).chunk(2)[rank],
+    }
+    if bias is not None:
+        out["db_local"] = bias.grad.to_local().double()
+    return out
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    results = {}
+    for name, case in CASES.items():
+        d = data(case, case.get("dtype", torch.float64))
+        try:
+            results[name] = {
+                "fused": fused(case, d, mesh),
+                "ref": reference(case, d),
+                "single": single_process(case, d),
+            }
+        except Exception as e:  # noqa: BLE001 - recorded for the test to show
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+    # a local shard whose labels differ across ranks (a data-parallel group by mistake) -> ValueError
+    d = data({}, torch.float64)
+    labels = d["labels"].clone()
+    labels[0, 0] = dist.get_rank()
+    try:
+        dft.linear_dft_loss(
+            d["hidden"], d["weight"][:12], labels, vocab_shard=VocabShard(offset=12 * dist.get_rank(), vocab_size=24)
+        )
+        results["different-rows"] = {"error": None}
+    except ValueError as e:
+        results["different-rows"] = {"error": str(e)}
+    torch.save(results, out_dir / f"vocab_rank{dist.get_rank()}.pt")
+    dist.barrier()
+    exit_without_teardown()
+
+
+if __name__ == "__main__":
+    main()
