@@ -87,6 +87,13 @@ def test_different_rows_on_the_vocab_group_is_refused(vocab_results):
         assert error is not None and "same labels" in error
 
 
+def test_bare_local_shard_of_a_dtensor_is_refused(vocab_results):
+    """``linear_dft_loss(hidden, W.to_local(), labels)``: a softmax over half the vocabulary, refused."""
+    for rank in (0, 1):
+        error = vocab_results[rank]["bare-local"]["error"]
+        assert error is not None and "local shard of a DTensor" in error and "VocabShard" in error
+
+
 def test_vocab_shard_is_validated():
     with pytest.raises(ValueError, match="offset"):
         VocabShard(offset=30, vocab_size=23)

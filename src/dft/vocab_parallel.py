@@ -138,7 +138,9 @@ def localize_head(
         vocab_shard = _shard_of(weight)
         if bias is not None and is_dtensor(bias) and tuple(bias.placements) != tuple(weight.placements):
             raise ValueError(f"bias placements {bias.placements} must match the weight's {weight.placements}.")
-    elif vocab_shard is not None:
+    elif vocab_shard is None:
+        _refuse_bare_local_shard(weight)
+    else:
         if not isinstance(vocab_shard, VocabShard):
             raise TypeError(f"vocab_shard must be a dft.VocabShard, got {type(vocab_shard).__name__}.")
         if not (dist.is_available() and dist.is_initialized()):
@@ -149,6 +151,20 @@ def localize_head(
                 f"{vocab_shard.vocab_size}."
             )
     return _local(hidden, "hidden"), _local(weight, "weight"), _local(bias, "bias"), vocab_shard
+
+
+def _refuse_bare_local_shard(weight: Tensor) -> None:
+    """``W.to_local()`` of a vocabulary-sharded DTensor passed as if it were the whole head would be a softmax
+    over this rank's rows only. Its autograd node (``_ToTorchTensor``) still carries the DTensor's spec: refuse.
+    (A frozen ``to_local()`` has no node and cannot be told from a small head.)"""
+    spec = getattr(weight.grad_fn, "dtensor_spec", None) if weight.grad_fn is not None else None
+    placements = getattr(spec, "placements", ())
+    if any(type(p).__name__ == "Shard" and getattr(p, "dim", None) == 0 for p in placements):
+        raise ValueError(
+            f"weight is the local shard of a DTensor split on the vocabulary (placements {tuple(placements)}, "
+            f"{weight.shape[0]} of {spec.shape[0]} rows): a softmax over it alone is wrong. Pass the DTensor weight "
+            "itself (its shard is read from it), or vocab_shard=dft.VocabShard(offset, vocab_size, group)."
+        )
 
 
 def vocab_size_of(weight: Tensor, shard: VocabShard | None) -> int:

@@ -184,6 +184,13 @@ def main() -> None:
         results["different-rows"] = {"error": None}
     except ValueError as e:
         results["different-rows"] = {"error": str(e)}
+    # the issue's reproduction: W.to_local() passed as the whole head, every label inside rank 0's shard
+    weight = torch.nn.Parameter(distribute_tensor(d["weight"], mesh, [Shard(0)]))
+    try:
+        dft.linear_dft_loss(d["hidden"], weight.to_local(), d["labels"].clamp(max=10))
+        results["bare-local"] = {"error": None}
+    except ValueError as e:
+        results["bare-local"] = {"error": str(e)}
     torch.save(results, out_dir / f"vocab_rank{dist.get_rank()}.pt")
     dist.barrier()
     exit_without_teardown()
