@@ -6,7 +6,8 @@
 Each run launches 2 gloo ranks with torchrun (DeepSpeed: DS_ACCELERATOR=cpu; FSDP2 through
 accelerate's own preparation with the test suite's CPU shim), trains 2 optimizer steps of a Llama
 with a large vocabulary (hidden 64, 2 layers, untied head; 2 rows x 1024 tokens per micro-batch, 2
-accumulation steps, all tokens supervised) and reports each rank's peak RSS growth during training
+accumulation steps, all tokens supervised; ``tp``: tensor parallel, ``from_pretrained(tp_plan="auto")``,
+both ranks on the same batches) and reports each rank's peak RSS growth during training
 (``ru_maxrss`` after ``train()`` minus the RSS before it), the larger of the two ranks. CPU RSS is a
 proxy for device memory: what matters is the ``[tokens, vocab]`` float32 logits (and their
 gradient) that the logits path builds and the fused head never does.
@@ -23,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("ddp", "zero2", "zero3", "fsdp2")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "tp")
 
 
 def _rss_mb() -> float:
@@ -52,6 +53,8 @@ def worker(engine: str, fused: bool, vocab: int, seq: int, out: Path) -> None:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    if engine == "tp":  # loaded as users do: from_pretrained(..., tp_plan="auto"), head Shard(0) on 2 ranks
+        model = _tensor_parallel(model, out)
     ids = torch.randint(0, vocab, (16, seq))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     kwargs: dict = {}
@@ -89,6 +92,20 @@ def worker(engine: str, fused: bool, vocab: int, seq: int, out: Path) -> None:
         (out / "peak.txt").write_text(str(max(float(p) for p in peaks)))
     trainer.accelerator.wait_for_everyone()
     os._exit(0)  # skip gloo teardown (see tests/dist/__init__.py)
+
+
+def _tensor_parallel(model, out: Path):
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from tests.dist.sp_shim import allow_cpu_parallelism_config
+
+    allow_cpu_parallelism_config()  # accelerate refuses ParallelismConfig on CPU ranks (test-only shim)
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        model.save_pretrained(out / "model")
+    dist.barrier()
+    return AutoModelForCausalLM.from_pretrained(out / "model", tp_plan="auto")
 
 
 def run(engine: str, fused: bool, vocab: int, seq: int) -> float:
