@@ -11,17 +11,21 @@ recipe is to divide every micro-batch's *sum* by the global count ``N`` of super
 
 DDP, FSDP and DeepSpeed *average* gradients over the ``R`` ranks, so by default the count returned
 is ``N / R``: then ``sum_rank(grad_rank) / R`` is exactly ``grad(sum of all tokens) / N``.
+
+Context parallelism (accelerate ``ParallelismConfig(cp_size=...)``, torch's ``context_parallel``)
+needs its own order of sharding and counting: see :func:`global_num_items`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .labels import Batch, causal_targets, count_targets, shift_causal_labels
+from .labels import UNSHIFTED_UNDER_CP, Batch, causal_targets, count_targets, shift_causal_labels
 
 __all__ = ["global_num_items"]
 
@@ -38,6 +42,37 @@ def global_num_items(
 
     Counts exactly the targets the loss averages over (:mod:`dft.labels`): pass the step's batches
     (mappings) and packed rows (``position_ids``) or pre-shifted ``shift_labels`` are counted right.
+    Under context parallelism call it inside the CP context, on batches whose ``shift_labels`` were
+    sharded (below).
+
+    Context parallelism (accelerate ``ParallelismConfig(cp_size=...)`` + FSDP2, torch's
+    ``context_parallel``): every CP rank of a data-parallel rank holds the same rows, and the context
+    shards the listed buffers on the sequence -- load-balanced, so each rank holds a head and a tail
+    chunk, not one contiguous part. Two things make a hand-written loop exact:
+
+    * shard ``shift_labels`` (``dft.shift_causal_labels(labels)``, shifted *before* sharding), never the
+      unshifted ``labels``: shifted inside a shard, the last position of a chunk would be paired with the
+      first token of the other chunk the rank holds (another part of the sequence);
+    * count *inside* the context, from the shards: outside it every CP rank counts whole sequences, a
+      count ``cp_size`` times too large (``1 / cp_size`` of the gradients).
+
+    ::
+
+        for mb in micro_batches:  # one sequence length, a multiple of 2 * cp_size
+            mb["shift_labels"] = dft.shift_causal_labels(mb.pop("labels"))
+            mb["position_ids"] = torch.arange(mb["input_ids"].shape[1]).expand_as(mb["input_ids"]).clone()
+            mb.pop("attention_mask", None)  # CP attends causally (accelerate drops masks): pad on the right
+        buffers = [t for mb in micro_batches for t in mb.values()]
+        with accelerator.maybe_context_parallel(
+            buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)
+        ):
+            num_items = dft.global_num_items(micro_batches)  # of the local shards
+            for mb in micro_batches:
+                accelerator.backward(dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss)
+        optimizer.step()
+
+    ``DFTTrainer`` with ``DFTConfig(parallelism_config=ParallelismConfig(cp_size=...))`` does all of
+    this itself (Trainer shifts, shards and counts before sharding, divided by ``cp_size``).
 
     Args:
         batches: this rank's data for the whole optimizer step: one batch or one per micro-batch
@@ -50,19 +85,39 @@ def global_num_items(
             return ``N / world_size`` so that the average equals the single-process gradient.
             False returns ``N``.
         group: process group (default: the world). Without an initialised process group this is a
-            single process and the local count is returned.
+            single process and the local count is returned. Under context parallelism it must hold
+            the CP ranks (the world does).
 
     Returns:
         0-dim float32 tensor on the data's device.
+
+    Raises:
+        ValueError: context parallelism is configured (accelerate ``cp_size > 1``) but this is called
+            outside the CP context, where each CP rank still holds whole sequences; or, inside the
+            context, ``batches`` has unshifted labels (a batch without ``shift_labels``, a bare tensor
+            with ``shift=True``).
     """
     items = [batches] if isinstance(batches, (Tensor, Mapping)) else list(batches)
     if not items:
         raise ValueError("global_num_items needs at least one batch or labels tensor.")
+    in_cp = _in_context_parallel()
+    cp_size = _accelerate_cp_size()
+    if cp_size > 1 and not in_cp:
+        raise ValueError(
+            f"global_num_items: accelerate's ParallelismConfig has cp_size={cp_size}, but this is called outside "
+            f"the context-parallel context, where every CP rank holds whole sequences: the count would be "
+            f"{cp_size}x too large ({1 / cp_size:g}x gradients). Call it inside "
+            "`with accelerator.maybe_context_parallel(buffers=[..., mb['shift_labels'], ...], ...)`, on the "
+            "sharded batches (see help(dft.global_num_items))."
+        )
     counts = []
     for item in items:
         if isinstance(item, Mapping):
             targets = causal_targets(item, ignore_index)
         elif isinstance(item, Tensor):
+            if shift and in_cp:
+                what = "global_num_items(labels tensor, shift=True) (for shift_labels tensors pass shift=False)"
+                raise ValueError(UNSHIFTED_UNDER_CP.format(what=what))
             targets = shift_causal_labels(item, ignore_index) if shift else item
         else:
             raise TypeError(f"global_num_items takes batches (mappings) or labels tensors, got {type(item).__name__}.")
@@ -75,3 +130,35 @@ def global_num_items(
     if grads_averaged_over_ranks:
         count = count / world
     return count.float()
+
+
+def _in_context_parallel() -> bool:
+    """Whether torch's context parallelism is on: inside ``context_parallel`` (accelerate's
+    ``maybe_context_parallel``, Trainer's CP step), or with its dispatcher enabled for sharded buffers.
+
+    Read from torch's state (private, torch 2.13): its SDPA handlers are in DTensor's dispatch table
+    exactly while CP is on. A torch without that state reads as False (no error is ever raised then).
+    """
+    cp = sys.modules.get("torch.distributed.tensor.experimental._context_parallel._attention")
+    if cp is None:  # never imported: CP never ran
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+
+        handlers = DTensor._op_dispatcher._custom_op_handlers
+        return any(op in handlers for op in cp.custom_ops)
+    except (AttributeError, TypeError):
+        return False
+
+
+def _accelerate_cp_size() -> int:
+    """``cp_size`` of the ``ParallelismConfig`` in accelerate's (process-wide) state; 1 without one."""
+    state = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state, "AcceleratorState", None), "_shared_state", None)
+    config = shared.get("parallelism_config") if isinstance(shared, dict) else None
+    if config is None or getattr(config, "cp_backend", "torch") != "torch":
+        return 1
+    try:
+        return int(getattr(config, "cp_size", 1) or 1)
+    except (TypeError, ValueError):
+        return 1

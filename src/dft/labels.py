@@ -28,6 +28,13 @@ __all__ = ["Batch", "causal_targets", "check_labels", "count_targets", "shift_ca
 Batch = Mapping[str, Any]
 """A batch as collators make it: ``labels [B, T]`` (or ``shift_labels``), optional ``position_ids [B, T]``."""
 
+UNSHIFTED_UNDER_CP = (
+    "{what}: unshifted labels inside a context-parallel context. CP shards the sequence into load-balanced "
+    "chunks (a head and a tail chunk per rank), so shifting a shard pairs positions with tokens from another "
+    "part of the sequence. Shift before sharding: batch['shift_labels'] = dft.shift_causal_labels(labels), "
+    "and shard 'shift_labels' instead of 'labels' (see help(dft.global_num_items))."
+)
+
 
 def check_labels(
     labels: object,
@@ -92,6 +99,10 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
 
     Returns:
         ``[B, T]`` targets aligned with the model's predictions; ``ignore_index`` where not supervised.
+
+    Raises:
+        ValueError: no ``labels``/``shift_labels``; or ``labels`` without ``shift_labels`` inside
+            torch's context-parallel context (the shards are not contiguous: shift before sharding).
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping with 'labels' or 'shift_labels', got {type(batch).__name__}.")
@@ -100,6 +111,10 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("The batch has no 'labels' (or 'shift_labels'): nothing to supervise.")
+    from .distributed import _in_context_parallel  # here: dft.distributed imports this module
+
+    if _in_context_parallel():
+        raise ValueError(UNSHIFTED_UNDER_CP.format(what="batch['labels']"))
     shifted = shift_causal_labels(labels, ignore_index)
     position_ids = batch.get("position_ids")
     if isinstance(position_ids, Tensor) and position_ids.shape == labels.shape and labels.shape[-1] > 1:
