@@ -21,7 +21,7 @@ from packaging.version import Version
 import dft
 from dft import VocabShard
 from tests.dist.engine_cases import KL_COEF, ROWS_PER_STEP, rows
-from tests.dist.launch import run_bounded, torchrun
+from tests.dist.launch import run_bounded
 from tests.dist.tp_cases import CASES as TP_CASES
 from tests.dist.tp_cases import models, single_process
 
@@ -121,13 +121,18 @@ TP_WORKER = Path(__file__).parent / "dist" / "tp_worker.py"
 def test_trainer_with_tp_plan_auto_equals_single_process(tmp_path, case):
     """DFTTrainer on ``from_pretrained(..., tp_plan="auto")``: fused (no warning), float64 update == one process."""
     if Version(transformers.__version__) < Version("5") or Version(accelerate.__version__) < Version("1.12"):
-        pytest.skip("Trainer's tensor parallel (DTensor tp_plan + ParallelismConfig) needs transformers 5, accelerate 1.12")
-    got = torchrun(TP_WORKER, tmp_path, case, result="trainer.pt")
+        pytest.skip(
+            "Trainer's tensor parallel (DTensor tp_plan + ParallelismConfig) needs transformers 5, accelerate 1.12"
+        )
+    ranks = 4 if case.startswith("tp2-fsdp2") else 2
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    run_bounded([*cmd, str(TP_WORKER), str(tmp_path), case], timeout=300)
+    got = torch.load(tmp_path / "trainer.pt", weights_only=False)
     assert got["warnings"] == []  # the logits path warns
-    assert (got["engine"], got["tp_size"]) == ("tensor-parallel", 2)
-    # the head's gradient arrives as rank 0's [12, H] block of the Shard(0) weight (V = 23 = 12 + 11)
-    assert got["head_grads"] and {g[:2] for g in got["head_grads"]} == {("DTensor", "(Shard(dim=0),)")}
-    assert {tuple(g[2]) for g in got["head_grads"]} == {(12, 32)}
+    assert (got["engine"], got["tp_size"]) == ("fsdp2" if ranks == 4 else "tensor-parallel", 2)
+    if ranks == 2:  # the head's gradient: rank 0's [12, H] block of the Shard(0) weight (V = 23 = 12 + 11)
+        assert got["head_grads"] and {g[:2] for g in got["head_grads"]} == {("DTensor", "(Shard(dim=0),)")}
+        assert {tuple(g[2]) for g in got["head_grads"]} == {(12, 32)}
     expected = single_process(case)
     start = dict(models(case)[0].named_parameters())
     assert sorted(got["params"]) == sorted(expected)

@@ -9,12 +9,15 @@ import torch
 import dft
 from tests.dist.engine_cases import KL_COEF, LR, ROWS_PER_STEP, STEPS, build_model, rows
 
-CASES = ("tp-tied", "tp-untied", "tp-asft")
+CASES = ("tp-tied", "tp-untied", "tp-asft", "tp2-fsdp2-untied")
+"""``tp2-fsdp2-untied``: 4 ranks, ``DistributedConfig(tp_size=2, fsdp_size=2)``. Its tied variant is off by
+1.2e-4 after the second step on the logits path too (transformers' FSDP2 x TP with tied embeddings, not
+the loss: the first step is exact), so it is not a case here."""
 
 
 def models(case: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The policy (and ASFT's reference) in float64; V = 23 splits 12 / 11 over 2 ranks."""
-    policy = build_model("untied" if case == "tp-untied" else "tied").double()
+    policy = build_model("untied" if "untied" in case else "tied").double()
     reference = build_model("tied", seed=1).double() if case == "tp-asft" else None
     return policy, reference
 

@@ -5,7 +5,8 @@
 The model is loaded with ``from_pretrained(folder, tp_plan="auto", dtype=float64)``: transformers shards
 it (``lm_head``: ``colwise_gather_output``, a ``Shard(0)`` DTensor; the tied embedding shares it) and
 Trainer builds ``ParallelismConfig(tp_size=2)`` itself. Both ranks see the same batches (one data-parallel
-rank). CASE: ``tp-tied``, ``tp-untied``, ``tp-asft`` (a reference loaded with the same plan),
+rank). ``tp2-fsdp2`` (4 ranks): ``DistributedConfig(tp_size=2, fsdp_size=2)``, FSDP2 over two
+data-parallel shards, each with tensor parallel 2. CASE: ``tp-tied``, ``tp-untied``, ``tp-asft`` (a reference loaded with the same plan),
 ``tp-logits`` (``fused_lm_head=False``, the logits path: the baseline of the comparison).
 Saves the full parameters after 2 optimizer steps, the ``dft:`` warnings and the head's gradient layout.
 """
@@ -39,7 +40,15 @@ def main() -> None:
     if dist.get_rank() == 0:
         save_models(out_dir, case)
     dist.barrier()
-    model = AutoModelForCausalLM.from_pretrained(out_dir / "policy", tp_plan="auto", dtype=torch.float64)
+    load = {"tp_plan": "auto"}
+    if case.startswith("tp2-fsdp2"):  # 2-D: 4 ranks, FSDP2 over 2 data-parallel shards x tensor parallel 2
+        from transformers.distributed import DistributedConfig
+
+        from tests.dist.cpu_fsdp_shim import install as install_cpu_fsdp
+
+        install_cpu_fsdp()  # accelerate turns FSDP on only for GPU-like devices (tests/dist/cpu_fsdp_shim.py)
+        load = {"distributed_config": DistributedConfig(tp_size=2, fsdp_size=2)}
+    model = AutoModelForCausalLM.from_pretrained(out_dir / "policy", dtype=torch.float64, **load)
     ref_model = None
     if case == "tp-asft":
         ref_model = AutoModelForCausalLM.from_pretrained(out_dir / "reference", tp_plan="auto", dtype=torch.float64)
@@ -49,7 +58,7 @@ def main() -> None:
     )
     args = dft.DFTConfig(
         output_dir=str(out_dir / "run"),
-        per_device_train_batch_size=ROWS_PER_STEP // 2,
+        per_device_train_batch_size=ROWS_PER_STEP // (4 if case.startswith("tp2-fsdp2") else 2),
         gradient_accumulation_steps=2,
         max_steps=STEPS,
         learning_rate=LR,
@@ -62,7 +71,7 @@ def main() -> None:
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
-        fused_lm_head=case != "tp-logits",
+        fused_lm_head=not case.endswith("-logits"),
         **({"loss_type": "asft", "kl_coef": KL_COEF} if case == "tp-asft" else {}),
     )
     trainer = SequentialTrainer(
