@@ -122,3 +122,59 @@ def test_compiled_model_no_recompile_per_step():
     assert seen[0][0] >= 1 and seen[1:] == [seen[0]] * 2, seen
     eager = causal_lm_loss(tiny_model("llama"), token_batch(2, 12, seed=2))
     torch.testing.assert_close(out.loss, eager.loss, atol=1e-5, rtol=1e-5)
+
+
+def _model_ce(model, batch) -> float:
+    with torch.no_grad():
+        return model(**batch).loss.item()  # the model's own CE: its head, hooks and all
+
+
+@pytest.mark.parametrize("hook", ["pre_scale", "forward_add", "global_forward"])
+def test_user_hooks_on_the_head_send_the_loss_to_the_logits_path(hook):
+    """A hook the fused head would skip: one warning naming it, and the model's own numbers."""
+    model = tiny_model("llama")
+    batch = token_batch(2, 9)
+    if hook == "pre_scale":
+        handle = model.lm_head.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))
+    elif hook == "forward_add":
+
+        def add_three(_m, _args, out):
+            out = out.clone()
+            out[..., 3] += 3.0
+            return out
+
+        handle = model.lm_head.register_forward_hook(add_three)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda _m, _a, _o: None)
+    try:
+        with pytest.warns(RuntimeWarning, match="hook") as caught:
+            out = causal_lm_loss(model, batch, alpha=0.0)
+        assert not out.fused and len([w for w in caught if "dft:" in str(w.message)]) == 1
+        assert out.stats.ce.item() == pytest.approx(_model_ce(model, batch), rel=1e-5)
+    finally:
+        handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert causal_lm_loss(model, batch).fused  # the hook removed: fused again, no warning
+
+
+class BareLogits(torch.nn.Module):
+    """A model whose forward returns the logits tensor itself (no ModelOutput, no tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = tiny_model("llama")
+
+    def forward(self, input_ids, attention_mask=None, **_kw):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_model_returning_bare_logits_uses_them():
+    model = BareLogits()
+    batch = token_batch(3, 8)
+    with pytest.warns(RuntimeWarning, match="dft:"):
+        out = causal_lm_loss(model, batch)
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(out.loss, dft.causal_dft_loss(logits, batch["labels"]))
+    with pytest.raises(TypeError, match="cannot find logits"):
+        dft.compute_loss_func({"scores": logits}, batch["labels"])

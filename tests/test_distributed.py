@@ -73,7 +73,9 @@ def test_packed_count_by_labels_only_differs(tmp_path):
     assert diff > 1e-6
 
 
-@pytest.mark.parametrize("case", ["tied-reshard", "untied-reshard", "tied-keep", "untied-keep", "untied-reshard-bf16"])
+@pytest.mark.parametrize(
+    "case", ["tied-reshard", "untied-reshard", "tied-keep", "untied-keep", "untied-reshard-bf16", "tied-reshard-none"]
+)
 def test_fsdp2_fused_head_equals_single_process(tmp_path, case):
     """FSDP2 (fully_shard on each layer and the root, 2 gloo ranks): the fused head inside the forward.
 

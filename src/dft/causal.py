@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engines import detect_engine, run_model, tie_to_outputs, unwrap_model
+from .engines import EngineAdapter, detect_engine, run_model, tie_to_outputs, unwrap_model, wrapper_chain
 from .fused import linear_dft_loss
 from .labels import causal_targets
-from .losses import check_kl, dft_loss
-from .models import inspect_causal_lm
+from .losses import check_kl, dft_loss, logits_of
+from .models import CausalLMParts, inspect_causal_lm
 from .options import LossOptions, Unpack, resolve_options
 from .reduction import Reduction
 from .stats import TokenStats
@@ -109,59 +109,27 @@ def causal_lm_loss(
         :class:`CausalLMLossOutput` with the loss and the batch's :class:`dft.TokenStats`.
     """
     weighting, transform = resolve_options(weighting, transform, dict(options))
+    check_kl(kl_coef, True, "")
     targets = causal_targets(inputs, ignore_index)
     model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
-    parts, reason = inspect_causal_lm(model)
-    if parts is not None:
-        model_transform = parts.transform.then(transform)  # validates on both paths (e.g. two soft-caps)
-    if not fused:
-        parts = None
     common = {
         "ignore_index": ignore_index,
         "reduction": reduction,
         "num_items_in_batch": num_items_in_batch,
         "return_stats": True,
     }
-    check_kl(kl_coef, True, "")
-    reference = _reference_runner(model, ref_model) if kl_coef > 0 or ref_model is not None else None
-    ref_parts = None
-    if reference is not None and parts is not None:
-        ref_parts, ref_reason = inspect_causal_lm(reference.model)
-        if ref_parts is None:
-            parts, reason = None, f"the reference model: {ref_reason}"
-    if parts is None:
+    route = _route(model, fused, ref_model, kl_coef, transform)
+    if route.parts is None:
         if fused:
-            _warn_logits_path(model, reason)
-        ref_logits = None
-        if reference is not None:
-            with torch.no_grad(), reference.context():
-                ref_logits = _logits(reference.model(**model_inputs)).detach()
-        outputs = model(**model_inputs)
-        loss, stats = dft_loss(
-            _logits(outputs), targets, weighting, transform=transform, ref_logits=ref_logits, kl_coef=kl_coef, **common
-        )
-        return _output(loss, stats, False, model, outputs)
-    ref_kwargs: dict[str, Any] = {}
-    if reference is not None:
-        ref_engine = detect_engine(reference.model)
-        with torch.no_grad(), reference.context():
-            (ref_hidden, ref_weight, ref_bias), _ = run_model(
-                reference.model,
-                ref_parts.backbone,
-                ref_parts.head,
-                model_inputs,
-                functools.partial(_frozen_head, copy=ref_engine.gathers_params),
-                ref_engine,
-            )
-        ref_kwargs = {
-            "ref_hidden": ref_hidden,
-            "ref_weight": ref_weight,
-            "ref_bias": ref_bias,
-            "ref_transform": ref_parts.transform,
-            "kl_coef": kl_coef,
-        }
+            _warn_logits_path(model, route.reason)
+        return _logits_path(model, model_inputs, targets, route.reference, weighting, transform, kl_coef, common)
+    model_transform = route.parts.transform.then(transform)
+    ref_kwargs = {} if route.reference is None else _reference_head(route, model_inputs, kl_coef)
+    copy_weight = route.engine.gathers_params and reduction == "none"  # its backward recomputes after the release
 
     def head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, TokenStats]:
+        if copy_weight:
+            weight = _GatheredCopy.apply(weight)
         return linear_dft_loss(
             hidden,
             weight,
@@ -174,9 +142,97 @@ def causal_lm_loss(
             **common,
         )
 
+    (loss, stats), outputs = run_model(
+        model, route.parts.backbone, route.parts.head, model_inputs, head_loss, route.engine
+    )
+    return _output(tie_to_outputs(loss, outputs, route.engine), stats, True, model, outputs)
+
+
+@dataclass
+class _Route:
+    """How one batch is computed: the fused head (``parts`` set) or the logits path (``reason``)."""
+
+    parts: CausalLMParts | None
+    reason: str | None
+    engine: EngineAdapter
+    reference: _ReferenceRunner | None = None
+    ref_parts: CausalLMParts | None = None
+
+
+def _route(
+    model: nn.Module, fused: bool, ref_model: nn.Module | None, kl_coef: float, transform: LogitTransform | None
+) -> _Route:
+    """Phase 1: inspect the model (and ASFT's reference) once; the fused head needs both to be seen into."""
     engine = detect_engine(model)
-    (loss, stats), outputs = run_model(model, parts.backbone, parts.head, model_inputs, head_loss, engine)
-    return _output(tie_to_outputs(loss, outputs, engine), stats, True, model, outputs)
+    parts, reason = inspect_causal_lm(model, engine)
+    if parts is not None:
+        parts.transform.then(transform)  # validated on both paths (e.g. two soft-caps)
+    reference = _reference_runner(model, ref_model) if kl_coef > 0 or ref_model is not None else None
+    if not fused:
+        return _Route(None, None, engine, reference)
+    ref_parts = None
+    if reference is not None and parts is not None:
+        ref_parts, ref_reason = inspect_causal_lm(reference.model)
+        if ref_parts is None:
+            parts, reason = None, f"the reference model: {ref_reason}"
+    return _Route(parts, reason, engine, reference, ref_parts)
+
+
+def _logits_path(
+    model: nn.Module,
+    model_inputs: dict[str, Any],
+    targets: Tensor,
+    reference: _ReferenceRunner | None,
+    weighting: DFTWeight,
+    transform: LogitTransform | None,
+    kl_coef: float,
+    common: dict[str, Any],
+) -> CausalLMLossOutput:
+    """Phase 2a: the whole model, full logits, :func:`dft.dft_loss` (the model's own head, hooks and all)."""
+    ref_logits = None
+    if reference is not None:
+        with torch.no_grad(), reference.context():
+            ref_logits = logits_of(reference.model(**model_inputs)).detach()
+    outputs = model(**model_inputs)
+    loss, stats = dft_loss(
+        logits_of(outputs), targets, weighting, transform=transform, ref_logits=ref_logits, kl_coef=kl_coef, **common
+    )
+    return _output(loss, stats, False, model, outputs)
+
+
+def _reference_head(route: _Route, model_inputs: dict[str, Any], kl_coef: float) -> dict[str, Any]:
+    """Phase 2b (ASFT): the frozen reference's hidden states and head, read inside its own forward."""
+    reference, ref_parts = route.reference, route.ref_parts
+    ref_engine = detect_engine(reference.model)
+    with torch.no_grad(), reference.context():
+        (ref_hidden, ref_weight, ref_bias), _ = run_model(
+            reference.model,
+            ref_parts.backbone,
+            ref_parts.head,
+            model_inputs,
+            functools.partial(_frozen_head, copy=ref_engine.gathers_params),
+            ref_engine,
+        )
+    return {
+        "ref_hidden": ref_hidden,
+        "ref_weight": ref_weight,
+        "ref_bias": ref_bias,
+        "ref_transform": ref_parts.transform,
+        "kl_coef": kl_coef,
+    }
+
+
+class _GatheredCopy(torch.autograd.Function):
+    """``weight.clone()`` whose gradient goes to ``weight``: ``reduction="none"`` recomputes the chunks in its
+    backward, after FSDP2 / ZeRO-3 have released the gathered weight (one ``[V, H]`` copy, that path only)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor) -> Tensor:
+        return weight.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
 
 
 def _frozen_head(
@@ -195,10 +251,6 @@ def _output(loss: Tensor, stats: TokenStats, fused: bool, model: nn.Module, outp
     return CausalLMLossOutput(loss=total, stats=stats, fused=fused, aux_loss=aux, head_loss=loss, router_loss=router)
 
 
-def _logits(outputs: Any) -> Tensor:
-    return outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
-
-
 @dataclass
 class _ReferenceRunner:
     """How to run ASFT's reference: a separate frozen model, or the policy with its adapters disabled."""
@@ -211,13 +263,10 @@ class _ReferenceRunner:
 
 
 def _find_peft(model: nn.Module) -> nn.Module | None:
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "disable_adapter") and hasattr(model, "get_base_model"):
-            return model
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
-    return None
+    """The PEFT model among ``model``'s wrappers (its adapters can be disabled), or None."""
+    return next(
+        (m for m in wrapper_chain(model) if hasattr(m, "disable_adapter") and hasattr(m, "get_base_model")), None
+    )
 
 
 def _reference_runner(model: nn.Module, ref_model: nn.Module | None) -> _ReferenceRunner:

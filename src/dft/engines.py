@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ENGINES", "EngineAdapter", "detect_engine", "run_model", "unwrap_model"]
+__all__ = ["ENGINES", "EngineAdapter", "detect_engine", "run_model", "unwrap_model", "wrapper_chain"]
 
 
 def _class_names(obj: object) -> set[str]:
@@ -131,11 +131,11 @@ def detect_engine(model: nn.Module) -> EngineAdapter:
     raise AssertionError("unreachable: the plain adapter matches every model")  # pragma: no cover
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP1/DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module inside its wrappers, outermost first: DDP/DataParallel/FSDP1/DeepSpeed
+    (``.module``), ``torch.compile`` (``._orig_mod``), PEFT (``get_base_model()``)."""
+    chain, seen = [model], {id(model)}
+    while True:
         names = _class_names(model)
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -143,7 +143,15 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
             model = model.get_base_model()
-    return model
+        if id(model) in seen:
+            return chain
+        seen.add(id(model))
+        chain.append(model)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside every wrapper of :func:`wrapper_chain`."""
+    return wrapper_chain(model)[-1]
 
 
 @functools.cache

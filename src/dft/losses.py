@@ -238,6 +238,24 @@ def causal_dft_loss(
     return dft_loss(logits, shift_labels, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, **options)
 
 
+def logits_of(outputs: Any) -> Tensor:
+    """The logits in a model's outputs: a bare tensor, ``outputs["logits"]``, ``outputs.logits``, or ``outputs[0]``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    else:
+        logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+        logits = outputs[0]
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"cannot find logits in the model's outputs ({type(outputs).__name__}): return a tensor, a mapping with "
+            "'logits', an object with .logits, or a tuple whose first element is the logits."
+        )
+    return logits
+
+
 def compute_loss_func(
     outputs: Any,
     labels: Tensor,
@@ -254,9 +272,7 @@ def compute_loss_func(
 
     Note that this path materialises the logits; :class:`dft.DFTTrainer` uses the fused head.
     """
-    logits = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
-    if logits is None:
-        logits = outputs[0]
+    logits = logits_of(outputs)
     if options.get("return_stats"):
         raise ValueError("compute_loss_func must return a tensor; use dft.token_stats for diagnostics.")
     return causal_dft_loss(logits, labels, num_items_in_batch=num_items_in_batch, **options)

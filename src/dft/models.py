@@ -13,7 +13,7 @@ from typing import Literal
 
 from torch import nn
 
-from .engines import detect_engine, unwrap_model
+from .engines import EngineAdapter, detect_engine, unwrap_model
 from .transform import LogitTransform
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "CausalLMParts",
     "LogitRule",
     "find_causal_lm_parts",
+    "foreign_hooks",
     "inspect_causal_lm",
     "logit_transform_from_config",
     "unwrap_model",
@@ -167,7 +168,7 @@ def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     return inspect_causal_lm(model)[0]
 
 
-def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | None]:
+def inspect_causal_lm(model: nn.Module, engine: EngineAdapter | None = None) -> tuple[CausalLMParts | None, str | None]:
     """``(parts, None)`` for a model the fused head can serve, else ``(None, why not)``.
 
     Works for ``*ForCausalLM`` models and the text path of ``*ForConditionalGeneration`` models
@@ -176,8 +177,11 @@ def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | Non
     (LoRA inside the backbone), DDP, DeepSpeed, FSDP2 and compiled models. The logits
     path is needed when the output head is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a
     quantised head), when no backbone attribute is found, under FSDP1 (see :mod:`dft.engines`), or
-    when the config has a logit transform that :data:`LOGIT_RULES` does not know. Every other engine
-    (DDP, DeepSpeed ZeRO-0..3, FSDP2 however the head is grouped) runs the fused head.
+    when the config has a logit transform that :data:`LOGIT_RULES` does not know, or when a hook that
+    the library did not put there (a module hook on the head, a global module hook) would change what
+    the head computes (:func:`foreign_hooks`). Every other engine (DDP, DeepSpeed ZeRO-0..3, FSDP2
+    however the head is grouped, tensor parallel) runs the fused head. ``engine``: the model's
+    :class:`dft.engines.EngineAdapter` when already detected.
     """
     inner = unwrap_model(model)
     get_head = getattr(inner, "get_output_embeddings", None)
@@ -190,7 +194,10 @@ def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | Non
         return None, "the output head is not a plain nn.Linear (LoRA or quantisation on lm_head?)"
     if not isinstance(backbone, nn.Module) or backbone is inner:
         return None, "no backbone module found through base_model_prefix"
-    engine = detect_engine(model)
+    hooks = foreign_hooks(head)
+    if hooks:
+        return None, f"{hooks[0]} would be skipped by the fused head"
+    engine = engine or detect_engine(model)
     if engine.fused_reason is not None:
         return None, engine.fused_reason
     config = getattr(inner, "config", None)
@@ -200,6 +207,43 @@ def inspect_causal_lm(model: nn.Module) -> tuple[CausalLMParts | None, str | Non
     if transform is None:
         return None, reason
     return CausalLMParts(backbone=backbone, head=head, transform=transform), None
+
+
+_KNOWN_HOOK_OWNERS = ("torch.", "deepspeed", "accelerate", "transformers", "peft", "dft.", "trl")
+"""Packages whose hooks on the head are engine or library plumbing (FSDP2's and ZeRO-3's gather/release,
+accelerate's device alignment, transformers' output recording); any other hook is the user's."""
+
+
+def _hook_owner(hook: object) -> str:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # bound method
+    return str(getattr(fn, "__module__", None) or type(fn).__module__ or "")
+
+
+def foreign_hooks(head: nn.Module) -> list[str]:
+    """Hooks on ``head`` (and global module hooks) that the fused head would skip, described for a warning.
+
+    The fused head reads ``head.weight`` inside the head's forward and never uses the head's output:
+    a forward pre-hook that changes the input, a forward hook that changes the logits, or a backward
+    hook on the head would silently not apply. Hooks owned by the engines and libraries in
+    :data:`_KNOWN_HOOK_OWNERS` are recognised as theirs.
+    """
+    from torch.nn.modules import module as nn_module
+
+    found = []
+    for kind, hooks in (
+        ("forward pre-hook on lm_head", head._forward_pre_hooks),
+        ("forward hook on lm_head", head._forward_hooks),
+        ("backward hook on lm_head", head._backward_hooks),
+        ("backward pre-hook on lm_head", head._backward_pre_hooks),
+        ("global forward pre-hook", nn_module._global_forward_pre_hooks),
+        ("global forward hook", nn_module._global_forward_hooks),
+    ):
+        for hook in hooks.values():
+            owner = _hook_owner(hook)
+            if not owner.startswith(_KNOWN_HOOK_OWNERS):
+                found.append(f"a {kind} ({getattr(hook, '__qualname__', type(hook).__name__)} from {owner or '?'})")
+    return found
 
 
 def _is_hf_config(config: object) -> bool:

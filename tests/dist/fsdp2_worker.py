@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/dist/fsdp2_worker.py OUT_DIR CASE
 
 CASE: ``{tied|untied}-{reshard|keep}[-bf16]``: tied or untied head, ``reshard_after_forward`` True or
-False, and optionally ``MixedPrecisionPolicy(param_dtype=bfloat16)``. Each decoder layer and the root
+False, and optionally ``MixedPrecisionPolicy(param_dtype=bfloat16)`` or ``-none``: ``reduction="none"``. Each decoder layer and the root
 are sharded, as accelerate's FSDP2 plugin does.
 """
 
@@ -38,7 +38,10 @@ def main() -> None:
     micro = micro_batches(global_examples(), rank, world, packed=False)
     num_items = dft.global_num_items(micro)
     for mb in micro:
-        dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss.backward()
+        if case.endswith("-none"):  # per-token losses: the backward recomputes after FSDP2 resharded the head
+            (dft.causal_lm_loss(model, mb, reduction="none").loss.sum() / num_items).backward()
+        else:
+            dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss.backward()
     grads = {n: p.grad.full_tensor().detach().float().clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"grads": grads}, out_dir / "fsdp2.pt")
