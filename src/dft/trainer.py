@@ -180,11 +180,40 @@ class _TrainerTouchPoints:
       our targets (:func:`dft.labels.causal_targets`), so its count — and its gather over ranks and
       its TP/CP divisions — is taken over exactly what the loss averages.
     * ``get_batch_samples``: transformers < 4.57 has no ``_get_num_items_in_batch`` and counts
-      ``labels.ne(-100)`` without the causal shift; there we count the targets ourselves (and
-      gather them over ranks with ``average_tokens_across_devices``, as Trainer does).
+      ``labels.ne(-100)`` without the causal shift (nothing for batches with only ``shift_labels``);
+      there we count the targets ourselves (and gather them over ranks with
+      ``average_tokens_across_devices``, as Trainer does).
     * :meth:`_undo_rank_average`: with ``average_tokens_across_devices`` the count covers all ranks
       and DDP averages gradients, so the loss is multiplied by the number of data-parallel ranks,
       as Trainer does for its own losses.
+    * Ulysses sequence parallelism (:meth:`_ulysses_sp_size`: accelerate's ``ParallelismConfig(sp_size=N,
+      sp_backend="deepspeed")``; transformers >= 5). Trainer wraps the train loader in DeepSpeed's
+      ``UlyssesSPDataLoaderAdapter``, which pops ``labels``, adds the pre-shifted ``shift_labels`` and
+      gives each rank of an SP group its own slice of the same rows' sequences, and routes its own
+      ``compute_loss`` to ``deepspeed_sp_compute_loss`` (ours replaces it: the fused head runs on the
+      rank's slice and the targets are its ``shift_labels``). Three factors follow from the sources:
+
+      - the count: ``Trainer._get_num_items_in_batch`` gathers the per-rank counts over all ranks and
+        divides by ``tp * cp * sp`` ("devices with the same batch"); the adapter has already sharded
+        the sequences, so the gather counts every target once and the ``/ sp`` is undone here
+        (eval batches are not sharded at all: each rank has its own rows, and the same holds).
+      - the gradient (:meth:`_sp_ranks_summed`): each SP rank holds the gradient of its slice's loss
+        (the all-to-alls' backward included), and DeepSpeed reduces them over the sequence-data-parallel
+        group (every rank) in one of two ways. ZeRO 0-2 (``engine._reduce_non_expert_gradients``;
+        ``stage_1_and_2`` ``gradient_reduction_w_predivide``, ``average_tensor``, ``allreduce_bucket``)
+        and ZeRO-3's contiguous all-reduce (``stage3.__avg_scatter_contiguous_grads``: only with
+        ``contiguous_gradients`` and ``reduce_scatter: false``) divide by ``world / sequence_parallel_size``:
+        they *sum* the SP ranks and average over data parallelism only, so the loss is multiplied by
+        ``num_processes // (tp * sp)``. ZeRO-3's default reduce-scatter (``stage3.__avg_scatter_grads`` ->
+        ``reduce_scatter_coalesced``, which pre-divides by the group size) averages over every rank, SP
+        included: ``num_processes // tp`` as under DDP. ZeRO-3 with ``reduce_scatter: false`` and a
+        parameter larger than ``reduce_bucket_size`` would mix both per bucket: refused.
+      - the logged value: Trainer logs the mean over all ranks of the returned losses, so each rank
+        returns ``num_processes // tp`` times its share (as under DDP), with the gradient of the factor
+        above where the two differ: ``grad + (value - grad).detach()``.
+
+      ``average_tokens_across_devices=False`` would normalise each slice by its own count (a sum of
+      per-slice means over the SP group): refused.
     * :meth:`_router_loss_steps`: ``current_gradient_accumulation_steps`` (set by Trainer's loop; the
       configured steps before it exists), for a MoE router loss.
     """
@@ -193,15 +222,17 @@ class _TrainerTouchPoints:
         self.model_accepts_loss_kwargs = True
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
-        batches = [
-            {"labels": b["labels"], "shift_labels": causal_targets(b)} if _has_labels(b) else b for b in batch_samples
-        ]
-        return super()._get_num_items_in_batch(batches, device)
+        batches = [_counted(b) if _has_labels(b) else b for b in batch_samples]
+        num_items = super()._get_num_items_in_batch(batches, device)
+        sp = self._ulysses_sp_size()
+        if num_items is not None and sp > 1:  # Trainer's `/ sp`: the batches are already sliced (see above)
+            num_items = num_items * sp
+        return num_items
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if num_items is None or hasattr(Trainer, "_get_num_items_in_batch"):  # newer Trainer: counted above
-            return batch_samples, num_items
+        if hasattr(Trainer, "_get_num_items_in_batch") or not (batch_samples and _has_labels(batch_samples[0])):
+            return batch_samples, num_items  # newer Trainer: counted above
         local = sum(count_targets(causal_targets(b)) for b in batch_samples if _has_labels(b))
         local = torch.as_tensor(local, device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -225,11 +256,62 @@ class _TrainerTouchPoints:
             return 1
         return int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
 
-    def _undo_rank_average(self, loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            loss = loss * (self.accelerator.num_processes // tp)
-        return loss
+    def _ulysses_sp_size(self) -> int:
+        """The DeepSpeed (Ulysses/ALST) sequence-parallel size of accelerate's ``parallelism_config``; 1 without."""
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is None or getattr(pc, "sp_backend", None) != "deepspeed":
+            return 1
+        return int(getattr(pc, "sp_size", None) or 1)
+
+    def _check_sequence_parallel(self) -> None:
+        if self._ulysses_sp_size() > 1 and not self.args.average_tokens_across_devices:
+            raise ValueError(
+                "average_tokens_across_devices=False with sequence parallelism (parallelism_config sp_size > 1): each "
+                "rank holds a slice of every sequence, so the loss must be normalised by the count over all ranks; "
+                "set average_tokens_across_devices=True."
+            )
+
+    def _sp_ranks_summed(self) -> int:
+        """``sp`` where DeepSpeed sums the gradients of the ranks of a sequence-parallel group, 1 where it
+        averages them with the data-parallel ranks (ZeRO-3's reduce-scatter); see the class docstring."""
+        sp = self._ulysses_sp_size()
+        if sp == 1:
+            return 1
+        if getattr(self, "_dft_sp_ranks_summed", None) is not None:
+            return self._dft_sp_ranks_summed
+        engine = self.model_wrapped
+        stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+        summed = sp
+        if stage == 3:
+            zero = engine.optimizer
+            if zero.reduce_scatter or not zero.contiguous_gradients:
+                summed = 1  # stage3.__avg_scatter_grads: reduce_scatter_coalesced divides by every rank
+            else:  # stage3.__avg_scatter_contiguous_grads, except for a bucket over reduce_bucket_size
+                too_large = [
+                    n
+                    for n, p in engine.module.named_parameters()
+                    if p.requires_grad and p.ds_numel > zero.reduce_bucket_size
+                ]
+                if too_large:
+                    raise ValueError(
+                        f"zero_optimization.reduce_bucket_size={zero.reduce_bucket_size} is smaller than {too_large[0]} "
+                        "with reduce_scatter=false under sequence parallelism: DeepSpeed ZeRO-3 would sum the "
+                        "sequence-parallel ranks' gradients of some parameters and average those of others. Set "
+                        "reduce_scatter=true (the default) or a reduce_bucket_size above the largest parameter."
+                    )
+        self._dft_sp_ranks_summed = summed
+        return summed
+
+    def _undo_rank_average(self, loss: Tensor, num_items_in_batch: Tensor | int | None, training: bool) -> Tensor:
+        if not (self.args.average_tokens_across_devices and num_items_in_batch is not None):
+            return loss
+        tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        value = loss * (self.accelerator.num_processes // tp)
+        summed = self._sp_ranks_summed() if training else 1  # eval: the SP attention is off, each rank has its rows
+        if summed == 1:
+            return value
+        grad = loss * (self.accelerator.num_processes // (tp * summed))
+        return grad + (value - grad).detach()
 
 
 def _tied_names(model: nn.Module, names: list[str]) -> set[str]:
@@ -273,6 +355,14 @@ def _has_labels(batch: Any) -> bool:
     return isinstance(batch, dict) and (batch.get("labels") is not None or batch.get("shift_labels") is not None)
 
 
+def _counted(batch: dict) -> dict:
+    """What Trainer's counter reads: ``shift_labels`` = our targets. ``labels`` only has to be present (Trainer
+    counts only batches with a ``labels`` key; the sequence-parallel loader's batches have ``shift_labels`` only)."""
+    targets = causal_targets(batch)
+    labels = batch.get("labels")
+    return {"labels": targets if labels is None else labels, "shift_labels": targets}
+
+
 class DFTTrainerMixin(_TrainerTouchPoints):
     """The DFT ``compute_loss`` + logging, for any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer).
 
@@ -289,6 +379,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._dft_beta_used: float | None = None
         self._dft_prior: TokenStats | None = None
         self._dft_ce_tokens = self._resolve_ce_tokens()
+        self._check_sequence_parallel()
         self._claim_loss_kwargs()
 
     def _resolve_ce_tokens(self) -> tuple[int, ...] | None:
@@ -367,7 +458,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
             new = torch.stack([out.aux_loss.float(), torch.ones((), device=out.aux_loss.device)])
             previous_aux = self._dft_aux.get(mode)
             self._dft_aux[mode] = new if previous_aux is None else previous_aux + new
-        loss = self._undo_rank_average(out.head_loss, num_items_in_batch)
+        loss = self._undo_rank_average(out.head_loss, num_items_in_batch, training=mode == "train")
         if out.router_loss is not None:
             loss = loss + out.router_loss / self._router_loss_steps(num_items_in_batch)
         return (loss, {}) if return_outputs else loss

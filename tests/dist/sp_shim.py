@@ -1,18 +1,23 @@
-"""Test-only: run DeepSpeed's Ulysses sequence parallelism (accelerate ``ParallelismConfig(sp_size=...)``) on CPU ranks.
+"""Test-only: accelerate's ``ParallelismConfig`` on CPU ranks (gloo, ``DS_ACCELERATOR=cpu``).
 
-Two shims, both for a machine without GPUs (gloo ranks, ``DS_ACCELERATOR=cpu``); nothing of the
-sequence-parallel code path itself (``UlyssesSPAttentionHF``, ``UlyssesSPDataLoaderAdapter``, ZeRO's
-reduction over the sequence-data-parallel group) is replaced:
+Two shims; nothing of the parallel code paths themselves (DeepSpeed's ``UlyssesSPAttentionHF`` and
+``UlyssesSPDataLoaderAdapter``, ZeRO's reduction over the sequence-data-parallel group, transformers'
+tensor-parallel plans) is replaced:
 
-* :func:`allow_cpu_parallelism_config`: ``ParallelismConfig._validate_accelerator`` refuses an accelerator
-  whose distributed type is ``MULTI_CPU`` ("ParallelismConfig is only compatible ..."); the wrapper runs
-  the same validation with the accelerator presented as a multi-device one (``multi_device=True``),
-  which is the only thing it bypasses.
-* :func:`init_deepspeed_comm`: with ``use_cpu`` accelerate initialises ``torch.distributed`` itself and
-  never calls ``deepspeed.comm.init_distributed``, so DeepSpeed's communication backend (``cdb``) is
-  ``None`` when ``UlyssesSPAttentionHF.register_with_transformers`` builds the sequence-parallel groups.
-  This calls ``deepspeed.comm.init_distributed("gloo")`` first (what accelerate does on GPUs with
-  ``ACCELERATE_USE_DEEPSPEED``); it bypasses nothing.
+* :func:`init_deepspeed_comm` (Ulysses sequence parallelism, :func:`install`, tests/dist/sp_worker.py):
+  with ``use_cpu`` accelerate initialises ``torch.distributed`` itself and never calls
+  ``deepspeed.comm.init_distributed`` (it does only on GPUs, under ``ACCELERATE_USE_DEEPSPEED``), so when
+  ``UlyssesSPAttentionHF.register_with_transformers`` builds the sequence-parallel groups,
+  ``parallel_state_sp.initialize_sequence_parallel`` fails its ``assert dist.is_initialized()``
+  (DeepSpeed's comm backend is None). This calls ``deepspeed.comm.init_distributed("gloo")`` first,
+  which initialises the same default process group accelerate would; it bypasses no check.
+* :func:`allow_cpu_parallelism_config` (tensor parallelism without DeepSpeed, tests/dist/tp_worker.py):
+  ``ParallelismConfig._validate_accelerator`` refuses an accelerator whose distributed type is
+  ``MULTI_CPU`` ("ParallelismConfig is only compatible DistributedType.FSDP (version 2) or
+  DistributedType.Multi{Device} or DistributedType.DEEPSPEED"); the wrapper runs the same validation
+  with the accelerator presented as a multi-device one (``multi_device=True``), the only thing it
+  bypasses. Sequence parallelism does not need it: with a DeepSpeed config the distributed type is
+  ``DEEPSPEED`` on CPU ranks too, which the validation accepts.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from typing import Any
 class _MultiDevice:
     """The accelerator as ``_validate_accelerator`` reads it, with ``multi_device`` True."""
 
+    multi_device = True
+
     def __init__(self, accelerator: Any) -> None:
         self._accelerator = accelerator
-
-    multi_device = True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._accelerator, name)
@@ -56,5 +61,5 @@ def init_deepspeed_comm() -> None:
 
 
 def install() -> None:
-    allow_cpu_parallelism_config()
+    """What the Ulysses sequence-parallel worker needs: DeepSpeed's comm initialised."""
     init_deepspeed_comm()
