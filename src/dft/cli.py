@@ -779,6 +779,8 @@ USAGE = """usage: dft {train,eval,inspect} [flags]
   dft eval --model M [--data D] [--output_dir OUT]
   dft inspect --model M --data D [--max_examples N] [--output_dir OUT]
             should I switch? the model's p on your supervised tokens, and a recommendation
+  dft sample --model M --data D --num_samples K --temperature T --verifier exact|math|MODULE:FUNCTION
+            generate, verify, keep: samples.jsonl, accepted.jsonl (for dft train --data), summary.json
 
   dft train --help, dft eval --help: every flag and its default"""
 
@@ -798,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(rest)
         if command == "inspect":
             return run_inspect(rest)
+        if command == "sample":
+            from .sample_cli import run_sample
+
+            return run_sample(rest)
         raise UsageError(f"unknown command {command!r}. {USAGE.splitlines()[0]}")
     except (UsageError, DataError) as e:
         print(f"dft: error: {_one_line(e)}", file=sys.stderr)
