@@ -225,7 +225,7 @@ def _as_on_h100(recorder: Recorder) -> Iterator[None]:
 
     fused.chunk_budget_bytes = lambda device: fused.budget_for_memory(H100_MEMORY)
     fused.epilogue_for = lambda device, num_logits: _modeled_epilogue(recorder)
-    fused._addmm_out_dtype = lambda device: True
+    fused._addmm_out_dtype = lambda device, dtype=None: True
     fused.default_chunk_size = chunk_size
     try:
         yield

@@ -46,6 +46,32 @@ def test_packed_batch_equals_separate_sequences():
     torch.testing.assert_close(got.loss, separate[0].loss + separate[1].loss, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_sequence_reduction_of_packed_rows_is_per_sequence(fused):
+    """reduction='sequence' on a padding-free packed row: the mean of the two sequences' means, as unpacked."""
+    model = tiny_model("llama")
+    a, b = torch.randint(0, VOCAB, (5,)), torch.randint(0, VOCAB, (9,))
+    packed = {
+        "input_ids": torch.cat([a, b])[None],
+        "labels": torch.cat([a, b])[None],
+        "position_ids": torch.cat([torch.arange(5), torch.arange(9)])[None],
+    }
+    means = [causal_lm_loss(model, {"input_ids": x[None], "labels": x[None]}, fused=fused).loss for x in (a, b)]
+    got = causal_lm_loss(model, packed, reduction="sequence", fused=fused)
+    torch.testing.assert_close(got.loss, (means[0] + means[1]) / 2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_items", [0.5, torch.tensor(0.25)])
+def test_fractional_num_items_is_not_clamped(num_items):
+    """A global count over ranks may be < 1 per rank (1 target, 2 ranks): dividing by it, not by 1."""
+    model = tiny_model("llama")
+    batch = token_batch(2, 6)
+    total = causal_lm_loss(model, batch, reduction="sum").loss
+    for fused in (True, False):
+        got = causal_lm_loss(model, batch, num_items_in_batch=num_items, fused=fused).loss
+        torch.testing.assert_close(got, total / float(num_items), atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_model_falls_back_with_one_warning():
     class Bare(torch.nn.Module):
         def __init__(self):

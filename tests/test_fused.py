@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import dft
-from dft.fused import auto_chunk_size, budget_for_memory
+from dft.fused import auto_chunk_size, budget_for_memory, linear_dft_loss
 from tests.helpers.reference import ref_dft_loss, ref_stats
 
 HEAD_OPTIONS = [
@@ -463,3 +463,24 @@ def test_compile_guard_catches_only_compile_errors(gen, monkeypatch):
         loss = dft.linear_dft_loss(h, w, y, bias=b)
     assert epilogue._compile_failed
     torch.testing.assert_close(loss.double(), ref_dft_loss(F.linear(h, w, b).double(), y), atol=1e-6, rtol=1e-5)
+
+
+def test_autograd_limits_are_clear_errors():
+    """Gradients are formed in the forward pass: double backward, torch.func and a weight changed in place
+    between forward and backward get one clear error each (never gradients of the old weight)."""
+    hidden = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, 2, 3, -100, 4, 5])
+    loss = linear_dft_loss(hidden, weight, labels)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+    loss = linear_dft_loss(hidden, weight, labels)
+    with torch.no_grad():
+        weight.add_(0.1)  # e.g. optimizer.step() before backward
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
+    with pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(lambda h: linear_dft_loss(h, weight.detach(), labels))(hidden.detach())
+    loss = linear_dft_loss(hidden, weight, labels)  # unchanged weight: fine
+    loss.backward()
+    assert hidden.grad is not None

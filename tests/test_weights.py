@@ -106,3 +106,22 @@ def test_ce_token_ids_accumulation_equals_one_big_batch(fused):
     dft.causal_lm_loss(model, big, weighting, fused=fused).loss.backward()
     for a, b in zip(accumulated, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_process_caches_are_not_filled_under_fake_tensors():
+    """A call under FakeTensorMode (non-strict export, FSDP's memory tracker) must not leave a fake tensor
+    in a process-wide cache for the next real call."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from dft import weights
+
+    weights._ID_TENSORS.clear()
+    weighting = dft.DFTWeight(ce_token_ids=(1, 2))
+    logits, labels = torch.randn(4, 7), torch.tensor([1, 2, 3, 0])
+    with FakeTensorMode() as mode:
+        fake = dft.dft_loss(mode.from_tensor(logits), mode.from_tensor(labels), weighting, validate=False)
+        assert isinstance(fake, FakeTensor)
+    assert not weights._ID_TENSORS
+    real = dft.dft_loss(logits, labels, weighting)
+    assert not isinstance(real, FakeTensor)
+    torch.testing.assert_close(real, dft.dft_loss(logits.double(), labels, weighting).float())

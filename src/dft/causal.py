@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engines import EngineAdapter, detect_engine, run_model, tie_to_outputs, unwrap_model, wrapper_chain
+from .engines import EngineAdapter, detect_engine, forward_takes, run_model, tie_to_outputs, unwrap_model, wrapper_chain
 from .fused import linear_dft_loss
-from .labels import causal_targets
+from .labels import causal_targets, sequence_ids
 from .losses import check_kl, dft_loss, logits_of
 from .models import CausalLMParts, inspect_causal_lm
 from .options import LossOptions, Unpack, resolve_options
@@ -117,6 +117,7 @@ def causal_lm_loss(
         "reduction": reduction,
         "num_items_in_batch": num_items_in_batch,
         "return_stats": True,
+        "sequence_ids": sequence_ids(inputs) if reduction == "sequence" else None,  # packed rows: per sequence
     }
     route = _route(model, fused, ref_model, kl_coef, transform)
     if route.parts is None:
@@ -192,12 +193,20 @@ def _logits_path(
     ref_logits = None
     if reference is not None:
         with torch.no_grad(), reference.context():
-            ref_logits = logits_of(reference.model(**model_inputs)).detach()
-    outputs = model(**model_inputs)
+            ref_logits = logits_of(reference.model(**_no_cache(reference.model, model_inputs))).detach()
+    outputs = model(**_no_cache(model, model_inputs))
     loss, stats = dft_loss(
         logits_of(outputs), targets, weighting, transform=transform, ref_logits=ref_logits, kl_coef=kl_coef, **common
     )
     return _output(loss, stats, False, model, outputs)
+
+
+def _no_cache(model: nn.Module, model_inputs: dict[str, Any]) -> dict[str, Any]:
+    """``use_cache=False`` where the forward takes it, as on the fused path: training needs no KV cache, and
+    with one transformers does not detect padding-free packed rows (``position_ids``) for its attention mask."""
+    if "use_cache" in model_inputs or not forward_takes(type(unwrap_model(model)), "use_cache"):
+        return model_inputs
+    return {**model_inputs, "use_cache": False}
 
 
 def _reference_head(route: _Route, model_inputs: dict[str, Any], kl_coef: float) -> dict[str, Any]:

@@ -31,6 +31,7 @@ whether it gathers parameters per module; nothing else in the library checks for
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import sys
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ENGINES", "EngineAdapter", "detect_engine", "run_model", "unwrap_model", "wrapper_chain"]
+__all__ = ["ENGINES", "EngineAdapter", "detect_engine", "forward_takes", "run_model", "unwrap_model", "wrapper_chain"]
 
 
 def _class_names(obj: object) -> set[str]:
@@ -155,8 +156,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 @functools.cache
+def forward_takes(cls: type, name: str) -> bool:
+    """Whether ``cls.forward`` takes the keyword ``name`` (read once per model class, not every step)."""
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _forward_takes_logits_to_keep(cls: type) -> bool:
-    """Per model class (the signature is read once, not at every training step)."""
     try:
         return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError, AttributeError):
@@ -268,7 +277,11 @@ def run_model(
             raise RuntimeError(f"dft: expected one backbone call before the LM head, got {len(hidden)}.")
         weight, bias = module.weight, module.bias
         _check_gathered(weight)
-        results.append(_call_head_loss(head_loss, _tied_to(hidden[0], args), weight, bias))
+        token = _REFILLS_HEAD_WEIGHT.set(engine.gathers_params)
+        try:
+            results.append(_call_head_loss(head_loss, _tied_to(hidden[0], args), weight, bias))
+        finally:
+            _REFILLS_HEAD_WEIGHT.reset(token)
 
     handles = [
         backbone.register_forward_hook(backbone_hook),
@@ -285,6 +298,15 @@ def run_model(
             f"dft: expected one LM-head call in {type(unwrap_model(model)).__name__}.forward, got {len(results)}."
         )
     return results[0], outputs
+
+
+_REFILLS_HEAD_WEIGHT: contextvars.ContextVar[bool] = contextvars.ContextVar("dft_refills_head_weight", default=False)
+
+
+def engine_refills_head_weight() -> bool:
+    """True inside a head loss under FSDP2 / ZeRO-3, which refill the gathered weight in place between the
+    forward and backward passes by design (so the fused head's in-place-change check does not apply)."""
+    return _REFILLS_HEAD_WEIGHT.get()
 
 
 def _head_loss_call(head_loss: HeadLoss, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:

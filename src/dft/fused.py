@@ -24,6 +24,7 @@ the device's budget), independent of N.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
@@ -34,7 +35,7 @@ from .epilogue import EAGER, Epilogue, TransformConsts, epilogue_for
 from .labels import check_labels, supervised_index
 from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
-from .precision import compute_dtype, matmul_dtype
+from .precision import compute_dtype, matmul_dtype, real_execution
 from .reduction import Reduction, check_reduction, reduction_coefficients
 from .stats import TokenStats, token_stats_from_rows
 from .transform import LogitTransform
@@ -52,11 +53,13 @@ from .vocab_parallel import (
 from .weights import DFTWeight
 
 __all__ = [
+    "DW_PATHS",
     "LinearDFTLoss",
     "auto_chunk_size",
     "budget_for_memory",
     "chunk_budget_bytes",
     "default_chunk_size",
+    "dw_update_path",
     "linear_dft_loss",
 ]
 
@@ -140,43 +143,75 @@ class _Plan:
     shard: VocabShard | None = None  # a vocabulary-sharded head (tensor parallel): dft.vocab_parallel
 
 
-_ADDMM_OUT_DTYPE: dict[str, bool] = {}
+_ADDMM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def _addmm_out_dtype(device: torch.device) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates bf16/fp16 products into a
-    float32 ``acc`` in place here (cuBLAS on CUDA: one GEMM with beta=1, no ``[V, H]`` temporary).
+def _addmm_out_dtype(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates ``dtype`` (bf16/fp16) products
+    into a float32 ``acc`` in place here (cuBLAS on CUDA: one GEMM with beta=1, no ``[V, H]`` temporary).
 
-    Probed once per device with a small exact check; False on CPU (no such kernel).
+    Probed once per device and dtype with a small exact check; False on CPU (no such kernel), and never
+    probed (nor cached) under fake tensors, tracing or CUDA-graph capture.
     """
     if device.type != "cuda":
         return False
-    key = str(device)
+    key = (str(device), dtype)
+    if key not in _ADDMM_OUT_DTYPE and not real_execution(device):
+        return False
     if key not in _ADDMM_OUT_DTYPE:
         try:
-            a = torch.arange(12, device=device, dtype=torch.bfloat16).reshape(3, 4) / 4
-            b = torch.arange(8, device=device, dtype=torch.bfloat16).reshape(4, 2) / 2
+            a = torch.arange(12, device=device, dtype=dtype).reshape(3, 4) / 4
+            b = torch.arange(8, device=device, dtype=dtype).reshape(4, 2) / 2
             acc = torch.ones(3, 2, device=device, dtype=torch.float32)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _ADDMM_OUT_DTYPE[key] = bool(torch.equal(acc, 1 + a.float() @ b.float()))
+            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=0.5, out=acc)
+            _ADDMM_OUT_DTYPE[key] = bool(torch.equal(acc, 1 + 0.5 * (a.float() @ b.float())))
         except (RuntimeError, TypeError):
             _ADDMM_OUT_DTYPE[key] = False
     return _ADDMM_OUT_DTYPE[key]
 
 
+DW_PATHS = {
+    "addmm_": "same dtype: acc.addmm_(a, b)",
+    "addmm_out_dtype": "one GEMM accumulating in place into the float32 accumulator (cuBLAS out_dtype; "
+    "float16: its power-of-two scale as the GEMM's alpha)",
+    "upcast_addmm_": "the chunk's operands cast up, then acc.addmm_ (CPU: no out_dtype kernel)",
+    "product_add": "the product in float32, then added: a [V, H] float32 temporary per chunk (out_dtype failed)",
+}
+"""How the fused head accumulates ``dW`` (:func:`dw_update_path`)."""
+
+
+def dw_update_path(device: torch.device, mm_dtype: torch.dtype, acc_dtype: torch.dtype = torch.float32) -> str:
+    """Which :data:`DW_PATHS` entry ``dW += dz.T @ h`` takes for ``mm_dtype`` operands on ``device``."""
+    if mm_dtype == acc_dtype:
+        return "addmm_"
+    if _addmm_out_dtype(device, mm_dtype):
+        return "addmm_out_dtype"
+    return "upcast_addmm_" if device.type != "cuda" else "product_add"
+
+
+_LOGGED_PATHS: set[tuple[str, str, torch.dtype]] = set()
+
+
 def _mm_into(acc: Tensor, a: Tensor, b: Tensor, inv_scale: Tensor | None = None) -> None:
     """In place ``acc += (a @ b) * inv_scale`` with ``acc`` float32/64 whatever the dtype of ``a`` and ``b``.
 
-    Never a ``[V, H]`` temporary where the device can help it: same dtype -> ``addmm_``; bf16/fp16 on
-    CUDA -> one GEMM with a float32 output accumulating into ``acc``; elsewhere the (chunk-sized)
-    operands are cast up and ``addmm_`` accumulates. Only float16 with its power-of-two ``inv_scale``
-    on CUDA forms the product first (scaled in float32, then added).
+    Never a ``[V, H]`` temporary where the device can help it (:func:`dw_update_path`, logged once per
+    path at debug level on the ``dft`` logger): same dtype -> ``addmm_``; bf16/fp16 on CUDA -> one GEMM with
+    a float32 output accumulating into ``acc`` (float16's power-of-two ``inv_scale`` as its ``alpha``: a
+    host read of one scalar per chunk, float16 only); on CPU the (chunk-sized) operands are cast up and
+    ``addmm_`` accumulates. Only where the CUDA probe fails is the product formed first.
     """
-    if a.dtype == acc.dtype and inv_scale is None:
+    path = dw_update_path(a.device, a.dtype, acc.dtype)
+    key = (path, str(a.device), a.dtype)
+    if key not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add(key)
+        logging.getLogger("dft").debug("fused head dW path on %s for %s: %s", a.device, a.dtype, DW_PATHS[path])
+    if path == "addmm_" and inv_scale is None:
         acc.addmm_(a, b)
-    elif inv_scale is None and _addmm_out_dtype(a.device):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    elif not a.is_cuda:
+    elif path == "addmm_out_dtype":
+        alpha = 1.0 if inv_scale is None else float(inv_scale)
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
+    elif not a.is_cuda or path == "addmm_":
         a_up = a.to(acc.dtype)
         acc.addmm_(a_up if inv_scale is None else a_up.mul_(inv_scale), b.to(acc.dtype))
     else:
@@ -471,6 +506,7 @@ class _LinearDFTFunction(torch.autograd.Function):
         packed = _pack_stats(stats, token_loss)
         ctx.mark_non_differentiable(packed)
         ctx.plan = plan
+        ctx.versions = _versions_of(weight, bias) if grad_in_forward else None
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         if plan.coef is not None:
             loss = (plan.coef.to(token_loss.dtype) * token_loss).sum()
@@ -485,8 +521,13 @@ class _LinearDFTFunction(torch.autograd.Function):
         return _scatter_rows(token_loss, plan), packed
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor, _grad_stats: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative was asked for
+            raise RuntimeError(
+                "dft: linear_dft_loss has first-order gradients only (its gradients are formed in the forward "
+                "pass); double backward / create_graph=True needs the logits path: dft.dft_loss(F.linear(...))."
+            )
+        _check_versions(ctx.versions)
         plan: _Plan = ctx.plan
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         if plan.coef is not None:  # gradients were formed in forward: scale them
@@ -507,6 +548,28 @@ class _LinearDFTFunction(torch.autograd.Function):
             _finish(db, grad_out, bias_dtype),
             None,
         )
+
+
+def _versions_of(*tensors: Tensor | None) -> list[tuple[Tensor, int]] | None:
+    """The weight's (and bias's) version counters at forward time, to catch an in-place change before backward
+    (e.g. ``optimizer.step()`` between them: the gradients were formed from the old values). Not for weights an
+    engine gathers around the head's forward (FSDP2 / ZeRO-3 refill them in place by design)."""
+    from .engines import engine_refills_head_weight
+
+    if engine_refills_head_weight():
+        return None
+    return [(t, t._version) for t in tensors if t is not None and t.is_leaf]
+
+
+def _check_versions(versions: list[tuple[Tensor, int]] | None) -> None:
+    for t, version in versions or ():
+        if t._version != version:
+            raise RuntimeError(
+                f"dft: a tensor of shape {tuple(t.shape)} given to linear_dft_loss (the head weight or bias) was "
+                f"modified in place between the forward pass and backward (version {version} -> {t._version}); "
+                "its gradients were formed in the forward pass from the old values. Call backward() before "
+                "optimizer.step() or any in-place update."
+            )
 
 
 def _finish(grad: Tensor | None, scale: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
@@ -593,6 +656,7 @@ def linear_dft_loss(
     ref_transform: LogitTransform | None = None,
     kl_coef: float = 0.0,
     vocab_shard: VocabShard | None = None,
+    sequence_ids: Tensor | None = None,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
@@ -614,7 +678,7 @@ def linear_dft_loss(
         weighting: the weight family, :class:`dft.DFTWeight` (default: DFT, ``alpha=1``).
         bias: ``[V]`` optional head bias.
         transform: :class:`dft.LogitTransform` (``logit_scale``, ``softcap``, ``temperature``).
-        ignore_index, reduction, num_items_in_batch, validate: as in :func:`dft.dft_loss`.
+        ignore_index, reduction, num_items_in_batch, validate, sequence_ids: as in :func:`dft.dft_loss`.
         chunk_size: token rows per chunk; None (default) sizes equal chunks from the path's bytes per
             logit (bf16 logits, ASFT's reference logits, eager float32 temporaries) and the device's
             budget (:func:`dft.fused.chunk_budget_bytes`: 1/64 of a GPU's memory, 256 MiB on CPU).
@@ -645,6 +709,7 @@ def linear_dft_loss(
     statistics and the weight-gradient accumulator are float32.
     """
     _validate_head(hidden, weight, bias)
+    _refuse_functorch(hidden, weight)
     check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, check_range=False, what="hidden")
     check_reduction(reduction, labels.shape, num_items_in_batch)
     _check_chunk_size(chunk_size)
@@ -667,7 +732,17 @@ def linear_dft_loss(
         reference,
         validate,
         shard,
+        sequence_ids,
     )
+
+
+def _refuse_functorch(*tensors: Tensor) -> None:
+    """``torch.func.grad`` / ``vmap`` cannot run a function whose gradients are formed in its forward."""
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise RuntimeError(
+            "dft: linear_dft_loss does not support torch.func transforms (grad, vmap, jacrev): its gradients are "
+            "formed in the forward pass. Use torch.autograd (loss.backward()), or the logits path dft.dft_loss."
+        )
 
 
 def _check_reference(
@@ -736,6 +811,7 @@ def _linear_dft_loss(
     reference: tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None = None,
     validate: bool = True,
     shard: VocabShard | None = None,
+    sequence_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     valid = labels != ignore_index
     num_rows = valid.numel()
@@ -748,7 +824,9 @@ def _linear_dft_loss(
     sup_labels = flat_labels if index is None else flat_labels.index_select(0, index)
     coef = None
     if reduction != "none":
-        coef = reduction_coefficients(valid, reduction, num_items_in_batch, compute_dtype(hidden.dtype)).reshape(-1)
+        coef = reduction_coefficients(
+            valid, reduction, num_items_in_batch, compute_dtype(hidden.dtype), sequence_ids
+        ).reshape(-1)
         coef = coef if index is None else coef.index_select(0, index)
     plan = _Plan(
         weighting=weighting,

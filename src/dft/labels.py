@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Batch", "causal_targets", "check_labels", "count_targets", "shift_causal_labels", "supervised_index"]
+__all__ = [
+    "Batch",
+    "causal_targets",
+    "check_labels",
+    "count_targets",
+    "sequence_ids",
+    "shift_causal_labels",
+    "supervised_index",
+]
 
 Batch = Mapping[str, Any]
 """A batch as collators make it: ``labels [B, T]`` (or ``shift_labels``), optional ``position_ids [B, T]``."""
@@ -122,6 +130,17 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
         starts_next[..., :-1] = position_ids[..., 1:] == 0
         shifted = shifted.masked_fill(starts_next, ignore_index)
     return shifted
+
+
+def sequence_ids(batch: Batch) -> Tensor | None:
+    """``[B, T]`` the id of the sequence each position belongs to, unique over the batch, for padding-free
+    packed rows (``position_ids`` restarting at 0 inside a row); None without ``position_ids``."""
+    position_ids = batch.get("position_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(position_ids, Tensor) or position_ids.dim() < 1:
+        return None
+    starts = position_ids == 0
+    starts[..., 0] = True
+    return (starts.reshape(-1).cumsum(0) - 1).reshape(position_ids.shape)
 
 
 def count_targets(targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -25,7 +25,7 @@ from .labels import check_labels, shift_causal_labels
 from .options import LossOptions, Unpack, resolve_options
 from .precision import compute_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
-from .stats import TokenStats, token_stats_from_probs
+from .stats import TokenStats, token_stats_from_rows
 from .transform import LogitTransform
 from .weights import DFTWeight
 
@@ -61,6 +61,7 @@ def _dft_loss(
     return_stats: bool,
     ref_logits: Tensor | None = None,
     kl_coef: float = 0.0,
+    sequence_ids: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, TokenStats]:
     _check_logits(logits)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, check_range=validate)
@@ -75,8 +76,11 @@ def _dft_loss(
     z = transform.apply(logits.to(compute_dtype(logits.dtype)))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(z, dim=-1)
-    target_logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
+    if ref_logits is None:  # row chunks: no [N, V] temporary in forward, one (the gradient) in backward
+        target_logp, lse = _TargetLogProb.apply(z, safe)
+    else:  # ASFT's KL differentiates through lse as well
+        lse = torch.logsumexp(z, dim=-1)
+        target_logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     w = weight(target_logp.detach(), z.detach() if weight.needs_logits else None, safe)
     token_loss = -(w * target_logp)
     kl = None
@@ -89,20 +93,81 @@ def _dft_loss(
     if reduction == "none":
         loss = token_loss
     else:
-        coef = reduction_coefficients(valid, reduction, num_items_in_batch, dtype=token_loss.dtype)
+        coef = reduction_coefficients(
+            valid, reduction, num_items_in_batch, dtype=token_loss.dtype, sequence_ids=sequence_ids
+        )
         loss = (coef * token_loss).sum()
     if not return_stats:
         return loss
-    with torch.no_grad():
-        probs = torch.exp(z.detach() - lse.detach().unsqueeze(-1))
-        stats = token_stats_from_probs(
-            probs.reshape(-1, z.shape[-1]),
-            target_logp.reshape(-1),
-            safe.reshape(-1),
-            valid.reshape(-1),
-            None if kl is None else kl.reshape(-1),
-        )
+    stats = _chunked_stats(z, lse, target_logp, safe, valid, kl)
     return loss, stats
+
+
+_STATS_CHUNK_BYTES = 64 * 2**20
+
+
+def _row_chunks(rows: int, vocab: int, itemsize: int) -> range:
+    """Start rows of chunks whose ``[C, V]`` float temporaries take about 64 MiB."""
+    step = max(1, _STATS_CHUNK_BYTES // max(1, vocab * itemsize))
+    return range(0, rows, step)
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """``log softmax(z)[y]`` and ``logsumexp(z)`` of ``z [..., V]``, row chunk by row chunk.
+
+    Forward keeps no ``[N, V]`` temporary (autograd's logsumexp + gather keep one and build three in
+    backward); backward writes ``g * (onehot(y) - softmax(z))`` into one ``[N, V]`` gradient, chunk by chunk.
+    ``lse`` is returned detached (non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        flat, ys = z.reshape(-1, z.shape[-1]), y.reshape(-1)
+        lse = torch.empty(flat.shape[0], dtype=z.dtype, device=z.device)
+        step = _row_chunks(*flat.shape, z.element_size()).step
+        for start in range(0, flat.shape[0], step):
+            lse[start : start + step] = torch.logsumexp(flat[start : start + step], dim=-1)
+        logp = flat.gather(1, ys.unsqueeze(1)).squeeze(1) - lse
+        ctx.save_for_backward(z, y, lse)
+        ctx.mark_non_differentiable(lse)
+        return logp.reshape(y.shape), lse.reshape(y.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_logp: Tensor, _grad_lse: Tensor) -> tuple[Tensor, None]:
+        z, y, lse = ctx.saved_tensors
+        flat, ys, g = z.reshape(-1, z.shape[-1]), y.reshape(-1), grad_logp.reshape(-1).to(z.dtype)
+        grad = torch.empty_like(flat)
+        step = _row_chunks(*flat.shape, z.element_size()).step
+        for start in range(0, flat.shape[0], step):
+            rows = slice(start, start + step)
+            out = grad[rows]
+            torch.sub(flat[rows], lse[rows].unsqueeze(1), out=out).exp_().mul_(-g[rows].unsqueeze(1))
+            out.scatter_add_(1, ys[rows].unsqueeze(1), g[rows].unsqueeze(1))
+        return grad.reshape(z.shape), None
+
+
+@torch.no_grad()
+def _chunked_stats(
+    z: Tensor, lse: Tensor, target_logp: Tensor, safe: Tensor, valid: Tensor, kl: Tensor | None
+) -> TokenStats:
+    """:class:`TokenStats` from the logits in row chunks (entropy, argmax): no second ``[N, V]`` softmax."""
+    flat, lse_f = z.detach().reshape(-1, z.shape[-1]), lse.detach().reshape(-1)
+    entropy = torch.empty_like(lse_f)
+    argmax = torch.empty(lse_f.shape, dtype=torch.long, device=z.device)
+    step = _row_chunks(*flat.shape, z.element_size()).step
+    for start in range(0, flat.shape[0], step):
+        rows = slice(start, start + step)
+        logq = flat[rows] - lse_f[rows].unsqueeze(1)
+        entropy[rows] = -(logq.exp() * logq).nan_to_num_(0.0).sum(-1)  # 0 * -inf (a masked column) counts 0
+        argmax[rows] = flat[rows].argmax(-1)
+    return token_stats_from_rows(
+        target_logp.reshape(-1),
+        argmax == safe.reshape(-1),
+        entropy,
+        None if kl is None else kl.reshape(-1),
+        valid.reshape(-1),
+    )
 
 
 def check_kl(kl_coef: object, has_reference: bool, reference_name: str) -> None:
@@ -134,6 +199,7 @@ def dft_loss(
     return_stats: bool = False,
     ref_logits: Tensor | None = None,
     kl_coef: float = 0.0,
+    sequence_ids: Tensor | None = None,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """Dynamic Fine-Tuning loss on logits: a drop-in for ``F.cross_entropy``.
@@ -165,6 +231,8 @@ def dft_loss(
             SFT, arXiv 2509.23753); detached. With ``kl_coef > 0`` each supervised token adds
             ``kl_coef * KL(softmax(ref_logits) || softmax(logits))``; the mean KL is in the stats.
         kl_coef: weight of the KL anchor (``0``: plain DFT; LLaMA-Factory's ``asft_alpha`` is 0.1).
+        sequence_ids: ``[...]`` (labels' shape) for ``reduction="sequence"`` on padding-free packed rows:
+            which sequence each token belongs to (:func:`dft.labels.sequence_ids`); None: one per row.
         **options: the same as flat keywords instead of ``weighting``/``transform``: ``alpha``,
             ``min_weight``, ``beta``, ``p_min``, ``p_max``, ``weight_fn`` (:class:`dft.DFTWeight`) and
             ``logit_scale``, ``softcap``, ``temperature`` (:class:`dft.LogitTransform`).
@@ -191,6 +259,7 @@ def dft_loss(
         return_stats,
         ref_logits=ref_logits,
         kl_coef=kl_coef,
+        sequence_ids=sequence_ids,
     )
 
 

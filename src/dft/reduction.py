@@ -4,11 +4,13 @@ A scalar reduction is written as per-token coefficients ``c``: ``loss = sum_t c_
 The materialised path multiplies and sums; the fused head uses the same ``c`` to form its
 gradients during the forward pass. Contract (transformers' ``fixed_cross_entropy``):
 
-* ``"mean"``: ``c_t = 1 / n`` with ``n = num_items_in_batch`` when given, else the number of
-  supervised tokens (at least 1, so an all-masked batch gives 0, never NaN).
+* ``"mean"``: ``c_t = 1 / n`` with ``n = num_items_in_batch`` when given (any positive value: a global
+  count divided by the ranks may be below 1), else the number of supervised tokens (at least 1, so an
+  all-masked batch gives 0, never NaN).
 * ``"sum"``: ``c_t = 1``.
-* ``"sequence"``: mean within each sequence (last label dimension), then mean over sequences with at
-  least one supervised token; ``num_items_in_batch`` then replaces that number of sequences.
+* ``"sequence"``: mean within each sequence (last label dimension, or ``sequence_ids`` for packed rows),
+  then mean over sequences with at least one supervised token; ``num_items_in_batch`` then replaces that
+  number of sequences.
 * ``"none"``: no reduction; the per-token losses come back in the labels' shape, 0 where ignored.
 """
 
@@ -53,9 +55,11 @@ def _denominator(count: Tensor, num_items_in_batch: int | Tensor | None, dtype: 
         n = count.to(dtype)
     elif isinstance(num_items_in_batch, Tensor):
         n = num_items_in_batch.detach().to(device=count.device, dtype=dtype).reshape(())
+        return torch.where(n > 0, n, torch.ones_like(n))  # a fractional count (N / ranks < 1) is kept as is
     else:  # a Python number: divide by it as a scalar (no host-to-device copy, no stream sync)
-        return max(float(num_items_in_batch), 1.0)
-    return n.clamp_min(1.0)
+        n = float(num_items_in_batch)
+        return n if n > 0 else 1.0
+    return n.clamp_min(1.0)  # a local count: 0 only when nothing is supervised (the loss is 0 then)
 
 
 def reduction_coefficients(
@@ -63,6 +67,7 @@ def reduction_coefficients(
     reduction: str,
     num_items_in_batch: int | Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    sequence_ids: Tensor | None = None,
 ) -> Tensor:
     """Per-token coefficients of a scalar reduction.
 
@@ -72,6 +77,9 @@ def reduction_coefficients(
         num_items_in_batch: replaces the mean's denominator (tokens for ``"mean"``, sequences for
             ``"sequence"``), e.g. the global count over accumulation steps and ranks.
         dtype: dtype of the coefficients (float32 or float64).
+        sequence_ids: ``[..., T]`` for ``"sequence"`` on padding-free packed rows: the id of the sequence
+            each position belongs to (unique over the batch, e.g. :func:`dft.labels.sequence_ids`);
+            None: each row (last dimension) is one sequence.
 
     Returns:
         ``[..., T]`` coefficients ``c`` with ``loss = (c * token_loss).sum()``; 0 where not valid.
@@ -82,7 +90,12 @@ def reduction_coefficients(
     if reduction == "mean":
         return mask / _denominator(valid.sum(), num_items_in_batch, dtype)
     if reduction == "sequence":
-        per_seq = valid.sum(-1, keepdim=True)
-        n_seq = _denominator((per_seq > 0).sum(), num_items_in_batch, dtype)
-        return mask / per_seq.clamp_min(1).to(dtype) / n_seq
+        if sequence_ids is None:
+            per_seq = valid.sum(-1, keepdim=True)
+            n_seq = _denominator((per_seq > 0).sum(), num_items_in_batch, dtype)
+            return mask / per_seq.clamp_min(1).to(dtype) / n_seq
+        ids = sequence_ids.reshape(-1).long()
+        counts = torch.zeros(ids.numel(), dtype=dtype, device=ids.device).index_add_(0, ids, mask.reshape(-1))
+        n_seq = _denominator((counts > 0).sum(), num_items_in_batch, dtype)
+        return mask / counts[ids].reshape(mask.shape).clamp_min(1) / n_seq
     raise ValueError(f"reduction {reduction!r} has no coefficients; use 'mean', 'sum' or 'sequence'.")

@@ -31,6 +31,8 @@ from typing import Any, TypedDict
 import torch
 from torch import Tensor
 
+from .precision import real_execution
+
 __all__ = ["DFTWeight", "WeightFn", "WeightOptions", "beta_schedule", "topk_entropy_ratio"]
 
 WeightFn = Callable[[Tensor], Tensor]
@@ -221,6 +223,8 @@ _ID_TENSORS: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}
 
 def _id_tensor(ids: tuple[int, ...], device: torch.device) -> Tensor:
     """``ids`` as a tensor on ``device``, built once (no host-to-device copy per call)."""
+    if not real_execution(device):  # fake / traced / captured: neither read nor fill the cache
+        return torch.tensor(ids, dtype=torch.long, device=device)
     key = (ids, device)
     if key not in _ID_TENSORS:
         _ID_TENSORS[key] = torch.tensor(ids, dtype=torch.long, device=device)
