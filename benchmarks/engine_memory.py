@@ -1,16 +1,35 @@
 """Peak memory per rank of DFTTrainer under each engine: fused head vs the logits path (2 CPU ranks).
 
-    python benchmarks/engine_memory.py                 # every engine, fused and logits path
-    python benchmarks/engine_memory.py --vocab 65536   # smaller head
+    python benchmarks/engine_memory.py                       # every engine, fused and logits path
+    python benchmarks/engine_memory.py --vocab 65536         # smaller head
+    python benchmarks/engine_memory.py --engines tp sp cp    # the model-parallel rows only
 
 Each run launches 2 gloo ranks with torchrun (DeepSpeed: DS_ACCELERATOR=cpu; FSDP2 through
 accelerate's own preparation with the test suite's CPU shim), trains 2 optimizer steps of a Llama
-with a large vocabulary (hidden 64, 2 layers, untied head; 2 rows x 1024 tokens per micro-batch, 2
-accumulation steps, all tokens supervised; ``tp``: tensor parallel, ``from_pretrained(tp_plan="auto")``,
-both ranks on the same batches) and reports each rank's peak RSS growth during training
-(``ru_maxrss`` after ``train()`` minus the RSS before it), the larger of the two ranks. CPU RSS is a
-proxy for device memory: what matters is the ``[tokens, vocab]`` float32 logits (and their
-gradient) that the logits path builds and the fused head never does.
+with a large vocabulary (hidden 64, 2 layers, untied head; rows of 1024 tokens, 2 rows per
+micro-batch, 2 accumulation steps, all tokens supervised) and reports each rank's peak RSS growth
+during training (``ru_maxrss`` after ``train()`` minus the RSS before it), the larger of the two
+ranks. CPU RSS is a proxy for device memory: what matters is the ``[tokens, vocab]`` float32 logits
+(and their gradient) that the logits path builds and the fused head never does.
+
+What one rank holds per micro-batch:
+
+* ``ddp``, ``zero2``, ``zero3``, ``fsdp2``: its own 2 rows x 1024 tokens (2 data-parallel ranks).
+* ``tp``: tensor parallel, ``from_pretrained(tp_plan="auto")`` (head ``colwise_gather_output``);
+  one data-parallel rank, so both ranks run the same 2 rows x 1024 tokens.
+* ``sp``: Ulysses sequence parallel (DeepSpeed ALST) on ZeRO-2, ``ParallelismConfig(sp_size=2,
+  sp_backend="deepspeed")``, launched as tests/dist/sp_worker.py does (shim: tests/dist/sp_shim.py).
+  One data-parallel rank: Trainer's ``UlyssesSPDataLoaderAdapter`` deals each rank's 2-row batch
+  out to both ranks as sequence halves, so a rank holds 2 rows x 512 tokens (``shift_labels``;
+  the rows carry ``position_ids``, which the adapter needs, and no attention mask).
+* ``cp``: context parallel, FSDP2 + ``ParallelismConfig(cp_size=2)``, launched as
+  tests/dist/cp_worker.py does (shims: tests/dist/cp_shim.py, torch's default float32 ring merge).
+  One data-parallel rank: both ranks get the same 2 rows and each keeps half of every sequence,
+  2 rows x 512 tokens (torch's load balancing: a head and a tail chunk of 256, so the length must
+  be a multiple of 2 * cp_size = 4), with ``position_ids`` and ``shift_labels``.
+
+Under ``sp`` and ``cp`` the per-rank logits are therefore half those of the other rows (the header
+line gives the full 2 x 1024 tensor).
 """
 
 from __future__ import annotations
@@ -24,7 +43,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "tp")
+ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "tp", "sp", "cp")
+FSDP2 = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+SP = CP = 2  # sequence-parallel / context-parallel degree: both ranks
 
 
 def _rss_mb() -> float:
@@ -41,6 +62,14 @@ def worker(engine: str, fused: bool, vocab: int, seq: int, out: Path) -> None:
     from tests.dist.cpu_fsdp_shim import install
 
     install()
+    if engine == "sp":  # deepspeed.comm initialised on CPU ranks (tests/dist/sp_shim.py)
+        from tests.dist.sp_shim import install as install_sp
+
+        install_sp()
+    elif engine == "cp":  # torch's ring attention for the CPU SDPA kernel (tests/dist/cp_shim.py)
+        from tests.dist.cp_shim import install as install_cp
+
+        install_cp()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -53,21 +82,32 @@ def worker(engine: str, fused: bool, vocab: int, seq: int, out: Path) -> None:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    if engine in ("sp", "cp"):
+        model.config._attn_implementation = "sdpa"  # CP: torch's ring attention; SP: DeepSpeed's core attention
     if engine == "tp":  # loaded as users do: from_pretrained(..., tp_plan="auto"), head Shard(0) on 2 ranks
         model = _tensor_parallel(model, out)
     ids = torch.randint(0, vocab, (16, seq))
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    columns = {"input_ids": ids.tolist(), "labels": ids.tolist()}
+    if engine in ("sp", "cp"):  # the SP adapter needs them; CP shards them with the inputs
+        assert seq % (2 * CP) == 0, "CP load balancing needs a sequence length divisible by 2 * cp_size"
+        columns["position_ids"] = torch.arange(seq).expand_as(ids).tolist()
+    data = Dataset.from_dict(columns)
     kwargs: dict = {}
-    if engine.startswith("zero"):
+    if engine.startswith("zero") or engine == "sp":
         kwargs["deepspeed"] = {
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
-            "zero_optimization": {"stage": int(engine[-1]), "stage3_param_persistence_threshold": 0},
+            "zero_optimization": {
+                "stage": 2 if engine == "sp" else int(engine[-1]),
+                "stage3_param_persistence_threshold": 0,
+            },
             "zero_allow_untested_optimizer": True,
         }
-    elif engine == "fsdp2":
+    elif engine in ("fsdp2", "cp"):
         kwargs["fsdp"] = "full_shard"
-        kwargs["fsdp_config"] = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
+        kwargs["fsdp_config"] = FSDP2 if engine == "fsdp2" else {**FSDP2, "reshard_after_forward": True}
+    if engine in ("sp", "cp"):
+        kwargs["parallelism_config"] = _parallelism_config(engine)
     args = dft.DFTConfig(
         output_dir=str(out / "run"),
         per_device_train_batch_size=2,
@@ -92,6 +132,16 @@ def worker(engine: str, fused: bool, vocab: int, seq: int, out: Path) -> None:
         (out / "peak.txt").write_text(str(max(float(p) for p in peaks)))
     trainer.accelerator.wait_for_everyone()
     os._exit(0)  # skip gloo teardown (see tests/dist/__init__.py)
+
+
+def _parallelism_config(engine: str):
+    from accelerate import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    if engine == "cp":
+        return ParallelismConfig(cp_size=CP)
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation="sdpa")
+    return ParallelismConfig(sp_size=SP, sp_backend="deepspeed", sp_handler=handler)
 
 
 def _tensor_parallel(model, out: Path):
