@@ -349,3 +349,43 @@ def test_prior_figures_logged_once_from_the_first_step(tmp_path, log_prior):
     assert len(priors) == 1 and priors[0] is logs[0]
     assert priors[0]["prior/mean_p"] == pytest.approx(logs[0]["mean_p"], rel=1e-6)
     assert 0.0 <= priors[0]["prior/frac_below_0.01"] <= 1.0
+
+
+def test_compute_metrics_and_predict_get_the_logits(tmp_path):
+    """evaluate() with compute_metrics and predict() receive the model's logits [rows, T, V] (the logits path
+    for those steps); evaluate() without compute_metrics stays on the fused head."""
+    model, data = tiny_model("llama"), _dataset(n=6)
+    seen = {}
+
+    def metrics(pred):
+        seen["shape"] = tuple(pred.predictions.shape)
+        return {"n": float(pred.predictions.shape[0])}
+
+    trainer = dft.DFTTrainer(
+        model=model,
+        args=_args(tmp_path, per_device_eval_batch_size=3),
+        eval_dataset=data,
+        data_collator=default_data_collator,
+        compute_metrics=metrics,
+    )
+    result = trainer.evaluate()
+    assert seen["shape"] == (6, 10, VOCAB) and result["eval_n"] == 6.0
+    out = trainer.predict(data)
+    assert out.predictions.shape == (6, 10, VOCAB)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(data["input_ids"])).logits
+    torch.testing.assert_close(torch.as_tensor(out.predictions), logits, atol=1e-5, rtol=1e-5)
+    fused_only = dft.DFTTrainer(
+        model=model, args=_args(tmp_path), eval_dataset=data, data_collator=default_data_collator
+    ).evaluate()
+    assert fused_only["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
+
+
+def test_data_parallel_is_refused_at_construction(tmp_path):
+    """One process with several GPUs visible: Trainer would wrap nn.DataParallel (shared hooks, threads)."""
+    args = _args(tmp_path)
+    args._n_gpu = 2  # what Trainer sees with 2 GPUs visible in one process
+    with pytest.raises(ValueError, match="torchrun"):
+        dft.DFTTrainer(
+            model=tiny_model("llama"), args=args, train_dataset=_dataset(), data_collator=default_data_collator
+        )

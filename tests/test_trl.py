@@ -72,3 +72,34 @@ def test_dft_sft_config_validates(tmp_path):
     with pytest.raises(ValueError, match="alpha"):
         dft.DFTSFTConfig(output_dir=str(tmp_path), use_cpu=True, dft_alpha=-1.0)
     assert dft.DFTSFTConfig(output_dir=str(tmp_path), use_cpu=True).loss_type == "dft"
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("loss_type", ["dft", "sft", "nll", "asft", "eaft"])
+def test_dft_sft_trainer_trains_every_loss_type(tmp_path, loss_type):
+    """TRL's SFTTrainer checks loss_type against its own values; DFTSFTTrainer trains each of ours, with the
+    loss it names (the same update as DFTTrainer on the same batch)."""
+    from dft.trainer import LOSS_TYPES
+
+    assert loss_type in LOSS_TYPES
+    model, start = tiny_model("llama"), tiny_model("llama")
+    ref = None
+    if loss_type == "asft":  # a reference that differs from the policy (KL > 0 at the first step)
+        ref = tiny_model("llama").eval()
+        with torch.no_grad():
+            ref.lm_head.weight.mul_(1.5)
+    args = dft.DFTSFTConfig(loss_type=loss_type, **_common(tmp_path))
+    trainer = dft.DFTSFTTrainer(
+        model=model, args=args, train_dataset=_data(), processing_class=tiny_tokenizer(), ref_model=ref
+    )
+    assert trainer.args.loss_type == loss_type  # restored after TRL's check
+    trainer.train()
+    moved = max((p - s).abs().max().item() for p, s in zip(model.parameters(), start.parameters()))
+    assert moved > 1e-4
+    log = trainer.state.log_history[0]
+    if loss_type in ("sft", "nll"):  # cross-entropy: the loss is the CE
+        assert log["loss"] == pytest.approx(log["ce"], rel=1e-4)
+    else:
+        assert log["loss"] < log["ce"]
+    if loss_type == "asft":
+        assert log["kl"] > 0

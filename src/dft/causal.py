@@ -43,7 +43,8 @@ class CausalLMLossOutput:
     before its coefficient (detached), or None; ``head_loss``: the DFT loss alone (with its graph);
     ``router_loss``: ``router_aux_loss_coef * aux_loss`` with its graph (None without one). The
     router loss is a per-micro-batch mean: a loop that normalises ``head_loss`` by a global token
-    count adds ``router_loss / accumulation_steps`` instead (what :class:`dft.DFTTrainer` does)."""
+    count adds ``router_loss / accumulation_steps`` instead (what :class:`dft.DFTTrainer` does). ``outputs``: the
+    model's own outputs (on the fused path their logits cover the last position only)."""
 
     loss: Tensor
     stats: TokenStats
@@ -51,6 +52,7 @@ class CausalLMLossOutput:
     aux_loss: Tensor | None = None
     head_loss: Tensor | None = None
     router_loss: Tensor | None = None
+    outputs: Any = None
 
     def __post_init__(self) -> None:
         if self.head_loss is None:
@@ -257,7 +259,9 @@ def _frozen_head(
 def _output(loss: Tensor, stats: TokenStats, fused: bool, model: nn.Module, outputs: Any) -> CausalLMLossOutput:
     router, aux = _router_loss(model, outputs, loss)
     total = loss if router is None else loss + router
-    return CausalLMLossOutput(loss=total, stats=stats, fused=fused, aux_loss=aux, head_loss=loss, router_loss=router)
+    return CausalLMLossOutput(
+        loss=total, stats=stats, fused=fused, aux_loss=aux, head_loss=loss, router_loss=router, outputs=outputs
+    )
 
 
 @dataclass

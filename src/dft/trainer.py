@@ -373,6 +373,14 @@ class DFTTrainerMixin(_TrainerTouchPoints):
 
     def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"DFTTrainer does not run under nn.DataParallel (one process, {self.args.n_gpu} GPUs visible): its "
+                "loss hooks the LM head, which DataParallel replicas share across threads. Launch one process per "
+                "GPU: `torchrun --nproc_per_node N train.py` or `accelerate launch train.py` (or make one GPU "
+                "visible: CUDA_VISIBLE_DEVICES=0)."
+            )
+        self._dft_want_logits = False  # set by prediction_step when compute_metrics / predict() need logits
         self.ref_model = self._prepare_reference(ref_model)
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
@@ -438,13 +446,14 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         weighting = self.dft_weighting()
+        want_logits = return_outputs and getattr(self, "_dft_want_logits", False)
         out = causal_lm_loss(
             model,
             inputs,
             weighting,
             num_items_in_batch=num_items_in_batch,
             chunk_size=self._dft_option("loss_chunk_size", None),
-            fused=self._dft_option("fused_lm_head", True),
+            fused=self._dft_option("fused_lm_head", True) and not want_logits,
             ref_model=self.ref_model,
             kl_coef=self.dft_kl_coef(),
         )
@@ -461,7 +470,20 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         loss = self._undo_rank_average(out.head_loss, num_items_in_batch, training=mode == "train")
         if out.router_loss is not None:
             loss = loss + out.router_loss / self._router_loss_steps(num_items_in_batch)
-        return (loss, {}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        return loss, (out.outputs if want_logits else {})  # the fused head's outputs hold one position only
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[Tensor | None, Any, Any]:
+        """Evaluation steps: the fused head when only the loss is needed; the logits path (full logits, the
+        model's own outputs) when ``compute_metrics`` / ``preprocess_logits_for_metrics`` / ``predict()`` need them."""
+        self._dft_want_logits = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._dft_want_logits = False
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         for mode, prefix, key in (("train", "", "loss"), ("eval", "eval_", "eval_loss")):

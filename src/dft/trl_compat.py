@@ -1,6 +1,6 @@
 """TRL interop: ``DFTSFTTrainer`` gives ``trl.SFTTrainer`` users every DFT variant on the fused head.
 
-Requires the optional extra ``pip install dft[trl]``. Everything SFTTrainer does to the data
+Requires the optional extra ``pip install 'dft-loss[trl]'``. Everything SFTTrainer does to the data
 (chat templates, completion-only loss, packing, padding-free) is kept; only ``compute_loss`` and the
 logged diagnostics come from :class:`dft.DFTTrainerMixin`::
 
@@ -8,17 +8,20 @@ logged diagnostics come from :class:`dft.DFTTrainerMixin`::
     args = DFTSFTConfig(output_dir="out", loss_type="dft", dft_alpha=1.0, dft_min_weight=0.01)
     DFTSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
 
-``loss_type`` keeps TRL's values: ``"dft"`` (default here) or ``"nll"`` (cross-entropy).
+``loss_type``: ``"dft"`` (default here), ``"sft"`` / TRL's ``"nll"`` (cross-entropy), ``"asft"`` (DFT + a KL
+anchor: pass ``ref_model=`` or train a PEFT model) or ``"eaft"``; TRL's own check of the field only ever
+sees ``"nll"``, since its loss is not used.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 try:
     from trl import SFTConfig, SFTTrainer
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("dft.DFTSFTTrainer needs TRL: pip install 'dft[trl]'.") from e
+    raise ImportError("dft.DFTSFTTrainer needs TRL: pip install 'dft-loss[trl]'.") from e
 
 from .trainer import DFTArguments, DFTTrainerMixin
 
@@ -43,5 +46,23 @@ def _bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-class DFTSFTTrainer(DFTTrainerMixin, SFTTrainer):
-    """``trl.SFTTrainer`` whose loss is :func:`dft.causal_lm_loss` (fused head, exact normalisation)."""
+class _TrlSeesItsOwnLoss(SFTTrainer):
+    """``SFTTrainer.__init__`` with ``args.loss_type`` shown as TRL's ``"nll"``: TRL refuses values it does not
+    know (``"sft"``, ``"asft"``, ``"eaft"``) and ``"dft"`` under DeepSpeed sequence parallelism, although its own
+    loss is never used here (``compute_loss`` is :class:`dft.DFTTrainerMixin`'s). Restored right after."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        loss_type = getattr(config, "loss_type", None) if isinstance(config, DFTArguments) else None
+        if loss_type is not None:
+            config.loss_type = "nll"
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if loss_type is not None:
+                config.loss_type = loss_type
+
+
+class DFTSFTTrainer(DFTTrainerMixin, _TrlSeesItsOwnLoss):
+    """``trl.SFTTrainer`` whose loss is :func:`dft.causal_lm_loss` (fused head, exact normalisation); every
+    ``loss_type`` of :class:`dft.DFTArguments` (``"dft"``, ``"sft"``/``"nll"``, ``"asft"``, ``"eaft"``)."""
