@@ -15,7 +15,6 @@ from accelerate import Accelerator
 from accelerate.parallelism_config import ParallelismConfig
 from accelerate.utils import FullyShardedDataParallelPlugin
 from datasets import Dataset
-from torch.utils.data import SequentialSampler
 from transformers import default_data_collator
 
 import dft
@@ -24,15 +23,9 @@ from tests.dist import exit_without_teardown
 from tests.dist.cp_cases import ACCUMULATION, CASES, LR, ROWS_PER_STEP, STEPS, build_model, rows, step_rows
 from tests.dist.cp_shim import RING_CALLS, fp64_ring_merge
 from tests.dist.cp_shim import install as install_cp_shims
+from tests.dist.engine_cases import SequentialTrainer, sgd_config
 
 FSDP_CONFIG = {"version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
-
-
-class SequentialTrainer(dft.DFTTrainer):
-    """Rows in order, so that the single-process reference sees the same global batches."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
 
 
 SEEN_LENGTHS: set[int] = set()  # sequence lengths the model's embedding saw on this rank
@@ -51,21 +44,10 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_trainer(out_dir: Path, cp: int, dp: int) -> tuple[torch.nn.Module, Accelerator, dict]:
-    args = dft.DFTConfig(
-        output_dir=str(out_dir / "run"),
+    args = sgd_config(
+        out_dir,
         per_device_train_batch_size=ROWS_PER_STEP // (ACCUMULATION * dp),
         gradient_accumulation_steps=ACCUMULATION,
-        max_steps=STEPS,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
         fsdp="full_shard",
         fsdp_config=FSDP_CONFIG,
         parallelism_config=ParallelismConfig(cp_size=cp, dp_shard_size=dp),

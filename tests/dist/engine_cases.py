@@ -15,8 +15,12 @@ steps x 2 rows = 8 rows per step, SGD, no clipping):
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from datasets import Dataset
+from torch.utils.data import SequentialSampler
 from transformers import LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -107,6 +111,35 @@ def ds_config(stage: int) -> dict:
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "zero_allow_untested_optimizer": True,
     }
+
+
+def sgd_config(out_dir: Path, **overrides: Any) -> dft.DFTConfig:
+    """The DFTConfig every 2-step engine run shares (tests/dist/*_worker.py): 2 rows x 2 accumulation steps a
+    rank, SGD at a constant lr, no clipping, logging every step, nothing saved; ``overrides`` on top."""
+    base = {
+        "output_dir": str(out_dir / "run"),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": STEPS,
+        "learning_rate": LR,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    return dft.DFTConfig(**{**base, **overrides})
+
+
+class SequentialTrainer(dft.DFTTrainer):
+    """Rows in order, so that the single-process reference sees the same global batches."""
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> SequentialSampler:
+        return SequentialSampler(self.train_dataset)
 
 
 def trainer_kwargs(case: str) -> dict:

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from transformers import default_data_collator
 
-import dft
 from dft.engines import detect_engine, unwrap_model
 from tests.dist import exit_without_teardown
-from tests.dist.sp_cases import LR, STEPS, build_model, dataset, trainer_kwargs
+from tests.dist.engine_cases import SequentialTrainer, sgd_config
+from tests.dist.sp_cases import build_model, dataset, trainer_kwargs
 from tests.dist.sp_shim import install as install_sp_shim
-from tests.dist.trainer_worker import SequentialTrainer, full_parameters
+from tests.dist.trainer_worker import full_parameters
 
 
 class RecordingTrainer(SequentialTrainer):
@@ -39,21 +39,7 @@ class RecordingTrainer(SequentialTrainer):
 def main() -> None:
     out_dir, case = Path(sys.argv[1]), sys.argv[2]
     install_sp_shim()
-    args = dft.DFTConfig(
-        output_dir=str(out_dir / "run"),
-        max_steps=STEPS,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **trainer_kwargs(case),
-    )
+    args = sgd_config(out_dir, **trainer_kwargs(case))
     trainer = RecordingTrainer(
         model=build_model("zero2"),
         args=args,

@@ -17,20 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, default_data_collator
 
-import dft
 from dft.engines import detect_engine
 from tests.dist import exit_without_teardown
-from tests.dist.engine_cases import KL_COEF, LR, ROWS_PER_STEP, STEPS, dataset
+from tests.dist.engine_cases import KL_COEF, ROWS_PER_STEP, SequentialTrainer, dataset, sgd_config
 from tests.dist.sp_shim import allow_cpu_parallelism_config
 from tests.dist.tp_cases import save_models
-
-
-class SequentialTrainer(dft.DFTTrainer):
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
 
 
 def main() -> None:
@@ -56,21 +49,9 @@ def main() -> None:
     model.lm_head.weight.register_hook(
         lambda g: head_grads.append((type(g).__name__, str(g.placements), g.to_local().shape))
     )
-    args = dft.DFTConfig(
-        output_dir=str(out_dir / "run"),
+    args = sgd_config(
+        out_dir,
         per_device_train_batch_size=ROWS_PER_STEP // (4 if case.startswith("tp2-fsdp2") else 2),
-        gradient_accumulation_steps=2,
-        max_steps=STEPS,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
         fused_lm_head=not case.endswith("-logits"),
         **({"loss_type": "asft", "kl_coef": KL_COEF} if case == "tp-asft" else {}),
     )

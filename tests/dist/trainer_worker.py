@@ -12,21 +12,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.data import SequentialSampler
 from transformers import default_data_collator
 
-import dft
 from dft.engines import detect_engine, unwrap_model
 from tests.dist import exit_without_teardown
 from tests.dist.cpu_fsdp_shim import install as install_cpu_fsdp
-from tests.dist.engine_cases import LR, STEPS, build_model, dataset, loss_kwargs, trainer_kwargs
-
-
-class SequentialTrainer(dft.DFTTrainer):
-    """Rows in order, so that the single-process reference sees the same global batches."""
-
-    def _get_train_sampler(self, *args, **kwargs):
-        return SequentialSampler(self.train_dataset)
+from tests.dist.engine_cases import SequentialTrainer, build_model, dataset, loss_kwargs, sgd_config, trainer_kwargs
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -36,7 +27,9 @@ def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {n: p.detach().float().clone() for n, p in params.items()}
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone() for n, p in params.items()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().float().clone() for n, p in params.items()
+    }
 
 
 def describe_head(model: torch.nn.Module) -> str:
@@ -54,24 +47,7 @@ def main() -> None:
     install_cpu_fsdp()
     model = build_model(case)
     ref_model = build_model(case, seed=1) if case.endswith("asft") else None
-    args = dft.DFTConfig(
-        output_dir=str(out_dir / "run"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=STEPS,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        **trainer_kwargs(case),
-        **loss_kwargs(case),
-    )
+    args = sgd_config(out_dir, **trainer_kwargs(case), **loss_kwargs(case))
     trainer = SequentialTrainer(
         model=model,
         args=args,
@@ -98,7 +74,8 @@ def main() -> None:
                 "ref_engine": ref_engine,
                 "head": head_state,
                 "logs": logs,
-            }, out_dir / "trainer.pt"
+            },
+            out_dir / "trainer.pt",
         )
     trainer.accelerator.wait_for_everyone()
     exit_without_teardown()
