@@ -156,3 +156,43 @@ def test_jsonl_is_cached_as_arrow_and_reread_after_a_change(tmp_path):
     assert first.cache_files and load_local_dataset(path).cache_files == first.cache_files  # reused
     path.write_text('{"text": "t7 t8"}\n{"text": "t9"}\n')
     assert load_local_dataset(path)["text"] == ["t7 t8", "t9"]  # a changed file is read again
+
+
+def test_mixed_formats_are_named_as_such(tmp_path):
+    """A messages row in prompt/completion data (or the reverse) says the rows mix formats, not that a
+    field is null; in JSONL (format from the first row) and in Arrow data (absent columns are null)."""
+    import json
+
+    from dft.data import load_local_dataset
+
+    pc = {"prompt": "t7", "completion": "t8"}
+    chat = {"messages": [{"role": "user", "content": "t7"}, {"role": "assistant", "content": "t8"}]}
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [pc, pc, pc, chat]))
+    with pytest.raises(DataError, match=r"mixed.jsonl:4: a 'messages' \(chat\) row in prompt/completion data .*mix"):
+        load_local_dataset(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "t7"}, pc]))
+    with pytest.raises(DataError, match=r"mixed.jsonl:2: a prompt/completion row in 'text' data"):
+        load_local_dataset(path)
+    arrow = Dataset.from_list([{**pc, "messages": None}, {"prompt": None, "completion": None, **chat}])
+    with pytest.raises(DataError, match=r"row 2: a 'messages' \(chat\) row in prompt/completion data"):
+        prepare_dataset(arrow, _tok(), 16)
+    ok = Dataset.from_list([{**pc, "text": "t9"}])  # an extra column is not another format
+    assert prepare_dataset(ok, _tok(), 16)[1].kept == 1
+
+
+def test_summary_counts_rows_that_truncation_emptied():
+    """Rows whose every target lies past max_length are dropped; the summary says truncation did it (they
+    are not counted among the kept rows' "truncated")."""
+    tok = _tok()
+    rows = [{"prompt": "t7 t8 t9 t10 t11", "completion": "t12"}] * 3 + [{"prompt": "t7", "completion": "t12"}]
+    _, report = prepare_dataset(Dataset.from_list(rows), tok, max_length=4)
+    assert (report.kept, report.truncated, report.dropped, report.dropped_by_truncation) == (1, 0, 3, 3)
+    text = report.summary("train")
+    assert "kept 1 (0 truncated), dropped 3 with no supervised token left (3 of them lost every target to " \
+        "truncation at max_length 4: raise --max_length" in text  # fmt: skip
+    chats = [{"messages": [{"role": "user", "content": "t7"}]}, {"messages": [{"role": "user", "content": "t8"},
+             {"role": "assistant", "content": "t9"}]}]  # fmt: skip
+    _, report = prepare_dataset(Dataset.from_list(chats), tok, max_length=16)
+    assert (report.dropped, report.dropped_by_truncation) == (1, 0)  # no assistant turn: not truncation's doing
+    assert "lost every target" not in report.summary("train")

@@ -38,14 +38,24 @@ class PrepReport:
     examples_in: int = 0
     kept: int = 0
     truncated: int = 0
+    """Kept examples that were cut to ``max_length``."""
     dropped: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
+    dropped_by_truncation: int = 0
+    """Dropped examples that had a supervised token before truncation (all of it lay past ``max_length``)."""
+    max_length: int | None = None
 
     def summary(self, name: str) -> str:
+        cut = ""
+        if self.dropped_by_truncation:
+            cut = (
+                f" ({self.dropped_by_truncation} of them lost every target to truncation at max_length "
+                f"{self.max_length}: raise --max_length or shorten the prompts)"
+            )
         return (
             f"{name}: {self.examples_in} examples -> kept {self.kept} ({self.truncated} truncated), "
-            f"dropped {self.dropped} with no supervised token left; {self.tokens} tokens, "
+            f"dropped {self.dropped} with no supervised token left{cut}; {self.tokens} tokens, "
             f"{self.supervised_tokens} supervised"
         )
 
@@ -194,8 +204,25 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
+FORMAT_NAMES = {"prompt_completion": "prompt/completion", "messages": "'messages' (chat)", "text": "'text'"}
+
+
+def _row_format(ex: dict) -> str | None:
+    """The format the row's own (non-null) fields make, or None (Arrow fills absent columns with null)."""
+    try:
+        return detect_format([k for k, v in ex.items() if v is not None])
+    except DataError:
+        return None
+
+
 def check_row(ex: dict, fmt: str) -> str | None:
     """What is wrong with one example of format ``fmt``, or None."""
+    own = _row_format(ex)
+    if own is not None and own != fmt:
+        return (
+            f"a {FORMAT_NAMES[own]} row in {FORMAT_NAMES[fmt]} data (the format comes from the first row, or "
+            "the columns): the rows mix formats; use one format per file (prompt/completion, messages or text)."
+        )
     if fmt == "prompt_completion":
         for key in ("prompt", "completion"):
             if not isinstance(ex.get(key), str):
@@ -261,7 +288,14 @@ def _encode_messages(ex: dict, tok: Any) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def _encode_batch(batch: dict[str, list], indices: list[int], *, fmt: str, tok: Any, max_length: int) -> dict:
+_SCHEMA = "2: input_ids, labels, _targets, _truncated, _assistant, _had_targets"
+"""Part of the ``datasets.map`` cache key: datasets keys a module-level function by its name, not its code,
+so a cached preparation from a version with other columns would be reused. Change it with the columns."""
+
+
+def _encode_batch(
+    batch: dict[str, list], indices: list[int], *, fmt: str, tok: Any, max_length: int, schema: str = _SCHEMA
+) -> dict:
     """``datasets.map`` (batched): ``input_ids``, ``labels`` and per-row counts for the report."""
     keys = list(batch)
     rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
@@ -279,8 +313,10 @@ def _encode_batch(batch: dict[str, list], indices: list[int], *, fmt: str, tok: 
     else:
         pairs = [_encode_messages(ex, tok) for ex in rows]
     out: dict[str, list] = {"input_ids": [], "labels": [], "_targets": [], "_truncated": [], "_assistant": []}
+    out["_had_targets"] = []
     for ex, (ids, labels) in zip(rows, pairs):
         out["_truncated"].append(len(ids) > max_length)
+        out["_had_targets"].append(any(label != -100 for label in labels[1:]))
         ids, labels = ids[:max_length], labels[:max_length]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
@@ -295,11 +331,12 @@ def _join_prompt_completion(prompt: list[int], completion: list[int], eos: int |
     return prompt + completion, [-100] * len(prompt) + completion
 
 
-def _report(table: Any, examples_in: int) -> PrepReport:
+def _report(table: Any, examples_in: int, max_length: int | None = None) -> PrepReport:
     """The counts of the rows that keep a target, summed in Arrow (no Python list per row)."""
     import pyarrow.compute as pc
 
     keep = pc.greater(table.column("_targets"), 0)
+    lost = pc.and_(pc.invert(keep), table.column("_had_targets"))
 
     def total(values: Any) -> int:
         return int(pc.sum(pc.if_else(keep, values, 0)).as_py() or 0)
@@ -312,6 +349,8 @@ def _report(table: Any, examples_in: int) -> PrepReport:
         dropped=examples_in - kept,
         tokens=total(pc.list_value_length(table.column("input_ids"))),
         supervised_tokens=total(table.column("_targets")),
+        dropped_by_truncation=int(pc.sum(pc.cast(lost, "int64")).as_py() or 0),
+        max_length=max_length,
     )
 
 
@@ -340,12 +379,12 @@ def prepare_dataset(
             batched=True,
             with_indices=True,
             remove_columns=list(ds.column_names),
-            fn_kwargs={"fmt": fmt, "tok": tokenizer, "max_length": max_length},
+            fn_kwargs={"fmt": fmt, "tok": tokenizer, "max_length": max_length, "schema": _SCHEMA},
             num_proc=num_proc if num_proc > 1 else None,
             desc="dft: tokenizing",
         )
         kept = encoded.filter(lambda t: [x > 0 for x in t], batched=True, input_columns=["_targets"])
-    report = _report(encoded.data, len(ds))
+    report = _report(encoded.data, len(ds), max_length)
     if report.kept == 0:
         no_assistant = len(ds) - int(pc.sum(encoded.data.column("_assistant")).as_py() or 0)
         if no_assistant:
@@ -357,4 +396,4 @@ def prepare_dataset(
             f"no example has a supervised token left after truncation to max_length={max_length} "
             f"({report.examples_in} examples in): raise --max_length or shorten the prompts."
         )
-    return kept.remove_columns(["_targets", "_truncated", "_assistant"]), report
+    return kept.remove_columns(["_targets", "_truncated", "_assistant", "_had_targets"]), report
