@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -445,3 +446,373 @@ def test_existing_read_only_output_dir_is_caught_by_the_probe(tmp_path, monkeypa
         cli.check_writable(tmp_path)
     with pytest.raises(cli.UsageError, match="is not writable"):
         cli.check_writable(tmp_path / "new" / "run")  # created later: its nearest existing parent is probed
+
+
+# ---- in-process helpers (no interpreter start: the flags that fail before loading cost milliseconds) ----
+
+
+def run_cli(capsys, *args):
+    """``dft.cli.main`` in this process: ``(exit status, stdout, stderr)``."""
+    from dft.cli import main
+
+    capsys.readouterr()  # only what this command prints
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make any model load fail loudly: a check that must come first is seen to come first."""
+    from dft import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "_load_model_and_tokenizer", refuse)
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dft: error: "), err
+    return lines[0]
+
+
+def _arithmetic_jsonl(path: Path, n: int = 40) -> Path:
+    from dft.toy import arithmetic_examples
+
+    return _write_jsonl(path, arithmetic_examples(n, seed=3))
+
+
+# ---- torchrun / accelerate launch -------------------------------------------------------------
+
+
+def _torchrun_dft(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dft"] + [
+        str(a) for a in args
+    ]
+
+
+def _params(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_torchrun_use_cpu_is_one_ddp_job_equal_to_one_process(tmp_path, toy_model_dir, capsys):
+    """2 gloo ranks x batch 4 through the real launcher: the CLI's lines once, every file once and complete,
+    and the parameters of one process x batch 8 on the same global batches (rows in the same order)."""
+    from tests.dist.launch import run_bounded
+
+    data = _arithmetic_jsonl(tmp_path / "d.jsonl")
+    common = ["--model", toy_model_dir, "--data", data, "--max_steps", "3", "--logging_steps", "1"]
+    common += ["--max_eval_examples", "2", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true"]
+    ddp = tmp_path / "ddp"
+    log = run_bounded(
+        _torchrun_dft("train", *common, "--output_dir", ddp, "--per_device_train_batch_size", "4"), timeout=120
+    )
+    assert log.count("training dft") == 1 and "batch 4 x 1 accumulation x 2 processes" in log, log[-3000:]
+    assert log.count("train: 38 examples") == 1 and log.count("split: 38 train") == 1
+    assert log.count("eval_exact_match ") == 1 and log.count("\nwrote ") == 1
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "run_config.json", "metrics.json"):
+        assert (ddp / name).is_file(), name
+    assert (ddp / "training.png").is_file() and not (ddp / ".final-staging").exists()
+    final = json.loads((ddp / "metrics.json").read_text())["final"]
+    assert final["eval_exact_match_examples"] == 2  # one row per rank, gathered
+
+    one = tmp_path / "one"
+    code, out, err = run_cli(capsys, "train", *common, "--output_dir", one, "--per_device_train_batch_size", "8")
+    assert code == 0, err[-3000:]
+    assert "batch 8 x 1 accumulation x 1 processes" in out
+    a, b, start = _params(ddp), _params(one), _params(toy_model_dir)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-7
+    assert min((b[k] - start[k]).abs().max().item() for k in b) > 1e-6  # it trained: every tensor moved
+    losses = [[h["loss"] for h in json.loads((d / "metrics.json").read_text())["log_history"] if "loss" in h]
+              for d in (ddp, one)]  # fmt: skip
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=0)
+
+
+def test_torchrun_on_cpu_without_use_cpu_is_one_job_and_its_lora_outputs_load(tmp_path, toy_model_dir, capsys):
+    """No accelerator, no --use_cpu: the launcher's processes are one gloo DDP job (said once), not two jobs
+    writing one folder; its LoRA run, merged on the main process, loads in dft eval as a model and as an
+    adapter, with the same scores."""
+    from dft.cli import _has_accelerator
+    from tests.dist.launch import run_bounded
+
+    if _has_accelerator():
+        pytest.skip("with an accelerator the launcher's processes take it (NCCL etc.), not gloo")
+    data = _arithmetic_jsonl(tmp_path / "d.jsonl")
+    out = tmp_path / "lora"
+    log = run_bounded(
+        _torchrun_dft(
+            "train", "--model", toy_model_dir, "--data", data, "--output_dir", out, "--max_steps", "2",
+            "--max_eval_examples", "1", "--save_strategy", "no", "--disable_tqdm", "true",
+            "--lora_r", "4", "--merge_lora", "true",
+        ),
+        timeout=120,
+    )  # fmt: skip
+    assert log.count("training dft") == 1 and "x 2 processes" in log and "one DDP job over gloo" in log, log[-3000:]
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in log  # the two-jobs symptom
+    assert log.count("\nwrote ") == 1 and "merged model (LoRA r=4 merged into" in log
+    assert (out / "config.json").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    scores = []
+    for model in (out, out / "adapter"):
+        ev = tmp_path / f"ev-{model.name}"
+        args = ("eval", "--model", model, "--data", data, "--max_eval_examples", "1", "--max_new_tokens", "4")
+        code, _, err = run_cli(capsys, *args, "--output_dir", ev)
+        assert code == 0, err[-3000:]
+        scores.append(json.loads((ev / "eval_results.json").read_text())["eval_ce"])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-5)
+
+
+def test_torchrun_bad_input_is_one_line(tmp_path):
+    """Every rank refuses the same input: one error line for the job, not one per process."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        _torchrun_dft("train", "--learning_rate", "-1", "--output_dir", tmp_path / "o"),
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("dft: error: --learning_rate must be > 0") == 1, proc.stderr[-3000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_use_cpu_false_under_a_launcher_without_accelerator_is_refused(tmp_path, capsys, monkeypatch, no_loading):
+    from dft import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "_has_accelerator", lambda: False)
+    code, _, err = run_cli(capsys, "train", "--use_cpu", "false", "--output_dir", tmp_path / "o")
+    assert code == 2
+    line = _one_error_line(err)
+    assert "WORLD_SIZE=2 but no GPU" in line and "would train alone on all the data" in line
+    assert "--use_cpu true" in line
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    script, config, _ = cli.parse_train_args(["--use_cpu", "false", "--output_dir", str(tmp_path / "o")])
+    assert config.use_cpu is False and not script.cpu_ddp  # one process: the flag is taken as given
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_eval_and_inspect_refuse_a_launcher(tmp_path, capsys, monkeypatch, no_loading, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(capsys, command, "--model", tmp_path, "--output_dir", tmp_path / "o")
+    assert code == 2 and f"dft {command} runs in one process (WORLD_SIZE=2)" in _one_error_line(err)
+
+
+# ---- LoRA outputs ---------------------------------------------------------------------------------
+
+
+def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
+    """The adapter folder of `dft train --lora_r` (adapter_config.json, no config.json) loads on its base in
+    dft eval and dft inspect; an adapter on the built-in model (no base path) is rebuilt from the run's record."""
+    pytest.importorskip("peft")
+    from dft import cli
+
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1+1=?\n", "completion": "A: 2\n"}] * 8)
+    out = tmp_path / "user"
+    short = ["--max_steps", "2", "--max_eval_examples", "1", "--save_strategy", "no", "--disable_tqdm", "true"]
+    code, stdout, err = run_cli(capsys, "train", "--model", toy_model_dir, "--data", data, "--output_dir", out,
+                                "--lora_r", "4", *short)  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert f"LoRA adapter r=4 on {toy_model_dir.resolve()} (adapter_*" in stdout
+    assert not (out / "config.json").exists()
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(toy_model_dir.resolve())  # absolute: it loads from any folder
+
+    toy = tmp_path / "toy"  # what `dft train --lora_r 4` (no --model) writes, without its 2000-row training
+    script = cli.TrainScriptArguments(lora_r=4)
+    cli._apply_lora(cli._toy_model(), script).save_pretrained(toy)
+    __import__("dft.toy").toy.toy_tokenizer().save_pretrained(toy)
+    (toy / "run_config.json").write_text(json.dumps({"model": cli.TOY_MODEL}))
+    assert json.loads((toy / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    for folder in (out, toy):
+        code, stdout, err = run_cli(capsys, "eval", "--model", folder, "--data", data, "--max_eval_examples", "1",
+                                    "--max_new_tokens", "4")  # fmt: skip
+        assert code == 0, err[-3000:]
+        assert json.loads((folder / "eval" / "eval_results.json").read_text())["eval_ce"] > 0
+        code, stdout, err = run_cli(capsys, "inspect", "--model", folder, "--data", data, "--output_dir", folder / "i")
+        assert code == 0, err[-3000:]
+        assert json.loads((folder / "i" / "inspect.json").read_text())["supervised_tokens"] > 0
+
+
+def test_merge_lora_needs_lora_r(tmp_path, capsys, no_loading):
+    code, _, err = run_cli(capsys, "train", "--merge_lora", "true", "--output_dir", tmp_path / "o")
+    assert code == 2 and "--merge_lora true needs --lora_r > 0" in _one_error_line(err)
+
+
+# ---- resume guards ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, toy_model_dir):
+    """A finished 3-step run on user data with its checkpoint-3 (dft_run.json inside)."""
+    from dft.cli import main
+
+    root = tmp_path_factory.mktemp("finished")
+    data = _arithmetic_jsonl(root / "d.jsonl")
+    out = root / "run"
+    args = ["--model", toy_model_dir, "--data", data, "--output_dir", out, "--max_steps", "3", "--save_steps", "3"]
+    args += ["--max_eval_examples", "1", "--disable_tqdm", "true", "--logging_steps", "1"]
+    assert main(["train", *map(str, args)]) == 0
+    assert (out / "checkpoint-3" / "dft_run.json").is_file()
+    return {"root": root, "out": out, "args": [str(a) for a in args]}
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("loss_and_data", r"this run differs .*data '.*d\.jsonl' -> '.*other\.jsonl'; loss_type 'dft' -> 'sft'; "
+         r"weighting\.alpha 1\.0 -> 0\.0\).*--overwrite"),
+        ("other_architecture", r"saved from another architecture than --model .* \(hidden_size 32 -> 48"),
+        ("lora_on_a_full_checkpoint", r"holds a full model, but this run trains a LoRA adapter"),
+        ("learning_rate", r"learning_rate 5e-05 -> 0\.001"),
+    ],
+)  # fmt: skip
+def test_resume_with_other_settings_is_refused(finished_run, tmp_path, capsys, no_loading, case, match):
+    """Resuming must continue the same run: another loss, weight option, data, optimisation or model is one
+    line naming the difference, before anything loads, and nothing in the run's folder changes."""
+    from dft.toy import toy_model, toy_tokenizer
+
+    out = finished_run["out"]
+    before = (out / "metrics.json").read_text()
+    extra = {
+        "loss_and_data": ["--loss", "sft", "--data", _arithmetic_jsonl(tmp_path / "other.jsonl")],
+        "lora_on_a_full_checkpoint": ["--lora_r", "4"],
+        "learning_rate": ["--learning_rate", "1e-3"],
+    }.get(case, [])
+    if case == "other_architecture":
+        toy_model(hidden_size=48, num_layers=1).save_pretrained(tmp_path / "m48")
+        toy_tokenizer().save_pretrained(tmp_path / "m48")
+        extra = ["--model", tmp_path / "m48"]
+    code, _, err = run_cli(
+        capsys, "train", *finished_run["args"], "--max_steps", "8", "--resume_from_checkpoint", "true", *extra
+    )
+    assert code == 2
+    assert re.search(match, _one_error_line(err)), err
+    assert (out / "metrics.json").read_text() == before and not (out / "checkpoint-8").exists()
+
+
+def test_resume_with_overwrite_takes_the_new_settings(finished_run, tmp_path, capsys, monkeypatch):
+    """--overwrite passes the settings guard (the architecture guard stays): the run then loads."""
+    from dft import cli
+
+    def stop(*args, **kwargs):
+        raise cli.UsageError("reached the model load")
+
+    monkeypatch.setattr(cli, "_load_model_and_tokenizer", stop)
+    args = [*finished_run["args"], "--max_steps", "8", "--resume_from_checkpoint", "true", "--loss", "sft"]
+    code, _, err = run_cli(capsys, "train", *args, "--overwrite", "true")
+    assert code == 2 and "reached the model load" in err
+
+
+def test_extending_a_finished_run_replans_the_schedule(finished_run, capsys):
+    """A finished linear schedule ends at lr 0: training the run on to 6 steps continues the 6-step schedule
+    at step 3 (lr 5e-5 * 3/6), says so, and does not take a step at lr 0."""
+    import shutil
+
+    out = finished_run["root"] / "extended"
+    shutil.copytree(finished_run["out"], out)
+    args = [a if a != str(finished_run["out"]) else str(out) for a in finished_run["args"]]
+    code, stdout, err = run_cli(capsys, "train", *args, "--max_steps", "6", "--resume_from_checkpoint", "true")
+    assert code == 0, err[-3000:]
+    assert "the run planned 3 steps, now 6: its linear lr schedule is re-planned for 6 steps and continues at " \
+        "step 3 (lr 2.5e-05)" in stdout  # fmt: skip
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    lrs = {h["step"]: h["learning_rate"] for h in history if "loss" in h}
+    assert lrs[4] == pytest.approx(2.5e-05) and lrs[5] == pytest.approx(5e-05 * 2 / 6)
+    assert json.loads((out / "run_config.json").read_text())["resumed_from"].endswith("checkpoint-3")
+
+
+# ---- optional packages, install names, TRL habits, warnings ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "module", "message"),
+    [
+        (["--use_liger_kernel", "true"], "liger_kernel", "--use_liger_kernel true needs liger-kernel, which is "
+         "not installed: pip install liger-kernel."),
+        (["--lora_r", "8"], "peft", "--lora_r needs peft, which is not installed: pip install 'dft-loss[peft]'."),
+    ],
+)  # fmt: skip
+def test_missing_optional_package_is_one_line_before_loading(
+    tmp_path, capsys, monkeypatch, no_loading, flags, module, message
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    code, _, err = run_cli(capsys, "train", *flags, "--output_dir", tmp_path / "o")
+    assert code == 2 and _one_error_line(err) == f"dft: error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_install_hints_name_the_distribution():
+    """`pip install dft` is an unrelated project: every hint names the distribution of pyproject.toml."""
+    root = Path(__file__).resolve().parents[1]
+    name = re.search(r'^name = "([^"]+)"', (root / "pyproject.toml").read_text(), flags=re.M).group(1)
+    assert name == "dft-loss"
+    sources = [p for p in (root / "src" / "dft").rglob("*.py")]
+    hints = [h for p in sources for h in re.findall(r"pip install '?\"?([\w.-]+)\[", p.read_text())]
+    assert hints and set(hints) == {name}, hints
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "hint"),
+    [
+        ("train", ["--dataset_name", "org/data"], "--dataset_name: use --data (a local"),
+        ("train", ["--model_name_or_path", "org/model"], "--model_name_or_path: use --model"),
+        ("train", ["--completion_only_loss", "true"], "prompt/completion rows train on the completion only"),
+        ("train", ["--assistant_only_loss", "true"], "'messages' rows train on the assistant turns only"),
+        ("eval", ["--model_name_or_path", "org/model"], "--model_name_or_path: use --model"),
+    ],
+)
+def test_trl_flags_point_to_the_cli_equivalents(tmp_path, capsys, no_loading, command, flags, hint):
+    code, _, err = run_cli(capsys, command, *flags, "--output_dir", tmp_path / "o")
+    line = _one_error_line(err)
+    assert code == 2 and "(TRL's names)" in line and hint in line, line
+
+
+def test_gradient_checkpointing_flag_warns_nothing(tmp_path):
+    """--gradient_checkpointing (renamed activation_checkpointing in transformers 5) is taken under the
+    current name: neither it nor the kwargs DFTConfig fills in warns (FutureWarning)."""
+    import warnings
+
+    from dft.cli import parse_train_args
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, config, _ = parse_train_args(["--gradient_checkpointing", "true", "--output_dir", str(tmp_path / "o")])
+    assert config.gradient_checkpointing is True
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+# ---- what eval scored -----------------------------------------------------------------------------------
+
+
+def test_eval_says_which_data_it_scored_and_why_exact_match_is_none(tmp_path, toy_model_dir, capsys):
+    chats = [
+        {"messages": [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "user", "content": "1+2=?"}, {"role": "assistant", "content": "3"},
+                      {"role": "user", "content": "and 2+2?"}]},
+    ]  # fmt: skip
+    cases = {"shipped": [], "user_turn_last": ["--data", _write_jsonl(tmp_path / "c.jsonl", [chats[1]] * 3)]}
+    cases["mixed"] = ["--data", _write_jsonl(tmp_path / "m.jsonl", [chats[0], chats[1]])]
+    for name, data in cases.items():
+        ev = tmp_path / name
+        args = ("eval", "--model", toy_model_dir, *data, "--max_eval_examples", "4", "--max_new_tokens", "2")
+        code, out, err = run_cli(capsys, *args, "--output_dir", ev)
+        assert code == 0, err[-3000:]
+        result = json.loads((ev / "eval_results.json").read_text())
+        if name == "shipped":
+            assert "eval data: the shipped arithmetic test split (dft's built-in toy task" in out
+            assert result["data"] == "shipped arithmetic_test.jsonl" and "eval_exact_match_note" not in result
+        elif name == "user_turn_last":
+            assert f"eval data: {(tmp_path / 'c.jsonl').resolve()}" in out
+            assert result["eval_exact_match"] is None and result["eval_exact_match_examples"] == 0
+            assert "exact match: 3 of 3 rows have no reference answer (3 ends with a 'user' turn)" in out
+            assert "nothing to score" in result["eval_exact_match_note"]
+        else:  # the chat with an answer is scored, the other one skipped and counted
+            assert result["eval_exact_match_examples"] == 1 and result["eval_exact_match"] is not None
+            assert "1 of 2 rows have no reference answer" in out

@@ -98,6 +98,14 @@ class TrainScriptArguments:
     lora_target_modules: str = field(
         default="all-linear", metadata={"help": "Comma-separated module names, or all-linear."}
     )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "With --lora_r: write the merged model (base + adapter, a plain save_pretrained folder) to "
+            "output_dir and the adapter to output_dir/adapter. Without it output_dir holds the adapter, which "
+            "dft eval / dft inspect load on its base model."
+        },
+    )
 
 
 @dataclass
@@ -167,6 +175,34 @@ def _parser(dataclasses: tuple, prog: str, epilog: str | None = None):
     return Parser(dataclasses, prog=prog, epilog=epilog, allow_abbrev=False)
 
 
+TRL_FLAGS = {
+    "--model_name_or_path": "use --model (a save_pretrained folder or a hub id)",
+    "--dataset_name": "use --data (a local .jsonl/.json/.parquet/.csv file or a save_to_disk folder; for a hub "
+    "data set: datasets.load_dataset(name, split='train').save_to_disk(folder), then --data folder)",
+    "--dataset_config": "--data takes one local file or folder (see --data)",
+    "--dataset_train_split": "--data is the training data; --eval_data or --eval_fraction the held-out part",
+    "--dataset_test_split": "use --eval_data (or --eval_fraction of --data)",
+    "--dataset_text_field": "a 'text' column trains on every token; prompt/completion and messages are detected",
+    "--completion_only_loss": "already how the CLI trains: prompt/completion rows train on the completion only "
+    "(for loss on every token, give a 'text' column)",
+    "--assistant_only_loss": "already how the CLI trains: 'messages' rows train on the assistant turns only",
+    "--use_peft": "use --lora_r R (with --lora_alpha, --lora_dropout, --lora_target_modules)",
+    "--max_seq_length": "use --max_length",
+    "--dtype": "use --torch_dtype",
+}
+"""TRL ``sft.py`` flags the CLI spells differently, or that name what it already does."""
+
+
+def _refuse_trl_flags(flags: list[str], parser: Any, prog: str) -> None:
+    """TRL's names for what the CLI spells otherwise (or already does): one line pointing to the CLI's way,
+    before parsing (argparse would first complain about a required --model, or say only "unknown")."""
+    names = [a.split("=", 1)[0] for a in flags if a.startswith("--")]
+    found = [n for n in dict.fromkeys(names) if n in TRL_FLAGS and n not in parser._option_string_actions]
+    if found:
+        hints = "; ".join(f"{flag}: {TRL_FLAGS[flag]}" for flag in found)
+        raise UsageError(f"unknown flag(s) {found} (TRL's names): {hints}; see '{prog} --help'.")
+
+
 def _did_you_mean(parser: Any, unknown: list[str]) -> str:
     """``"; did you mean --learning_rate?"`` for flags close to a real one, else ``""``."""
     import difflib
@@ -229,15 +265,32 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     from .trainer import DFTConfig
 
     config_path, argv = _split_config(argv)
-    file_flags = _flags_from_file(config_path) if config_path else []
+    file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], DFTConfig)
+    argv = _renamed_flags(argv, DFTConfig)
     parser = _parser((TrainScriptArguments, DFTConfig), "dft train", _train_epilog())
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         raise SystemExit(0)
+    _refuse_trl_flags(file_flags + argv, parser, "dft train")
+    given = {a.split("=", 1)[0][2:] for a in file_flags + argv if a.startswith("--")}
+    world = _world_size()
+    # torchrun / accelerate launch on a machine without an accelerator: without use_cpu, TrainingArguments
+    # would make each process a job of its own (all the data, the same output_dir); use_cpu makes it DDP
+    cpu_ddp = world > 1 and not ({"deepspeed", "use_cpu"} & given) and not _has_accelerator()
+    cpu = ["--use_cpu", "true"] if cpu_ddp else []
+    use_cpu = _flag_value(file_flags + argv, "use_cpu")
+    use_cpu_env = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if world > 1 and use_cpu in ("false", "0", "no") and not use_cpu_env and "deepspeed" not in given:
+        if not _has_accelerator():  # refused before TrainingArguments sets up (and joins) the process group
+            raise UsageError(
+                f"WORLD_SIZE={world} but no GPU or other accelerator: with --use_cpu false each of the {world} "
+                "processes would train alone on all the data; drop --use_cpu false (they then train as one DDP "
+                "job over gloo, as with --use_cpu true)."
+            )
     # first pass: the script flags decide whether the toy recipe applies
     try:
         script = parser.parse_args_into_dataclasses(
-            args=file_flags + argv + ["--output_dir", DEFAULT_OUTPUT_DIR], return_remaining_strings=True
+            args=cpu + file_flags + argv + ["--output_dir", DEFAULT_OUTPUT_DIR], return_remaining_strings=True
         )[0]
     except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
         raise UsageError(_one_line(e)) from None
@@ -245,7 +298,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         raise UsageError(f"--recipe must be auto, toy or none; got {script.recipe!r}.")
     toy = script.recipe == "toy" or (script.recipe == "auto" and script.model is None and script.data is None)
     defaults = [x for k, v in TOY_RECIPE.items() for x in (f"--{k}", v)] if toy else []
-    defaults += ["--output_dir", DEFAULT_OUTPUT_DIR]
+    defaults += ["--output_dir", DEFAULT_OUTPUT_DIR, *cpu]
     try:
         script, config, unknown = parser.parse_args_into_dataclasses(
             args=defaults + file_flags + argv, return_remaining_strings=True
@@ -265,9 +318,97 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         raise UsageError(f"--eval_fraction must be in (0, 1), got {script.eval_fraction}.")
     _check_numbers(script, config)
     _check_reporting(config)
-    given = {a.split("=", 1)[0][2:] for a in file_flags + argv if a.startswith("--")}
+    _check_packages(script, config)
+    if script.merge_lora and script.lora_r <= 0:
+        raise UsageError("--merge_lora true needs --lora_r > 0: there is no adapter to merge.")
     script.given_flags = given  # which flags the user set (the rest may be adapted to the run's length)
+    script.cpu_ddp = cpu_ddp  # use_cpu was set for the launcher's processes (said in the start line)
     return script, config, toy
+
+
+def _flag_value(flags: list[str], name: str) -> str | None:
+    """The last value given to ``--name`` (``--name v``, ``--name=v``; a bare boolean flag is "true")."""
+    value = None
+    for i, flag in enumerate(flags):
+        key, eq, rest = flag.partition("=")
+        if key == f"--{name}":
+            following = flags[i + 1] if i + 1 < len(flags) else None
+            value = rest if eq else following if following and not following.startswith("--") else "true"
+    return value.lower() if value is not None else None
+
+
+def _world_size() -> int:
+    """Processes of this job, as torchrun / accelerate launch / mpirun set it (1 for a plain run)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _is_main() -> bool:
+    """The process that prints and writes the CLI's outputs (global rank 0; the only one of a plain run)."""
+    return _rank() == 0
+
+
+def say(*args: Any) -> None:
+    """``print`` on the main process only (every rank runs the same CLI code)."""
+    if _is_main():
+        print(*args, flush=True)
+
+
+def _has_accelerator() -> bool:
+    """A GPU or another device TrainingArguments would train on (CUDA, ROCm, XPU, MPS, NPU, HPU, XLA...)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if (accelerator is not None and accelerator.is_available()) or torch.cuda.is_available():
+        return True
+    from transformers.utils import is_torch_npu_available, is_torch_xla_available
+
+    return is_torch_xla_available() or is_torch_npu_available()
+
+
+_RENAMED = {"gradient_checkpointing": "activation_checkpointing"}
+"""TrainingArguments flags renamed by transformers 5 (the old name still works, with a FutureWarning)."""
+
+
+def _renamed_flags(flags: list[str], config_class: type) -> list[str]:
+    """The flags users know (``--gradient_checkpointing``) under the current name where this transformers
+    has one, so that neither the flag nor the kwargs DFTConfig fills in for it warn."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(config_class)}
+    out = []
+    for flag in flags:
+        key, eq, value = flag.partition("=")
+        for old, new in _RENAMED.items():
+            for suffix in ("", "_kwargs"):
+                if key == f"--{old}{suffix}" and f"{new}{suffix}" in names:
+                    key = f"--{new}{suffix}"
+        out.append(key + eq + value)
+    return out
+
+
+OPTIONAL_PACKAGES = (
+    ("peft", "--lora_r", "pip install 'dft-loss[peft]'", lambda script, config: script.lora_r > 0),
+    ("liger_kernel", "--use_liger_kernel true", "pip install liger-kernel", lambda s, c: c.use_liger_kernel),
+)
+"""``(module, flag, how to install, whether the run needs it)``: checked before anything loads."""
+
+
+def _check_packages(script: Any, config: Any) -> None:
+    import importlib.util
+
+    for module, flag, install, needed in OPTIONAL_PACKAGES:
+        if needed(script, config) and importlib.util.find_spec(module) is None:
+            raise UsageError(f"{flag} needs {module.replace('_', '-')}, which is not installed: {install}.")
 
 
 def _check_numbers(script: Any, config: Any) -> None:
@@ -328,24 +469,108 @@ def _check_reporting(config: Any) -> None:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _load_model_and_tokenizer(script: Any) -> tuple[Any, Any]:
+SHIPPED_TRAIN = "shipped arithmetic_train.jsonl"
+TOY_MODEL = "built-in tiny Llama (dft.toy)"
+"""How run_config.json names the model of a run without --model (rebuilt by :func:`_toy_model`)."""
+
+
+def _toy_model() -> Any:
+    from .toy import toy_model
+
+    return toy_model(hidden_size=64, num_layers=2)  # seeded: the same weights every time
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _run_record(folder: Path) -> dict[str, Any] | None:
+    """The ``dft train`` record of a folder: ``run_config.json`` (a finished run), or ``dft_run.json`` (written
+    into each checkpoint); None when there is neither."""
+    for name in ("run_config.json", RUN_RECORD):
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _load_adapter(script: Any, folder: Path) -> tuple[Any, Any]:
+    """A LoRA adapter folder (``adapter_config.json``, as ``dft train --lora_r`` writes): its base model
+    (``base_model_name_or_path``; the built-in model for a run without --model) with the adapter on it,
+    and the folder's tokenizer (else the base's)."""
+    from dataclasses import replace
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except ValueError as e:
+        raise UsageError(f"--model {folder}: adapter_config.json is not valid JSON ({_one_line(e)}).") from None
+    try:
+        import peft
+    except ImportError:
+        raise UsageError(
+            f"--model {folder} is a LoRA adapter: loading it needs peft: pip install 'dft-loss[peft]'."
+        ) from None
+    base = config.get("base_model_name_or_path") or None
+    record = _run_record(folder) or {}
+    if base is None and record.get("model") != TOY_MODEL:
+        raise UsageError(
+            f"--model {folder} is a LoRA adapter whose adapter_config.json names no base model "
+            "(base_model_name_or_path): set it to the base model's folder or hub id."
+        )
+    if base is not None and base.startswith((".", "/", "~")) and not Path(base).expanduser().is_dir():
+        raise UsageError(
+            f"--model {folder} is a LoRA adapter on {base}, which is not found from {Path.cwd()}: run from where "
+            "it was trained, or set base_model_name_or_path in its adapter_config.json."
+        )
+    if base is None:
+        from .toy import toy_tokenizer
+
+        model, tokenizer = _toy_model(), toy_tokenizer()
+    else:
+        model, tokenizer = _load_model_and_tokenizer(replace(script, model=base), need_tokenizer=False)
+    if _has_tokenizer(folder):
+        tokenizer = _load_tokenizer(str(folder), script.trust_remote_code)
+    elif tokenizer is None:
+        raise UsageError(f"--model {folder}: neither the adapter folder nor its base {base} has a tokenizer.")
+    try:
+        model = peft.PeftModel.from_pretrained(model, str(folder))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"cannot load the LoRA adapter {folder} on {base or TOY_MODEL}: {_one_line(e)}") from None
+    return model, tokenizer
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model_and_tokenizer(script: Any, need_tokenizer: bool = True) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model``: a save_pretrained folder, a LoRA adapter folder (on its base),
+    a hub id, or the built-in tiny Llama. Bad paths are a :class:`UsageError`, before anything loads."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = script.model
     if path is None:
-        from .toy import toy_model, toy_tokenizer
+        from .toy import toy_tokenizer
 
-        return toy_model(hidden_size=64, num_layers=2), toy_tokenizer()
+        return _toy_model(), toy_tokenizer()
     local = Path(path)
     if local.exists() and not local.is_dir():
         raise UsageError(f"--model {path} is a file; give the folder written by save_pretrained (or a hub id).")
+    if local.is_dir() and not (local / "config.json").is_file() and (local / "adapter_config.json").is_file():
+        return _load_adapter(script, local)
     if local.is_dir() and not (local / "config.json").is_file():
         raise UsageError(
-            f"--model {path} has no config.json (the folder is not a saved model): save the model there with "
-            "model.save_pretrained(folder)."
+            f"--model {path} has no config.json (nor adapter_config.json: the folder is not a saved model): "
+            "save the model there with model.save_pretrained(folder)."
         )
-    if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
+    if need_tokenizer and local.is_dir() and not _has_tokenizer(local):
         raise UsageError(
             f"--model {path} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...): save it there "
             "with tokenizer.save_pretrained(folder)."
@@ -361,13 +586,13 @@ def _load_model_and_tokenizer(script: Any) -> tuple[Any, Any]:
     if script.attn_implementation:
         kwargs["attn_implementation"] = script.attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=script.trust_remote_code)
+        tokenizer = None
+        if need_tokenizer or not local.is_dir() or _has_tokenizer(local):
+            tokenizer = _load_tokenizer(path, script.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         where = "folder" if local.is_dir() else "hub id"
         raise UsageError(f"cannot load a causal LM and its tokenizer from {where} {path}: {_one_line(e)}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -427,16 +652,27 @@ def _apply_lora(model: Any, script: Any) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return peft.get_peft_model(model, config)
+        model = peft.get_peft_model(model, config)
     except ValueError as e:
         raise UsageError(f"--lora_target_modules {targets}: {_one_line(e)}") from None
+    # the adapter's base as a path that works from anywhere (peft stores the --model string as given);
+    # empty for the built-in model, which dft eval / inspect rebuild from the run's record
+    model.peft_config["default"].base_model_name_or_path = _where(script.model) or None
+    return model
+
+
+def _where(path: str | None) -> str | None:
+    """A local path made absolute (so that a record or an adapter works from another folder); else as given."""
+    if path and Path(path).expanduser().exists():
+        return str(Path(path).expanduser().resolve())
+    return path
 
 
 def _prepare(raw: Any, tokenizer: Any, max_length: int, name: str):
     from .data import prepare_dataset
 
     prepared, report = prepare_dataset(raw, tokenizer, max_length)
-    print(report.summary(name), flush=True)
+    say(report.summary(name))
     return prepared
 
 
@@ -459,7 +695,7 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
         how = f"{script.eval_fraction:.0%} of --data held out (seed {seed})"
     train_set = _prepare(train_raw, tokenizer, script.max_length, "train")
     eval_set = _prepare(eval_raw, tokenizer, script.max_length, "eval")
-    print(f"split: {len(train_set)} train / {len(eval_set)} eval examples ({how})", flush=True)
+    say(f"split: {len(train_set)} train / {len(eval_set)} eval examples ({how})")
     return train_set, eval_raw, eval_set, how
 
 
@@ -494,8 +730,10 @@ def _run_config(script: Any, config: Any, toy: bool, sizes: dict[str, Any]) -> d
     return {
         "dft_version": __version__,
         "recipe": "toy" if toy else None,
-        "model": script.model or "built-in tiny Llama (dft.toy)",
-        "data": script.data or "shipped arithmetic_train.jsonl",
+        "model": _where(script.model) or TOY_MODEL,
+        "data": _where(script.data) or SHIPPED_TRAIN,
+        "eval_data": _where(script.eval_data),
+        "eval_fraction": script.eval_fraction if script.data and not script.eval_data else None,
         **sizes,
         "loss_type": config.loss_type,
         "weighting": {k: (repr(v) if callable(v) else v) for k, v in vars(weighting).items()},
@@ -550,6 +788,13 @@ class _SignalStop:
 
         class StopOnSignal(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if args.world_size > 1:  # the ranks stop after the same step (one may see the signal later)
+                    import torch
+                    import torch.distributed as dist
+
+                    flag = torch.tensor([stop.signum or 0], device=args.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop.signum = stop.signum or int(flag.item()) or None
                 if stop.signum is not None:
                     control.should_training_stop = True
                     strategy = getattr(args, "save_strategy", "no")
@@ -583,8 +828,9 @@ def _resume_target(value: str | None, out: Path) -> str | None:
     return value
 
 
-def _check_unfinished(checkpoint: Path, config: Any, out: Path) -> None:
-    """Resuming a run that already reached its last step would train nothing and overwrite its metrics."""
+def _check_unfinished(checkpoint: Path, config: Any, out: Path) -> int:
+    """Resuming a run that already reached its last step would train nothing and overwrite its metrics.
+    Returns the steps the checkpoint's run planned (its ``max_steps``)."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     done, planned = int(state.get("global_step", 0)), int(state.get("max_steps", 0) or 0)
     target = config.max_steps if config.max_steps > 0 else planned
@@ -593,6 +839,121 @@ def _check_unfinished(checkpoint: Path, config: Any, out: Path) -> None:
             f"--resume_from_checkpoint: {checkpoint} is at step {done} of {target}: that run is finished "
             f"(results in {out}); raise --max_steps to train on, or use a new --output_dir."
         )
+    return planned
+
+
+RUN_RECORD = "dft_run.json"
+"""Written into every checkpoint: the run's settings, which a resumed run must match."""
+
+RESUME_KEYS = (
+    "recipe", "model", "data", "eval_data", "eval_fraction", "max_length", "packing", "torch_dtype", "lora",
+    "loss_type", "weighting", "kl_coef", "dft_ce_tokens", "dft_warmup_steps", "dft_warmup_ratio",
+    "learning_rate", "lr_scheduler_type", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+)  # fmt: skip
+"""What a resumed run must share with the checkpoint's: its model and data, the loss and its options, and
+what the optimizer, the schedule and the data order were built from (``max_steps`` may grow)."""
+
+ARCHITECTURE_KEYS = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads",
+)  # fmt: skip
+
+
+def _check_resume(checkpoint: Path, script: Any, config: Any, toy: bool) -> None:
+    """Resuming with another model, data, loss or optimisation than the checkpoint's run: one line naming
+    the differences (``--overwrite`` resumes anyway, with the new settings). Another architecture, or
+    LoRA where the checkpoint holds a full model (or the reverse), is refused in any case."""
+    _check_architecture(checkpoint, script)
+    record = _run_record(checkpoint) or _run_record(checkpoint.parent)
+    if record is None or script.overwrite:
+        return
+    now = json.loads(json.dumps(_run_config(script, config, toy, {})))
+    for key in ("model", "data", "eval_data"):  # a record of an older version holds the paths as given
+        if isinstance(record.get(key), str):
+            record[key] = _where(record[key])
+    changed = []
+    for key in (k for k in RESUME_KEYS if k in record and record[k] != now[k]):
+        old, new = record[key], now[key]
+        if isinstance(old, dict) and isinstance(new, dict):  # the weight options: only the fields that differ
+            changed += [f"{key}.{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k)]
+        else:
+            changed.append(f"{key} {old!r} -> {new!r}")
+    if changed:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint}: this run differs from the one it continues ("
+            f"{'; '.join(changed)}): resume with that run's flags, start a new --output_dir, or pass "
+            "--overwrite to resume anyway with the new settings."
+        )
+
+
+def _check_architecture(checkpoint: Path, script: Any) -> None:
+    adapter = (checkpoint / "adapter_config.json").is_file()
+    if adapter != (script.lora_r > 0) and (adapter or (checkpoint / "config.json").is_file()):
+        held, wanted = ("a LoRA adapter", "full fine-tuning") if adapter else ("a full model", "a LoRA adapter")
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} holds {held}, but this run trains {wanted} "
+            f"({'no ' if adapter else ''}--lora_r): resume with the run's flags, or start a new --output_dir."
+        )
+    if adapter or not (checkpoint / "config.json").is_file():
+        return
+    saved = json.loads((checkpoint / "config.json").read_text())
+    if script.model is None:
+        current = _toy_model().config.to_dict()
+    elif (Path(script.model) / "config.json").is_file():
+        current = json.loads((Path(script.model) / "config.json").read_text())
+    else:
+        return  # a hub id: its config is not read before the model loads
+    diffs = [
+        f"{key} {saved[key]} -> {current[key]}"
+        for key in ARCHITECTURE_KEYS
+        if key in saved and key in current and saved[key] != current[key]
+    ]
+    if diffs:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} was saved from another architecture than --model "
+            f"{script.model or TOY_MODEL} ({', '.join(diffs)}): resume with the model that run trained, or "
+            "start a new --output_dir."
+        )
+
+
+def _resume_callbacks(record: dict[str, Any], planned: int | None) -> list[Any]:
+    """``dft_run.json`` into each checkpoint; on resume with another length, the schedule re-planned."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class RecordRun(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / RUN_RECORD).write_text(json.dumps(record, indent=1))
+
+    class Replan(TrainerCallback):
+        """Trainer restores the scheduler's step and the optimizer's last lr, then steps the schedule built
+        for the new ``max_steps``: a finished run's first resumed step would train at its final lr (0 for
+        linear / cosine), then jump. Here the lr is set to what the new schedule gives at that step."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            import torch
+
+            optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+            if not planned or state.max_steps == planned or state.global_step == 0:
+                return
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                say(f"note: the run planned {planned} steps, now {state.max_steps}: its lr scheduler is kept")
+                return
+            step = scheduler.last_epoch
+            lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
+            kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+            say(
+                f"the run planned {planned} steps, now {state.max_steps}: its {kind} lr schedule is re-planned for "
+                f"{state.max_steps} steps and continues at step {state.global_step} (lr {lrs[0]:.3g}), as if "
+                f"planned so from the start"
+            )
+
+    return [RecordRun(), Replan()]
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -606,11 +967,16 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 def run_train(argv: list[str]) -> int:
+    """``dft train``. Under torchrun / accelerate launch every process runs this; the main process (rank 0)
+    prints and writes, the others wait for it at the end, and evaluation and exact match are spread over
+    the ranks. Bad input fails on every rank alike, before anything loads."""
     script, config, toy = parse_train_args(argv)
     out = Path(config.output_dir)
     resume = _resume_target(config.resume_from_checkpoint, out)
+    planned = None
     if resume:
-        _check_unfinished(Path(resume), config, out)
+        planned = _check_unfinished(Path(resume), config, out)
+        _check_resume(Path(resume), script, config, toy)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file, not a folder.")
     if out.exists() and any(out.iterdir()) and not (script.overwrite or resume):
@@ -619,8 +985,12 @@ def run_train(argv: list[str]) -> int:
             "--resume_from_checkpoint true to continue it."
         )
     check_writable(out)
+    main = _is_main()
+    if not main:
+        _quiet_progress_bars()
     model, tokenizer = _load_model_and_tokenizer(script)
-    train_set, eval_raw, eval_set, how = _load_data(script, tokenizer, config.seed)
+    with config.main_process_first(desc="dft: data preparation"):  # the main process fills the datasets cache
+        train_set, eval_raw, eval_set, how = _load_data(script, tokenizer, config.seed)
     ref_model = None
     if config.effective_kl_coef() > 0 and script.lora_r <= 0:  # ASFT: a frozen copy of the starting model
         ref_model, _ = _load_model_and_tokenizer(script)
@@ -628,8 +998,10 @@ def run_train(argv: list[str]) -> int:
     from .data import collator
     from .trainer import DFTTrainer
 
-    if script.overwrite and out.exists() and not resume:
+    if script.overwrite and out.exists() and not resume and main:
         shutil.rmtree(out)
+    _wait_for_everyone(config)
+    record = _run_config(script, config, toy, {})
     stop = _SignalStop(out)
     with stop:
         trainer = DFTTrainer(
@@ -640,29 +1012,35 @@ def run_train(argv: list[str]) -> int:
             data_collator=collator(tokenizer, script.packing),
             processing_class=tokenizer,
             ref_model=ref_model,
-            callbacks=[stop.callback()],
+            callbacks=[stop.callback(), *_resume_callbacks(record, planned)],
         )
         total, per_epoch = _schedule(trainer)
         if "logging_steps" not in script.given_flags and not toy:  # a 15-step run logs more than once
             trainer.args.logging_steps = max(1, min(trainer.args.logging_steps, -(-total // 20)))
         epochs = total / per_epoch
-        print(
+        device = f"{trainer.args.device}"
+        if script.cpu_ddp:
+            device += " (no GPU found: --use_cpu true, so the processes train as one DDP job over gloo)"
+        say(
             f"training {_describe_loss(config)} for {total} steps ({epochs:.3g} epochs of {per_epoch} steps, "
             f"{len(train_set)} examples, batch {trainer.args.per_device_train_batch_size} x "
             f"{trainer.args.gradient_accumulation_steps} accumulation x {trainer.args.world_size} processes) "
-            f"at lr {config.learning_rate:g} on {trainer.args.device}, logging every "
-            f"{trainer.args.logging_steps} steps" + (f", resuming from {resume}" if resume else ""),
-            flush=True,
+            f"at lr {config.learning_rate:g} on {device}, logging every "
+            f"{trainer.args.logging_steps} steps" + (f", resuming from {resume}" if resume else "")
         )
         stop.training = True
-        trainer.train(resume_from_checkpoint=resume)
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except ValueError as e:  # the optimizer state of another model (a guard above missed it)
+            if not (resume and "state dict" in str(e)):
+                raise
+            raise UsageError(f"--resume_from_checkpoint {resume}: cannot load its state: {_one_line(e)}") from None
         stop.training = False
         if stop.signum is not None:
             raise Interrupted(stop.signum, str(out))
-        metrics = trainer.evaluate()
-        em, predictions = exact_match(trainer.model, tokenizer, eval_raw, script.max_eval_examples)
-        metrics["eval_exact_match"] = em
-        metrics["eval_exact_match_examples"] = len(predictions)
+        metrics = trainer.evaluate()  # every rank: Trainer shards the eval set and gathers the sums
+        match = _exact_match_on_ranks(trainer, tokenizer, eval_raw, script.max_eval_examples)
+        metrics.update(_exact_match_metrics(match))
         sizes = {
             "train_examples": len(train_set),
             "eval_examples": len(eval_set),
@@ -671,20 +1049,119 @@ def run_train(argv: list[str]) -> int:
             "steps_per_epoch": per_epoch,
             "logging_steps": trainer.args.logging_steps,
         }
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
+        if resume:
+            sizes["resumed_from"] = _where(resume)
+        staging = out / ".final-staging"  # the same path on every rank; filled, then moved into out
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # a run stopped while publishing
+            staging.mkdir(parents=True)
+        _wait_for_everyone(config)
         try:
-            trainer.save_model(str(staging))
-            tokenizer.save_pretrained(str(staging))
-            (staging / "run_config.json").write_text(json.dumps(_run_config(script, config, toy, sizes), indent=1))
-            plot_history(staging, trainer.state.log_history, title=f"{config.loss_type}, lr {config.learning_rate:g}")
-            write_metrics(staging, trainer.state.log_history, metrics)
-            _publish(staging, out)
+            trainer.save_model(str(staging))  # every rank (sharded engines gather); Trainer writes on the main one
+            if main:
+                written = _finish_model(staging, script, tokenizer)
+                (staging / "run_config.json").write_text(json.dumps(_run_config(script, config, toy, sizes), indent=1))
+                title = f"{config.loss_type}, lr {config.learning_rate:g}"
+                plot_history(staging, trainer.state.log_history, title=title)
+                write_metrics(staging, trainer.state.log_history, metrics)
+                _publish(staging, out)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    print("\n" + format_table({k: v for k, v in metrics.items() if k.startswith("eval_")}))
-    print(f"\nwrote {out}/: model + tokenizer, run_config.json, metrics.json, metrics.csv, training.png")
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            _wait_for_everyone(config)  # the others leave once every file is in place
+    if main:
+        print("\n" + format_table({k: v for k, v in metrics.items() if k.startswith("eval_")}))
+        if match.note:
+            print(f"exact match: {match.note}")
+        print(f"\nwrote {out}/: {written}, run_config.json, metrics.json, metrics.csv, training.png", flush=True)
+    _exit_without_gloo_teardown()
     return 0
+
+
+def _exit_without_gloo_teardown() -> None:
+    """A finished run over gloo (every rank past the last barrier, every file closed): run the exit hooks
+    (report_to integrations), then leave without the interpreter's teardown, where torch 2.13's gloo
+    backend now and then aborts a rank (a still-joinable thread at exit: SIGABRT), which torchrun would
+    report as a failed job although every file is written (tests/dist/__init__.py has the details)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _wait_for_everyone(config: Any) -> None:
+    if config.world_size > 1:
+        config.distributed_state.wait_for_everyone()
+
+
+def _quiet_progress_bars() -> None:
+    """Non-main ranks: no second copy of the loading / saving progress bars."""
+    import datasets
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _exact_match_on_ranks(trainer: Any, tokenizer: Any, raw: Any, limit: int) -> Any:
+    """Exact match once per job: the rows spread over the ranks when each holds the whole model (DDP,
+    ZeRO-1/2), the same rows on every rank, kept in step, when the engine gathers parameters per module
+    (FSDP2, ZeRO-3, tensor parallel)."""
+    from .engines import detect_engine
+
+    args = trainer.args
+    if args.world_size == 1:
+        return exact_match(trainer.model, tokenizer, raw, limit)
+    whole = detect_engine(trainer.model_wrapped).name in ("plain", "ddp", "deepspeed")
+    if whole:
+        return exact_match(trainer.model, tokenizer, raw, limit, rank=args.process_index, world_size=args.world_size)
+    return exact_match(trainer.model, tokenizer, raw, limit, synced_gpus=True)
+
+
+def _exact_match_metrics(match: Any) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "eval_exact_match": match.score,
+        "eval_exact_match_examples": len(match.predictions),
+    }
+    if match.note:
+        metrics["eval_exact_match_note"] = match.note
+    return metrics
+
+
+def _finish_model(staging: Path, script: Any, tokenizer: Any) -> str:
+    """The tokenizer next to the saved model and, with --merge_lora, the merged model (the adapter moved
+    to ``adapter/``). Returns what the folder holds, for the ``wrote`` line."""
+    tokenizer.save_pretrained(str(staging))
+    base = _where(script.model) or TOY_MODEL
+    if script.lora_r <= 0:
+        return "model + tokenizer"
+    if not script.merge_lora:
+        return (
+            f"LoRA adapter r={script.lora_r} on {base} (adapter_*; dft eval / inspect load it on that base) + tokenizer"
+        )
+    from dataclasses import replace
+
+    import peft
+
+    adapter = staging / "adapter"
+    adapter.mkdir()
+    for path in list(staging.iterdir()):
+        if path.name.startswith("adapter_") or path.name == "README.md":
+            os.replace(path, adapter / path.name)
+    plain = replace(script, lora_r=0)
+    if script.model is None:
+        model = _toy_model()
+    else:
+        model, _ = _load_model_and_tokenizer(plain, need_tokenizer=False)
+    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(staging))
+    return f"merged model (LoRA r={script.lora_r} merged into {base}) + tokenizer, the adapter in adapter/"
 
 
 # ---- dft eval ------------------------------------------------------------------------------------
@@ -697,28 +1174,52 @@ def run_eval(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         return 0
+    _refuse_trl_flags(argv, parser, "dft eval")
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    _single_process("dft eval")
     if args.output_dir is None and Path(args.model).is_dir():
         args.output_dir = str(Path(args.model) / "eval")
     if args.output_dir:
         check_writable(Path(args.output_dir))
     script = TrainScriptArguments(model=args.model, trust_remote_code=args.trust_remote_code)
     model, tokenizer = _load_model_and_tokenizer(script)
+    if args.data:
+        source = _where(args.data)
+        print(f"eval data: {source}", flush=True)
+    else:
+        source = "shipped arithmetic_test.jsonl"
+        trained_on = (_run_record(Path(args.model)) or {}).get("data") if Path(args.model).is_dir() else None
+        hint = f"; {args.model} was trained on {trained_on}" if trained_on and trained_on != SHIPPED_TRAIN else ""
+        print(
+            f"eval data: the shipped arithmetic test split (dft's built-in toy task; --data FILE scores your "
+            f"own{hint})",
+            flush=True,
+        )
     raw = load_local_dataset(args.data or _asset("arithmetic_test.jsonl"))
     prepared = _prepare(raw, tokenizer, args.max_length, "eval")
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in token_ce(model, tokenizer, prepared, args.batch_size).items()}
-    em, predictions = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
-    metrics["eval_exact_match"] = em
-    metrics["eval_exact_match_examples"] = len(predictions)
+    match = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
+    metrics.update(_exact_match_metrics(match))
     metrics["num_examples"] = len(prepared)
-    print(format_table(metrics))
+    print(format_table({k: v for k, v in metrics.items() if k != "eval_exact_match_note"}))
+    if match.note:
+        print(f"exact match: {match.note}")
+    metrics.update(model=_where(args.model), data=source)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval_results.json").write_text(json.dumps(metrics, indent=1))
-        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in match.predictions))
         print(f"\nwrote {out}/eval_results.json and predictions.jsonl")
     return 0
+
+
+def _single_process(command: str) -> None:
+    if _world_size() > 1:
+        raise UsageError(
+            f"{command} runs in one process (WORLD_SIZE={_world_size()}): run it without torchrun / accelerate "
+            "launch; only dft train spreads over processes."
+        )
 
 
 def run_inspect(argv: list[str]) -> int:
@@ -734,7 +1235,9 @@ def run_inspect(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         return 0
+    _refuse_trl_flags(argv, parser, "dft inspect")
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    _single_process("dft inspect")
     for name in ("max_examples", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -750,8 +1253,8 @@ def run_inspect(argv: list[str]) -> int:
     loader = torch.utils.data.DataLoader(prepared, batch_size=args.batch_size, collate_fn=collator(tokenizer))
     special = ce_token_ids("special", tokenizer)  # the ids --dft_ce_tokens special would keep on CE
     report = inspect_prior(model, loader, special_ids=special).as_dict()
-    report["model"] = args.model or "built-in tiny Llama (dft.toy)"
-    report["data"] = args.data or "shipped arithmetic_train.jsonl"
+    report["model"] = args.model or TOY_MODEL
+    report["data"] = args.data or SHIPPED_TRAIN
     out.mkdir(parents=True, exist_ok=True)
     (out / "inspect.json").write_text(json.dumps(report, indent=1))
     plot_prior(out / "inspect.png", report)
@@ -806,7 +1309,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_sample(rest)
         raise UsageError(f"unknown command {command!r}. {USAGE.splitlines()[0]}")
     except (UsageError, DataError) as e:
-        print(f"dft: error: {_one_line(e)}", file=sys.stderr)
+        if _is_main():  # every rank checks the same input: one line per job, not per process
+            print(f"dft: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
@@ -823,7 +1327,8 @@ def main(argv: list[str] | None = None) -> int:
                 if checkpoints
                 else f"; no checkpoint was saved in {out}/"
             )
-        print(f"dft: stopped by {name}{where}", file=sys.stderr)
+        if _is_main():
+            print(f"dft: stopped by {name}{where}", file=sys.stderr)
         return 128 + int(signum)
 
 

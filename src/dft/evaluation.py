@@ -2,51 +2,111 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from .stats import TokenStats
 
-__all__ = ["exact_match", "token_ce"]
+__all__ = ["ExactMatch", "exact_match", "token_ce"]
 
 
-def _reference_and_prompt(ex: dict, tokenizer: Any) -> tuple[str, Any] | None:
-    if "prompt" in ex and "completion" in ex:
+@dataclass
+class ExactMatch:
+    """What :func:`exact_match` scored.
+
+    ``score``: the share of ``predictions`` equal to their reference after stripping (``None`` when no row
+    had a reference); ``skipped``: rows without a reference answer (plain text, a chat ending with a user
+    turn); ``note``: why ``score`` is ``None`` or rows were skipped, else ``None``.
+    """
+
+    score: float | None
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    note: str | None = None
+
+
+def _reference_and_prompt(ex: dict, tokenizer: Any) -> tuple[str, Any] | str:
+    """``(reference, prompt ids [1, T])``, or why the row has no reference answer."""
+    if isinstance(ex.get("prompt"), str) and isinstance(ex.get("completion"), str):
         return ex["completion"].strip(), tokenizer(ex["prompt"], return_tensors="pt")["input_ids"]
-    if "messages" in ex and ex["messages"] and ex["messages"][-1].get("role") == "assistant":
-        ids = tokenizer.apply_chat_template(ex["messages"][:-1], add_generation_prompt=True, return_tensors="pt")
+    messages = ex.get("messages")
+    if isinstance(messages, list) and messages:
+        last = messages[-1].get("role")
+        if last != "assistant":
+            return f"ends with a {last!r} turn"
+        ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_tensors="pt")
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        return ex["messages"][-1]["content"].strip(), ids
-    return None
+        return messages[-1]["content"].strip(), ids
+    return "is plain text"
+
+
+def _note(reasons: dict[str, int], rows: int, scored: int) -> str | None:
+    if not reasons:
+        return None
+    why = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+    head = f"{rows - scored} of {rows} rows have no reference answer ({why})"
+    rule = "exact match compares the greedy answer with a completion or a final 'assistant' turn"
+    return f"{head}: {rule}" + ("" if scored else "; nothing to score")
 
 
 def exact_match(
-    model: Any, tokenizer: Any, raw: Any, limit: int, max_new_tokens: int = 64
-) -> tuple[float | None, list[dict[str, Any]]]:
-    """Greedy answers on the first ``limit`` examples: ``(fraction equal to the reference after stripping,
-    predictions)``; ``(None, [])`` for plain-text data (no reference). Each prediction is
-    ``{"index", "reference", "prediction", "correct"}``."""
+    model: Any,
+    tokenizer: Any,
+    raw: Any,
+    limit: int,
+    max_new_tokens: int = 64,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    synced_gpus: bool = False,
+) -> ExactMatch:
+    """Greedy answers on those of the first ``limit`` rows of ``raw`` that have a reference answer
+    (prompt/completion rows, chats ending with an assistant turn; the others are counted in ``skipped``). Each prediction is ``{"index", "reference", "prediction",
+    "correct"}``, in row order.
+
+    With ``world_size > 1`` (torch.distributed initialised, every rank calling) each rank generates
+    rows ``rank::world_size`` and every rank returns the gathered result. ``synced_gpus=True`` (for
+    engines that gather parameters per module: ZeRO-3, FSDP2, tensor parallel) makes every rank run the
+    same number of ``generate`` calls, each kept in step until the longest answer ends.
+    """
     import torch
 
+    rows = raw.select(range(min(limit, len(raw))))
+    work, reasons = [], {}
+    for index, ex in enumerate(rows):
+        pair = _reference_and_prompt(ex, tokenizer)
+        if isinstance(pair, str):
+            reasons[pair] = reasons.get(pair, 0) + 1
+        else:
+            work.append((index, *pair))
+    mine = work[rank::world_size]
+    calls = -(-len(work) // world_size) if synced_gpus else len(mine)  # synced: the same on every rank
     model.eval()
     predictions: list[dict[str, Any]] = []
     with torch.no_grad():
-        for index, ex in enumerate(raw.select(range(min(limit, len(raw))))):
-            pair = _reference_and_prompt(ex, tokenizer)
-            if pair is None:
-                return None, []
-            reference, ids = pair
+        for k in range(calls):
+            index, reference, ids = mine[min(k, len(mine) - 1)] if mine else work[0]
             out = model.generate(
                 ids.to(model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **({"synced_gpus": True} if synced_gpus else {}),
             )
-            text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-            predictions.append(
-                {"index": index, "reference": reference, "prediction": text, "correct": text == reference}
-            )
-    return sum(p["correct"] for p in predictions) / max(len(predictions), 1), predictions
+            if k < len(mine):  # a rank with fewer rows repeats its last one, to keep the ranks in step
+                text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+                predictions.append(
+                    {"index": index, "reference": reference, "prediction": text, "correct": text == reference}
+                )
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, predictions)
+        predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
+    score = sum(p["correct"] for p in predictions) / len(predictions) if predictions else None
+    return ExactMatch(score, predictions, len(rows) - len(work), _note(reasons, len(rows), len(work)))
 
 
 def token_ce(model: Any, tokenizer: Any, prepared: Any, batch_size: int) -> dict[str, float]:
