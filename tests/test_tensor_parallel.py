@@ -90,6 +90,16 @@ def test_different_rows_on_the_vocab_group_is_refused(vocab_results):
         assert error is not None and "same labels" in error
 
 
+@pytest.mark.parametrize(
+    ("case", "message"), [("overlap", "an overlap"), ("gap", "a gap"), ("different-hidden", "hidden")]
+)
+def test_inconsistent_vocab_group_is_refused(vocab_results, case, message):
+    """Shards that overlap or leave a gap, or hidden states that differ over the group: refused, never a wrong loss."""
+    for rank in (0, 1):
+        error = vocab_results[rank][case]["error"]
+        assert error is not None and message in error, error
+
+
 def test_bare_local_shard_of_a_dtensor_is_refused(vocab_results):
     """``linear_dft_loss(hidden, W.to_local(), labels)``: a softmax over half the vocabulary, refused."""
     for rank in (0, 1):

@@ -44,7 +44,7 @@ from .vocab_parallel import (
     RowPartials,
     VocabShard,
     all_reduce_,
-    check_same_rows,
+    check_group,
     combine,
     gather_topk,
     localize_head,
@@ -816,7 +816,7 @@ def _linear_dft_loss(
     valid = labels != ignore_index
     num_rows = valid.numel()
     if validate:
-        check_same_rows(labels, shard)
+        check_group(labels, hidden, weight.shape[0], shard)
     index = supervised_index(  # the one host sync
         labels, ignore_index, vocab_size_of(weight, shard), check_range=validate, what="hidden"
     )

@@ -256,23 +256,50 @@ def all_reduce_(t: Tensor | None, shard: VocabShard | None) -> Tensor | None:
     return t
 
 
-def check_same_rows(labels: Tensor, shard: VocabShard | None) -> None:
-    """Every rank of the vocabulary group must pass the same labels (and hidden states): a cheap check.
+def check_group(labels: Tensor, hidden: Tensor, local_rows: int, shard: VocabShard | None) -> None:
+    """The vocabulary group is consistent: every rank passes the same labels and hidden states, and the
+    ranks' rows ``[offset, offset + V_k)`` tile ``[0, V)`` exactly (no gap, no overlap). One tiny all_gather.
 
-    Compares the label count and an order-sensitive checksum over the group (one tiny all_gather).
+    Compares the label count, an order-sensitive checksum of the labels, the sum of the hidden states
+    (identical tensors reduce identically) and each rank's offset and row count.
     """
     if shard is None:
         return
     flat = labels.reshape(-1).to(torch.float64)
     position = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
     key = torch.stack(
-        [torch.tensor(float(flat.numel()), device=flat.device, dtype=torch.float64), (flat * position).sum()]
+        [
+            torch.tensor(float(flat.numel()), device=flat.device, dtype=torch.float64),
+            (flat * position).sum(),
+            hidden.detach().sum(dtype=torch.float64).to(flat.device),
+            torch.tensor(float(shard.offset), device=flat.device, dtype=torch.float64),
+            torch.tensor(float(local_rows), device=flat.device, dtype=torch.float64),
+        ]
     )
     gathered = [torch.empty_like(key) for _ in range(shard.world_size)]
     dist.all_gather(gathered, key, group=shard.group)
-    if not all(torch.equal(g, gathered[0]) for g in gathered):
+    keys = torch.stack(gathered).tolist()  # one host read
+    if any(k[:2] != keys[0][:2] for k in keys):
         raise ValueError(
             "a vocabulary-sharded head needs the same labels and hidden states on every rank of its group "
             "(tensor parallel replicates the batch); got different labels on different ranks. Is the weight "
             "sharded over a data-parallel group (e.g. an FSDP shard read outside the module's forward)?"
+        )
+    if any(k[2] != keys[0][2] for k in keys):
+        raise ValueError(
+            "a vocabulary-sharded head needs the same hidden states on every rank of its group; the ranks' "
+            "hidden states differ (same labels). Replicate the head's input over the tensor-parallel group."
+        )
+    tiles = sorted((int(k[3]), int(k[4])) for k in keys)
+    end = 0
+    for offset, rows in tiles:
+        if offset != end:
+            raise ValueError(
+                f"the ranks' vocabulary shards must tile [0, {shard.vocab_size}) exactly; got (offset, rows) "
+                f"{tiles}: {'a gap' if offset > end else 'an overlap'} at id {min(offset, end)}."
+            )
+        end = offset + rows
+    if end != shard.vocab_size:
+        raise ValueError(
+            f"the ranks' vocabulary shards {tiles} cover [0, {end}), not the vocab_size [0, {shard.vocab_size})."
         )

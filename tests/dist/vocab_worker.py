@@ -184,6 +184,20 @@ def main() -> None:
         results["different-rows"] = {"error": None}
     except ValueError as e:
         results["different-rows"] = {"error": str(e)}
+    # local shards that overlap, leave a gap, or hidden states that differ across the group
+    rank = dist.get_rank()
+    hidden_other = d["hidden"] + rank  # same labels, different hidden
+    for name, offset, rows, hidden in (
+        ("overlap", 0, 12, d["hidden"]),
+        ("gap", 0 if rank == 0 else 13, 12 if rank == 0 else 10, d["hidden"]),
+        ("different-hidden", 12 * rank, 12 if rank == 0 else 11, hidden_other),
+    ):
+        try:
+            shard = VocabShard(offset=offset, vocab_size=V)
+            dft.linear_dft_loss(hidden, d["weight"][offset : offset + rows], d["labels"], vocab_shard=shard)
+            results[name] = {"error": None}
+        except ValueError as e:
+            results[name] = {"error": str(e)}
     # the issue's reproduction: W.to_local() passed as the whole head, every label inside rank 0's shard
     weight = torch.nn.Parameter(distribute_tensor(d["weight"], mesh, [Shard(0)]))
     try:
