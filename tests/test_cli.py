@@ -608,6 +608,8 @@ def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
     """The adapter folder of `dft train --lora_r` (adapter_config.json, no config.json) loads on its base in
     dft eval and dft inspect; an adapter on the built-in model (no base path) is rebuilt from the run's record."""
     pytest.importorskip("peft")
+    import warnings
+
     from dft import cli
 
     data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1+1=?\n", "completion": "A: 2\n"}] * 8)
@@ -623,7 +625,10 @@ def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
 
     toy = tmp_path / "toy"  # what `dft train --lora_r 4` (no --model) writes, without its 2000-row training
     script = cli.TrainScriptArguments(lora_r=4)
-    cli._apply_lora(cli._toy_model(), script).save_pretrained(toy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli._apply_lora(cli._toy_model(), script).save_pretrained(toy)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # peft's is_gradient_checkpointing
     __import__("dft.toy").toy.toy_tokenizer().save_pretrained(toy)
     (toy / "run_config.json").write_text(json.dumps({"model": cli.TOY_MODEL}))
     assert json.loads((toy / "adapter_config.json").read_text())["base_model_name_or_path"] is None

@@ -15,6 +15,7 @@ Ctrl-C / SIGTERM stop after the current step, keep the checkpoints and exit 130 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -534,7 +536,8 @@ def _load_adapter(script: Any, folder: Path) -> tuple[Any, Any]:
     elif tokenizer is None:
         raise UsageError(f"--model {folder}: neither the adapter folder nor its base {base} has a tokenizer.")
     try:
-        model = peft.PeftModel.from_pretrained(model, str(folder))
+        with _peft_quietly():
+            model = peft.PeftModel.from_pretrained(model, str(folder))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UsageError(f"cannot load the LoRA adapter {folder} on {base or TOY_MODEL}: {_one_line(e)}") from None
     return model, tokenizer
@@ -652,13 +655,25 @@ def _apply_lora(model: Any, script: Any) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        model = peft.get_peft_model(model, config)
+        with _peft_quietly():
+            model = peft.get_peft_model(model, config)
     except ValueError as e:
         raise UsageError(f"--lora_target_modules {targets}: {_one_line(e)}") from None
     # the adapter's base as a path that works from anywhere (peft stores the --model string as given);
     # empty for the built-in model, which dft eval / inspect rebuild from the run's record
     model.peft_config["default"].base_model_name_or_path = _where(script.model) or None
     return model
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning
+    nobody running the CLI can act on: hidden around peft's calls (every other warning stays)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _where(path: str | None) -> str | None:
@@ -1159,7 +1174,8 @@ def _finish_model(staging: Path, script: Any, tokenizer: Any) -> str:
         model = _toy_model()
     else:
         model, _ = _load_model_and_tokenizer(plain, need_tokenizer=False)
-    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with _peft_quietly():
+        merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.save_pretrained(str(staging))
     return f"merged model (LoRA r={script.lora_r} merged into {base}) + tokenizer, the adapter in adapter/"
 
