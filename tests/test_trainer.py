@@ -389,3 +389,20 @@ def test_data_parallel_is_refused_at_construction(tmp_path):
         dft.DFTTrainer(
             model=tiny_model("llama"), args=args, train_dataset=_dataset(), data_collator=default_data_collator
         )
+
+
+def test_checkpointing_kwargs_set_without_a_future_warning(tmp_path):
+    """DFTConfig fills the non-reentrant checkpointing kwargs itself: in the field transformers 5 names
+    (activation_checkpointing_kwargs), so none of the FutureWarnings is about a field the library set."""
+    import warnings
+
+    name = (
+        "activation_checkpointing"
+        if hasattr(TrainingArguments, "activation_checkpointing")
+        else "gradient_checkpointing"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = _args(tmp_path, **{name: True})
+    assert getattr(args, f"{name}_kwargs") == {"use_reentrant": False}
+    assert not [w for w in caught if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]

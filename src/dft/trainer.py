@@ -164,9 +164,13 @@ class DFTConfig(TrainingArguments, DFTArguments):
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
-        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
-            # transformers < 5 defaults to reentrant checkpointing; use the non-reentrant kind everywhere
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        # transformers < 5 defaults to reentrant checkpointing; use the non-reentrant kind everywhere. Newer
+        # transformers names the fields activation_checkpointing*: set that one (the old name warns).
+        on = bool(getattr(self, "activation_checkpointing", None) or self.gradient_checkpointing)
+        kwargs_field = "activation_checkpointing_kwargs" if hasattr(self, "activation_checkpointing_kwargs") else None
+        kwargs_field = kwargs_field or "gradient_checkpointing_kwargs"
+        if on and getattr(self, kwargs_field) is None and self.gradient_checkpointing_kwargs is None:
+            setattr(self, kwargs_field, {"use_reentrant": False})
         super().__post_init__()
 
 
