@@ -402,3 +402,65 @@ def test_two_ranks_sample_their_shards_and_main_writes(tmp_path, base):
         (r["prompt_index"], r["completion"], r["reward"]) for r in one
     ]
     print(f"2 ranks: {elapsed:.1f}s")
+
+
+# ---- the study's offline-RL experiment -----------------------------------------------------------------
+
+
+def _load_offline_rl():
+    sys.path.insert(0, str(STUDY))
+    try:
+        import offline_rl
+    finally:
+        sys.path.remove(str(STUDY))
+    return offline_rl
+
+
+def test_offline_rl_smoke_runs(tmp_path):
+    """`offline_rl.py --smoke` (the CI setting): every data set x loss trained, accepted sets measured, summary."""
+    out = tmp_path / "offline_rl.json"
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(STUDY / "offline_rl.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"offline_rl --smoke: {time.time() - t0:.1f}s")
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["command"].endswith("--smoke")
+    done = {(r["data"], r["loss"]) for r in result["runs"]}
+    losses = set(_load_offline_rl().LOSSES)
+    assert done == {("gold", "sft"), ("gold", "dft")} | {(d, loss) for d in ("rft", "rft_round2") for loss in losses}
+    for key in ("accepted", "accepted_round2"):
+        a = result[key]["0"]
+        assert 0 <= a["accepted"] <= a["samples"] == 2 * result["config"]["n_demos"]
+        assert a["acceptance_rate"] == a["accepted"] / a["samples"]
+    rft = result["experiments"]["rft"]
+    assert set(rft["best_lr"]) == losses and rft["summary"]["dft"]["paired"]["rft_sft"]["id_exact_match"]["n"] == 1
+    assert "| base's verified samples | DFT |" in proc.stdout
+
+
+def test_committed_offline_rl_results():
+    """results/offline_rl.json: complete, >= 5 seeds, every loss on the same accepted samples at an interior lr,
+    paired differences with intervals, the README's table made from it."""
+    offline_rl = _load_offline_rl()
+    result = json.loads((STUDY / "results" / "offline_rl.json").read_text())
+    assert result["complete"] and "--smoke" not in result["command"] and len(result["seeds"]) >= 5
+    assert set(result["accepted"]) == {str(s) for s in result["seeds"]}
+    rft = result["experiments"]["rft"]
+    ladder = offline_rl.study.LADDER
+    for loss, grid in rft["lr_grid"].items():
+        best = rft["best_lr"][loss]
+        assert len(grid) >= 4 and (grid[0] < best < grid[-1] or best in (ladder[0], ladder[-1])), (loss, grid, best)
+        seeds = [r["seed"] for r in result["runs"] if r["data"] == "rft" and r["loss"] == loss and r["lr"] == best]
+        assert sorted(seeds) == result["seeds"]  # every seed: the same accepted samples for every loss
+    for loss in ("dft", "dft_floor", "asft"):
+        d = rft["summary"][loss]["paired"]["rft_sft"]["id_exact_match"]
+        assert d["n"] == len(result["seeds"]) and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert set(result["experiments"]["gold"]["summary"]) == {"sft", "dft"}
+    readme = (ROOT / "README.md").read_text()
+    for line in offline_rl.markdown(result).splitlines():
+        assert line in readme, f"README's offline-RL table is not the committed results' table: {line}"

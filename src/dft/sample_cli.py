@@ -19,7 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import TrainScriptArguments, UsageError, _load_model_and_tokenizer, _one_line, _parser, check_writable
+from .cli import (
+    TrainScriptArguments,
+    UsageError,
+    _exit_without_gloo_teardown,
+    _is_main,
+    _load_model_and_tokenizer,
+    _one_line,
+    _parser,
+    _quiet_progress_bars,
+    check_writable,
+    say,
+)
 
 __all__ = ["SampleScriptArguments", "run_sample"]
 
@@ -142,6 +153,8 @@ def run_sample(argv: list[str]) -> int:
         attn_implementation=args.attn_implementation,
         trust_remote_code=args.trust_remote_code,
     )
+    if not _is_main():
+        _quiet_progress_bars()
     model, tokenizer = _load_model_and_tokenizer(script)
     try:
         sampling.check_chat_template(prompts, tokenizer)
@@ -149,21 +162,16 @@ def run_sample(argv: list[str]) -> int:
         raise DataError(f"{args.data}: {e}") from None
     rank, world, device = _distributed()
     model.to(device)
-    if rank == 0:
-        print(
-            f"sampling {args.num_samples} x {len(prompts)} prompts at temperature {args.temperature:g} "
-            f"(top_p {args.top_p:g}, top_k {args.top_k or 'off'}, max {args.max_new_tokens} new tokens) on "
-            f"{device} x {world} process{'es' if world > 1 else ''}; verifier {args.verifier}",
-            flush=True,
-        )
+    say(
+        f"sampling {args.num_samples} x {len(prompts)} prompts at temperature {args.temperature:g} "
+        f"(top_p {args.top_p:g}, top_k {args.top_k or 'off'}, max {args.max_new_tokens} new tokens) on "
+        f"{device} x {world} process{'es' if world > 1 else ''}; verifier {args.verifier}"
+    )
     rows = sampling.generate(
         model, tokenizer, prompts, seed=args.seed, progress=not args.disable_tqdm and rank == 0, **options
     )
-    if world > 1:  # every rank holds every row now; the main process verifies and writes
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    if rank != 0:
+    if rank != 0:  # every rank holds every row now; the main process verifies and writes
+        _exit_without_gloo_teardown()
         return 0
     extra = {
         "model": args.model,
@@ -183,12 +191,13 @@ def run_sample(argv: list[str]) -> int:
     _fresh(out, args.overwrite)
     summary = sampling.write(rows, out, threshold=args.threshold, extra=extra)
     k = summary["samples_per_prompt"]
-    print(
+    say(
         f"{summary['samples']} samples of {summary['prompts']} prompts: {summary['accepted']} accepted "
         f"({summary['acceptance_rate']:.1%}); pass@1 {summary['pass_at_k'].get('1', 0):.3f}"
         + (f", pass@{k} {summary['pass_at_k'][str(k)]:.3f}" if k and k > 1 else "")
         + f"; {summary['prompts_without_accepted']} prompts with no accepted sample"
         + (f"; {summary['unfinished']} cut at --max_new_tokens (never accepted)" if summary["unfinished"] else "")
     )
-    print(f"wrote {out}/samples.jsonl, accepted.jsonl ({summary['accepted']} rows for dft train --data), summary.json")
+    say(f"wrote {out}/samples.jsonl, accepted.jsonl ({summary['accepted']} rows for dft train --data), summary.json")
+    _exit_without_gloo_teardown()  # gloo: leave without the teardown that can abort a rank (cli.py)
     return 0
