@@ -50,6 +50,7 @@ __all__ = [
     "accepted",
     "check",
     "check_chat_template",
+    "check_options",
     "generate",
     "pass_at_k",
     "read_prompts",
@@ -136,20 +137,10 @@ def check(
     """
     from .data import DataError
 
-    values = {"num_samples": num_samples, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-    values |= {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "threshold": threshold}
-    rules = [
-        ("num_samples", num_samples >= 1, ">= 1"),
-        ("temperature", temperature >= 0 and math.isfinite(temperature), ">= 0 (0 = greedy)"),
-        ("top_p", 0 < top_p <= 1, "in (0, 1]"),
-        ("top_k", top_k >= 0, ">= 0 (0 = off)"),
-        ("max_new_tokens", max_new_tokens >= 1, ">= 1"),
-        ("batch_size", batch_size >= 1, ">= 1"),
-        ("threshold", math.isfinite(threshold), "a finite number"),
-    ]
-    for name, ok, rule in rules:
-        if not ok:
-            raise ValueError(f"{name} must be {rule}, got {values[name]}.")
+    check_options(
+        num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, threshold=threshold,
+    )  # fmt: skip
     fn = load_verifier(verifier, answer_regex=answer_regex)
     if needs_reference(fn):
         missing = next((p for p in prompts if p.reference is None), None)
@@ -167,6 +158,33 @@ def check(
     except VerifierError as e:
         raise VerifierError(f"{e} (on row {first.index + 1}, its reference as the completion)") from None
     return fn
+
+
+def check_options(
+    *,
+    num_samples: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    threshold: float = 1.0,
+) -> None:
+    """The generation and acceptance numbers: ``ValueError`` naming the first one out of range."""
+    values = {"num_samples": num_samples, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    values |= {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "threshold": threshold}
+    rules = [
+        ("num_samples", num_samples >= 1, ">= 1"),
+        ("temperature", temperature >= 0 and math.isfinite(temperature), ">= 0 (0 = greedy)"),
+        ("top_p", 0 < top_p <= 1, "in (0, 1]"),
+        ("top_k", top_k >= 0, ">= 0 (0 = off)"),
+        ("max_new_tokens", max_new_tokens >= 1, ">= 1"),
+        ("batch_size", batch_size >= 1, ">= 1"),
+        ("threshold", math.isfinite(threshold), "a finite number"),
+    ]
+    for name, ok, rule in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {values[name]}.")
 
 
 def check_chat_template(prompts: Sequence[Prompt], tokenizer: Any) -> None:
@@ -230,8 +248,8 @@ def generate(
 
     given = prompts if isinstance(prompts, list) else list(prompts)
     items = given if given and all(isinstance(p, Prompt) for p in given) else read_prompts(given)
-    check(  # the numbers only: a verifier-free check
-        items, lambda p, c, r: 0.0, num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+    check_options(
+        num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, batch_size=batch_size,
     )  # fmt: skip
     rank, world = _rank_and_world()
