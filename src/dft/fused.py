@@ -323,9 +323,7 @@ def _reduce_chunk(
 ) -> tuple[RowPartials, Tensor | None]:
     """Phase 1: this rank's row partials of ``u = transform(z)`` (and of ASFT's ``r``), and the target's tanh."""
     kz = _consts(plan.transform)
-    u_y, th_y = plan.transform.forward_(target.read(z, acc_dtype))
-    if target.owned is not None:
-        u_y = torch.where(target.owned, u_y, 0)
+    u_y, th_y = plan.transform.forward_(target.read(z, acc_dtype))  # transform(0) == 0: still 0 where not owned
     m, s, amax, t = pass_.reduce(z, acc_dtype, kz, stats)
     if amax is not None and plan.shard is not None:
         amax = amax + plan.shard.offset
