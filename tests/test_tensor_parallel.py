@@ -84,6 +84,18 @@ def test_vocab_parallel_head_matches_float64_full_logits(vocab_results, case, ra
         assert fused["loss"] == 0 and not fused["dh"].any()
 
 
+@pytest.mark.parametrize("rank", (0, 1))
+def test_causal_lm_loss_on_a_colwise_parallel_head_equals_the_whole_model(vocab_results, rank):
+    """torch's ``parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})``: fused (no warning), loss and
+    gradients equal to the unsharded model; the head's gradient is this rank's rows only."""
+    result = vocab_results[rank]["colwise-causal-lm"]
+    assert "error" not in result, result.get("error")
+    assert result["warnings"] == []
+    assert result["head_local_shape"] == ((12, 16) if rank == 0 else (11, 16))
+    for key in ("loss", "head", "embed", "mlp"):
+        assert result[key] <= 1e-12, (key, result[key])
+
+
 def test_different_rows_on_the_vocab_group_is_refused(vocab_results):
     for rank in (0, 1):
         error = vocab_results[rank]["different-rows"]["error"]

@@ -181,12 +181,30 @@ class _TiedTo(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, *anchors: Tensor) -> Tensor:
-        ctx.shapes = [(a.shape, a.dtype, a.device) for a in anchors]
+        ctx.zeros = [_zeros_for(a) for a in anchors]
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
-        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))
+        return (grad, *(zeros() for zeros in ctx.zeros))
+
+
+def _zeros_for(anchor: Tensor) -> Callable[[], Tensor]:
+    """A maker of the anchor's zero gradient, without keeping the anchor: a DTensor anchor (the head's input
+    after torch's ``ColwiseParallel`` input hook made it ``Replicate()``) needs a DTensor gradient of its layout."""
+    from .vocab_parallel import _dtensor_type
+
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(anchor, dtensor):
+        mesh, placements, shape, stride = anchor.device_mesh, anchor.placements, anchor.shape, anchor.stride()
+        local = anchor.to_local()
+        local_shape, dtype, device = local.shape, local.dtype, local.device
+        return lambda: dtensor.from_local(
+            torch.zeros(local_shape, dtype=dtype, device=device), mesh, placements, run_check=False,
+            shape=shape, stride=stride,
+        )  # fmt: skip
+    shape, dtype, device = anchor.shape, anchor.dtype, anchor.device
+    return lambda: torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _tied_to(x: Tensor, anchors: Any) -> Tensor:

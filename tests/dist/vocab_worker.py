@@ -158,6 +158,52 @@ def fused(case: dict, d: dict, mesh) -> dict:
     return out
 
 
+def colwise_causal_lm(mesh) -> dict:
+    """``causal_lm_loss`` on a Llama whose ``lm_head`` went through torch's ``parallelize_module(...,
+    ColwiseParallel())`` (its input hook makes the head's input a ``Replicate()`` DTensor) vs the same model
+    unsharded in this process: loss, this rank's head rows, the embedding and a backbone gradient."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=V, hidden_size=H, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    whole = LlamaForCausalLM(config).double()
+    sharded = LlamaForCausalLM(config).double()
+    sharded.load_state_dict(whole.state_dict())
+    parallelize_module(sharded, mesh, {"lm_head": ColwiseParallel()})
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    dft.causal_lm_loss(whole, batch).loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = dft.causal_lm_loss(sharded, batch).loss
+        loss.backward()
+    rows = torch.arange(V).chunk(2)[dist.get_rank()]
+    head = sharded.lm_head.weight.grad
+    return {
+        "warnings": [str(w.message) for w in caught if "dft" in str(w.message)],
+        "loss": (loss.detach() - whole_loss(whole, batch)).abs().item(),
+        "head_local_shape": tuple(head.to_local().shape),
+        "head": (head.to_local() - whole.lm_head.weight.grad[rows]).abs().max().item(),
+        "embed": (sharded.model.embed_tokens.weight.grad - whole.model.embed_tokens.weight.grad).abs().max().item(),
+        "mlp": (sharded.model.layers[0].mlp.up_proj.weight.grad - whole.model.layers[0].mlp.up_proj.weight.grad)
+        .abs()
+        .max()
+        .item(),
+    }
+
+
+def whole_loss(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return dft.causal_lm_loss(model, batch).loss
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -173,6 +219,10 @@ def main() -> None:
             }
         except Exception as e:  # noqa: BLE001 - recorded for the test to show
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        results["colwise-causal-lm"] = colwise_causal_lm(mesh)
+    except Exception as e:  # noqa: BLE001 - recorded for the test to show
+        results["colwise-causal-lm"] = {"error": f"{type(e).__name__}: {e}"}
     # a local shard whose labels differ across ranks (a data-parallel group by mistake) -> ValueError
     d = data({}, torch.float64)
     labels = d["labels"].clone()
