@@ -34,6 +34,7 @@ CASES = (
     "dtensor-none",
     "dtensor-num-items",
     "dtensor-eaft",
+    "dtensor-eaft-k-over-vocab",
     "dtensor-asft",
     "dtensor-asft-whole-ref",
     "dtensor-chunks",

@@ -442,9 +442,10 @@ def _run_chunks(
     grads = _Grads.zeros(h, w, tuple(x and want_grad for x in need), acc_dtype)
     stats = TokenStats.zeros(h.device) if plan.want_stats else None
     ref = plan.reference
-    ep = epilogue_for(h.device, n * local_vocab)
+    sized_vocab = local_vocab if plan.shard is None else plan.shard.max_local  # the same on every rank:
+    ep = epilogue_for(h.device, n * sized_vocab)  # the same epilogue and chunks, so the collectives pair up
     chunk = plan.chunk_size or default_chunk_size(
-        local_vocab if plan.shard is None else plan.shard.max_local,  # the same chunks on every rank
+        sized_vocab,
         n,
         h.device,
         h.dtype,

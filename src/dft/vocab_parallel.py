@@ -246,7 +246,10 @@ def gather_topk(u_local: Tensor, k: int, shard: VocabShard | None) -> Tensor:
         top = torch.cat([top, top.new_full((top.shape[0], k - k_local), float("-inf"))], 1)
     gathered = [torch.empty_like(top) for _ in range(shard.world_size)]
     dist.all_gather(gathered, top.contiguous(), group=shard.group)
-    return torch.cat(gathered, 1)
+    candidates = torch.cat(gathered, 1)
+    if shard.vocab_size < k:  # a row has fewer than k entries: its V real ones (never the -inf padding)
+        candidates = torch.topk(candidates, shard.vocab_size, dim=1, sorted=False).values
+    return candidates
 
 
 def all_reduce_(t: Tensor | None, shard: VocabShard | None) -> Tensor | None:

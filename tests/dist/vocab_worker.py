@@ -35,6 +35,7 @@ CASES: dict[str, dict] = {
     "dtensor-none": {"reduction": "none"},
     "dtensor-num-items": {"num_items": 9.0},
     "dtensor-eaft": {"options": {"alpha": 0.0, "eaft_alpha": 1.0, "eaft_top_k": 15}, "stats": True},
+    "dtensor-eaft-k-over-vocab": {"options": {"alpha": 0.0, "eaft_alpha": 1.0, "eaft_top_k": 30}},  # k > V
     "dtensor-asft": {"asft": "dtensor", "stats": True},
     "dtensor-asft-whole-ref": {"asft": "whole", "stats": True},
     "dtensor-chunks": {"chunk_size": 4, "stats": True},
