@@ -120,6 +120,12 @@ def test_bare_local_shard_of_a_dtensor_is_refused(vocab_results):
         assert error is not None and "local shard of a DTensor" in error and "VocabShard" in error
 
 
+def test_plain_bias_with_a_dtensor_weight_is_refused(vocab_results):
+    for rank in (0, 1):
+        error = vocab_results[rank]["plain-bias"]["error"]
+        assert error is not None and "bias is a plain tensor" in error and "distribute_tensor" in error, error
+
+
 def test_vocab_shard_is_validated():
     with pytest.raises(ValueError, match="offset"):
         VocabShard(offset=30, vocab_size=23)

@@ -138,6 +138,12 @@ def localize_head(
         vocab_shard = _shard_of(weight)
         if bias is not None and is_dtensor(bias) and tuple(bias.placements) != tuple(weight.placements):
             raise ValueError(f"bias placements {bias.placements} must match the weight's {weight.placements}.")
+        if bias is not None and not is_dtensor(bias) and vocab_shard is not None:
+            raise ValueError(
+                f"bias is a plain tensor of {bias.shape[0]} entries but the weight is a DTensor split on the "
+                f"vocabulary (placements {tuple(weight.placements)}): pass the bias as a DTensor with the same "
+                "placements (distribute_tensor(bias, mesh, weight.placements))."
+            )
     elif vocab_shard is None:
         _refuse_bare_local_shard(weight)
     else:

@@ -256,6 +256,12 @@ def main() -> None:
         results["bare-local"] = {"error": None}
     except ValueError as e:
         results["bare-local"] = {"error": str(e)}
+    # a DTensor weight with a plain [V] bias: one clear error, not a shape error from addmm
+    try:
+        dft.linear_dft_loss(d["hidden"], weight, d["labels"], bias=torch.zeros(V, dtype=torch.float64))
+        results["plain-bias"] = {"error": None}
+    except ValueError as e:
+        results["plain-bias"] = {"error": str(e)}
     torch.save(results, out_dir / f"vocab_rank{dist.get_rank()}.pt")
     dist.barrier()
     exit_without_teardown()
