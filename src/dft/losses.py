@@ -76,9 +76,10 @@ def _dft_loss(
     z = transform.apply(logits.to(compute_dtype(logits.dtype)))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    if ref_logits is None:  # row chunks: no [N, V] temporary in forward, one (the gradient) in backward
+    if ref_logits is None and not torch._C._functorch.is_functorch_wrapped_tensor(z):
+        # row chunks: no [N, V] temporary in forward, one (the gradient) in backward
         target_logp, lse = _TargetLogProb.apply(z, safe)
-    else:  # ASFT's KL differentiates through lse as well
+    else:  # ASFT's KL differentiates through lse as well; torch.func transforms (grad, vmap) need plain ops
         lse = torch.logsumexp(z, dim=-1)
         target_logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     w = weight(target_logp.detach(), z.detach() if weight.needs_logits else None, safe)
@@ -117,7 +118,8 @@ class _TargetLogProb(torch.autograd.Function):
 
     Forward keeps no ``[N, V]`` temporary (autograd's logsumexp + gather keep one and build three in
     backward); backward writes ``g * (onehot(y) - softmax(z))`` into one ``[N, V]`` gradient, chunk by chunk.
-    ``lse`` is returned detached (non-differentiable).
+    ``lse`` is returned detached (non-differentiable). Under ``create_graph=True`` backward forms the same
+    gradient from differentiable ops, so double backward (Hessian-vector products) works.
     """
 
     @staticmethod
@@ -133,9 +135,12 @@ class _TargetLogProb(torch.autograd.Function):
         return logp.reshape(y.shape), lse.reshape(y.shape)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_logp: Tensor, _grad_lse: Tensor) -> tuple[Tensor, None]:
         z, y, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a graph of the gradient for double backward
+            g = grad_logp.to(z.dtype).unsqueeze(-1)
+            onehot = torch.zeros_like(z).scatter_(-1, y.unsqueeze(-1), 1.0)
+            return g * (onehot - torch.softmax(z, dim=-1)), None
         flat, ys, g = z.reshape(-1, z.shape[-1]), y.reshape(-1), grad_logp.reshape(-1).to(z.dtype)
         grad = torch.empty_like(flat)
         step = _row_chunks(*flat.shape, z.element_size()).step
