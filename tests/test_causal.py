@@ -155,7 +155,7 @@ def _model_ce(model, batch) -> float:
         return model(**batch).loss.item()  # the model's own CE: its head, hooks and all
 
 
-@pytest.mark.parametrize("hook", ["pre_scale", "forward_add", "global_forward"])
+@pytest.mark.parametrize("hook", ["pre_scale", "forward_add", "global_forward", "global_backward"])
 def test_user_hooks_on_the_head_send_the_loss_to_the_logits_path(hook):
     """A hook the fused head would skip: one warning naming it, and the model's own numbers."""
     model = tiny_model("llama")
@@ -170,8 +170,10 @@ def test_user_hooks_on_the_head_send_the_loss_to_the_logits_path(hook):
             return out
 
         handle = model.lm_head.register_forward_hook(add_three)
-    else:
+    elif hook == "global_forward":
         handle = torch.nn.modules.module.register_module_forward_hook(lambda _m, _a, _o: None)
+    else:
+        handle = torch.nn.modules.module.register_module_full_backward_hook(lambda _m, _gi, _go: None)
     try:
         with pytest.warns(RuntimeWarning, match="hook") as caught:
             out = causal_lm_loss(model, batch, alpha=0.0)
@@ -204,3 +206,33 @@ def test_model_returning_bare_logits_uses_them():
     torch.testing.assert_close(out.loss, dft.causal_dft_loss(logits, batch["labels"]))
     with pytest.raises(TypeError, match="cannot find logits"):
         dft.compute_loss_func({"scores": logits}, batch["labels"])
+
+
+def test_hook_owners_are_packages_not_prefixes():
+    """Hooks from torch/transformers/... are plumbing; a user package whose name starts alike ('trlx') is not."""
+    from dft.models import foreign_hooks
+
+    head = torch.nn.Linear(4, 5)
+
+    def hook(_m, _a, _o):
+        return None
+
+    for module, foreign in (("trlx.hooks", 1), ("torch.distributed.fsdp", 0), ("transformers_extra", 1)):
+        hook.__module__ = module
+        handle = head.register_forward_hook(hook)
+        try:
+            assert len(foreign_hooks(head)) == foreign, module
+        finally:
+            handle.remove()
+
+
+def test_data_parallel_over_several_devices_takes_the_logits_path():
+    """nn.DataParallel replicas share the head's hooks across threads: the fused head is never used there."""
+    from dft.causal import _route
+
+    model = tiny_model("llama")
+    parallel = torch.nn.DataParallel(model)
+    parallel.device_ids = [0, 1]  # as on a 2-GPU machine (CPU here: only the routing is checked)
+    route = _route(parallel, True, None, 0.0, dft.LogitTransform())
+    assert route.parts is None and "DataParallel over 2 devices" in route.reason and "torchrun" in route.reason
+    assert _route(model, True, None, 0.0, dft.LogitTransform()).parts is not None

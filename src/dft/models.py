@@ -209,7 +209,7 @@ def inspect_causal_lm(model: nn.Module, engine: EngineAdapter | None = None) -> 
     return CausalLMParts(backbone=backbone, head=head, transform=transform), None
 
 
-_KNOWN_HOOK_OWNERS = ("torch.", "deepspeed", "accelerate", "transformers", "peft", "dft.", "trl")
+_KNOWN_HOOK_OWNERS = ("torch", "deepspeed", "accelerate", "transformers", "peft", "dft", "trl")
 """Packages whose hooks on the head are engine or library plumbing (FSDP2's and ZeRO-3's gather/release,
 accelerate's device alignment, transformers' output recording); any other hook is the user's."""
 
@@ -238,10 +238,12 @@ def foreign_hooks(head: nn.Module) -> list[str]:
         ("backward pre-hook on lm_head", head._backward_pre_hooks),
         ("global forward pre-hook", nn_module._global_forward_pre_hooks),
         ("global forward hook", nn_module._global_forward_hooks),
+        ("global backward hook", nn_module._global_backward_hooks),
+        ("global backward pre-hook", nn_module._global_backward_pre_hooks),
     ):
         for hook in hooks.values():
             owner = _hook_owner(hook)
-            if not owner.startswith(_KNOWN_HOOK_OWNERS):
+            if owner.split(".")[0] not in _KNOWN_HOOK_OWNERS:  # a package, not a prefix: 'trlx' is a user's
                 found.append(f"a {kind} ({getattr(hook, '__qualname__', type(hook).__name__)} from {owner or '?'})")
     return found
 
