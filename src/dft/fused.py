@@ -706,6 +706,12 @@ def linear_dft_loss(
 
     Matmuls run in the input dtype (or the autocast dtype inside ``torch.autocast``); softmax
     statistics and the weight-gradient accumulator are float32.
+
+    Autograd limits (the gradients are formed in the forward pass, under grad mode): each is a
+    ``RuntimeError`` saying so. Double backward (``create_graph=True``) and ``torch.func`` transforms
+    (``grad``, ``vmap``, ``jacrev``) are refused: use the naive equivalent above (:func:`dft.dft_loss`
+    supports both). A ``weight`` changed in place between forward and backward (``optimizer.step()``
+    first) is detected from its version counter instead of giving the old weight's gradients.
     """
     _validate_head(hidden, weight, bias)
     _refuse_functorch(hidden, weight)
