@@ -276,7 +276,7 @@ def test_variant_losses_from_the_command_line(tmp_path, loss, logged):
 
 def test_bare_command_prints_usage_and_writes_nothing(tmp_path):
     proc = dft_cli(cwd=tmp_path)
-    assert proc.returncode == 2 and "usage: dft {train,eval,inspect}" in proc.stderr
+    assert proc.returncode == 2 and "usage: dft {train,eval,inspect,sample}" in proc.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -632,7 +632,11 @@ def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
     __import__("dft.toy").toy.toy_tokenizer().save_pretrained(toy)
     (toy / "run_config.json").write_text(json.dumps({"model": cli.TOY_MODEL}))
     assert not json.loads((toy / "adapter_config.json").read_text())["base_model_name_or_path"]  # None; peft < 0.13: ''
-    for folder in (out, toy):
+    merged = tmp_path / "merged"  # `dft train --lora_r 4 --merge_lora true`: the adapter moved to adapter/
+    (merged / "adapter").mkdir(parents=True)
+    for path in toy.iterdir():
+        (merged / ("adapter" if path.name.startswith("adapter_") else "") / path.name).write_bytes(path.read_bytes())
+    for folder in (out, toy, merged / "adapter"):
         code, stdout, err = run_cli(capsys, "eval", "--model", folder, "--data", data, "--max_eval_examples", "1",
                                     "--max_new_tokens", "4")  # fmt: skip
         assert code == 0, err[-3000:]

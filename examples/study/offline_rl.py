@@ -1,6 +1,6 @@
 """Offline RL on the study base: does DFT beat RFT when both train on the same verified self-samples?
 
-    python examples/study/offline_rl.py            # the experiment (~35 min on 2 CPU cores), results/offline_rl.json
+    python examples/study/offline_rl.py            # the experiment (65 min on 2 shared CPU cores), results/offline_rl.json
     python examples/study/offline_rl.py --smoke    # < 1 min: pipeline check on 1 seed, numbers meaningless
     python examples/study/offline_rl.py --resume   # continue a cut-off run from the runs already in the file
     python examples/study/offline_rl.py --rounds 1 # without the second sampling round
@@ -75,11 +75,12 @@ SHOW = [  # metric, column title
 # ---- data ------------------------------------------------------------------------------------------------
 
 
-def sample_set(model, seed: int, cfg: dict, round_: int) -> tuple[list[dict], dict]:
-    """The accepted samples of ``model`` on the seed's training prompts (as training rows) and their figures."""
+def sample_set(model, seed: int, cfg: dict, round_: int, base_path: str) -> tuple[list[dict], dict]:
+    """The accepted samples of ``model`` on the seed's training prompts (as training rows) and their figures
+    (the base at ``base_path``'s prior on them)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(lab.BASE_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
     prompts = study.training_data("reasoning", seed, cfg)
     t0 = time.time()
     rows = dft.sampling.sample(
@@ -103,7 +104,7 @@ def sample_set(model, seed: int, cfg: dict, round_: int) -> tuple[list[dict], di
     stats["every_step_right"] = sum(d["completion"] == gold[d["prompt"]] for d in data) / max(len(data), 1)
     stats["seconds"] = round(seconds, 1)
     if data:
-        base = study.base_model(str(lab.BASE_DIR))
+        base = study.base_model(base_path)
         batches = [lab.batch(data[i : i + 64]) for i in range(0, len(data), 64)]
         prior = dft.inspect_prior(base, batches).as_dict()
         stats["base_mean_p"] = prior["mean_p"]
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[{time.time() - t0:6.0f}s] base: id {result['base']['id_exact_match']:.3f}", flush=True)
     sets, result["accepted"] = {}, {}
     for s in cfg["seeds"]:
-        sets[s], result["accepted"][str(s)] = sample_set(base, s, cfg, round_=1)
+        sets[s], result["accepted"][str(s)] = sample_set(base, s, cfg, round_=1, base_path=args.base)
         a = result["accepted"][str(s)]
         print(
             f"[{time.time() - t0:6.0f}s] seed {s}: {a['accepted']}/{a['samples']} accepted, pass@"
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
         sets2, result["accepted_round2"] = {}, {}
         for s in cfg["seeds"]:
             sampler = train_model(sets[s], leader, best[leader], s, cfg, args.base)  # = its round-1 run
-            sets2[s], result["accepted_round2"][str(s)] = sample_set(sampler, s, cfg, round_=2)
+            sets2[s], result["accepted_round2"][str(s)] = sample_set(sampler, s, cfg, round_=2, base_path=args.base)
             print(f"  seed {s}: {result['accepted_round2'][str(s)]['accepted']} accepted", flush=True)
         runner.run(
             [("rft_round2", loss, best[loss], s, cfg, sets2[s], args.base) for loss in LOSSES for s in cfg["seeds"]]

@@ -514,7 +514,8 @@ def _load_adapter(script: Any, folder: Path) -> tuple[Any, Any]:
             f"--model {folder} is a LoRA adapter: loading it needs peft: pip install 'dft-loss[peft]'."
         ) from None
     base = config.get("base_model_name_or_path") or None
-    record = _run_record(folder) or {}
+    # the adapter/ of a --merge_lora run: the run's record is in the folder above
+    record = _run_record(folder) or (_run_record(folder.parent) if folder.name == "adapter" else None) or {}
     if base is None and record.get("model") != TOY_MODEL:
         raise UsageError(
             f"--model {folder} is a LoRA adapter whose adapter_config.json names no base model "
@@ -1291,7 +1292,7 @@ def run_inspect(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: dft {train,eval,inspect} [flags]
+USAGE = """usage: dft {train,eval,inspect,sample} [flags]
 
   dft train [--model M] [--data D] [--loss dft|sft|asft|eaft] [TrainingArguments flags]
             with neither --model nor --data: the built-in toy job (tiny Llama, shipped arithmetic, CPU)
@@ -1301,7 +1302,7 @@ USAGE = """usage: dft {train,eval,inspect} [flags]
   dft sample --model M --data D --num_samples K --temperature T --verifier exact|math|MODULE:FUNCTION
             generate, verify, keep: samples.jsonl, accepted.jsonl (for dft train --data), summary.json
 
-  dft train --help, dft eval --help: every flag and its default"""
+  dft train --help, dft eval --help, dft sample --help: every flag and its default"""
 
 
 def main(argv: list[str] | None = None) -> int:

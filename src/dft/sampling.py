@@ -308,7 +308,7 @@ def generate(
                     }
                 )
             if bar is not None:
-                bar.update(len(chunk) * world)
+                bar.update(min(len(chunk) * world, bar.total - bar.n))  # an estimate of every rank's; never past
                 bar.set_postfix(samples_per_s=f"{len(rows) * world / max(time.time() - t0, 1e-9):.1f}")
     finally:
         if bar is not None:
