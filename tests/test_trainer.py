@@ -379,6 +379,17 @@ def test_compute_metrics_and_predict_get_the_logits(tmp_path):
         model=model, args=_args(tmp_path), eval_dataset=data, data_collator=default_data_collator
     ).evaluate()
     assert fused_only["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-5)
+    argmax = dft.DFTTrainer(  # preprocess_logits_for_metrics gets the same logits
+        model=model,
+        args=_args(tmp_path, per_device_eval_batch_size=3),
+        eval_dataset=data,
+        data_collator=default_data_collator,
+        compute_metrics=metrics,
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+    )
+    argmax.evaluate()
+    assert seen["shape"] == (6, 10)
+    assert (argmax.predict(data).predictions == logits.argmax(-1).numpy()).all()
 
 
 def test_data_parallel_is_refused_at_construction(tmp_path):
