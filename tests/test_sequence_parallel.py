@@ -23,10 +23,10 @@ import dft
 from tests.helpers.tiny_models import tiny_model
 
 WORKER = Path(__file__).parent / "dist" / "sp_worker.py"
-SP_CASES = ("sp2-zero2", "sp2-zero3", "sp2-zero3-allreduce")
+SP_CASES = ("sp2-zero2", "sp2-zero3", "sp2-zero3-allreduce", "sp2-zero2-logits")
 # DeepSpeed sums the SP ranks' gradients (ZeRO-2, ZeRO-3's contiguous all-reduce) or averages them (ZeRO-3's
 # default reduce-scatter): what DFTTrainer._sp_ranks_summed must find on each case
-SUMMED = {"sp2-zero2": 2, "sp2-zero3": 1, "sp2-zero3-allreduce": 2}
+SUMMED = {"sp2-zero2": 2, "sp2-zero3": 1, "sp2-zero3-allreduce": 2, "sp2-zero2-logits": 2}
 
 
 def _sp_unavailable() -> str | None:
@@ -57,7 +57,7 @@ def test_sequence_parallel_trainer_equals_single_process(tmp_path, case):
     from tests.dist.sp_cases import SP, build_model, rows, single_process
 
     got = torchrun(WORKER, tmp_path, case, result="trainer.pt")
-    assert got["warnings"] == []  # the fused head ran: the logits path warns
+    assert got["warnings"] == []  # the fused head ran (the logits path warns unless asked for, as in -logits)
     assert got["engine"] == ("deepspeed-zero3" if "zero3" in case else "deepspeed")
     assert got["sp_ranks_summed"] == SUMMED[case]
     width = rows()["input_ids"].shape[1]

@@ -5,7 +5,8 @@ parallelism_config=ParallelismConfig(sp_size=2, sp_backend="deepspeed", sp_handl
 so one data-parallel rank: each optimizer step is 2 accumulation steps, each of them one rank's 4-row
 batch, which Trainer's ``UlyssesSPDataLoaderAdapter`` deals out to both ranks as sequence halves
 (``shift_labels``, no ``labels``). ``sp2-zero3-allreduce``: ZeRO-3 with ``reduce_scatter: false``, whose
-contiguous all-reduce sums the SP ranks' gradients where the default reduce-scatter averages them. 8 rows per step, 2 steps, SGD, no clipping; the rows are those of
+contiguous all-reduce sums the SP ranks' gradients where the default reduce-scatter averages them.
+``sp2-zero2-logits``: ZeRO-2 with ``fused_lm_head=False`` (full logits of each half sequence). 8 rows per step, 2 steps, SGD, no clipping; the rows are those of
 tests/dist/engine_cases.py (long and short sums, mixed), with ``position_ids`` (the adapter needs them)
 and no ``attention_mask`` (Ulysses does not shard a mask; the rows are right-padded, so causal attention
 is the same).
@@ -22,7 +23,7 @@ from tests.dist.engine_cases import rows as engine_rows
 
 __all__ = ["CASES", "LR", "ROWS_PER_STEP", "SP", "STEPS", "build_model", "dataset", "rows", "single_process"]
 
-CASES = ("sp2-zero2", "sp2-zero3", "sp2-zero3-allreduce")
+CASES = ("sp2-zero2", "sp2-zero3", "sp2-zero3-allreduce", "sp2-zero2-logits")
 SP = 2
 PER_DEVICE, ACCUM = 4, 2  # one data-parallel rank: ACCUM batches of PER_DEVICE rows per optimizer step
 
@@ -54,6 +55,7 @@ def trainer_kwargs(case: str) -> dict:
     if case.endswith("-allreduce"):
         deepspeed["zero_optimization"]["reduce_scatter"] = False
     return {
+        "fused_lm_head": not case.endswith("-logits"),  # -logits: the logits path (the issue found it 4x too)
         "deepspeed": deepspeed,
         "parallelism_config": ParallelismConfig(sp_size=SP, sp_backend="deepspeed", sp_handler=handler),
         "per_device_train_batch_size": PER_DEVICE,
