@@ -56,7 +56,12 @@ def test_sequence_parallel_trainer_equals_single_process(tmp_path, case):
     from tests.dist.launch import torchrun
     from tests.dist.sp_cases import SP, build_model, rows, single_process
 
-    got = torchrun(WORKER, tmp_path, case, result="trainer.pt")
+    try:
+        got = torchrun(WORKER, tmp_path, case, result="trainer.pt")
+    except AssertionError as e:  # transformers >= 5.25 refuses this configuration on deepspeed < 0.20.2
+        if case.endswith("-allreduce") and "requires `reduce_scatter: true`" in str(e):
+            pytest.skip("this transformers refuses ZeRO-3 reduce_scatter: false under SP on deepspeed < 0.20.2")
+        raise
     assert got["warnings"] == []  # the fused head ran (the logits path warns unless asked for, as in -logits)
     assert got["engine"] == ("deepspeed-zero3" if "zero3" in case else "deepspeed")
     assert got["sp_ranks_summed"] == SUMMED[case]
@@ -139,6 +144,17 @@ def test_without_sequence_parallelism_the_factor_is_the_rank_count():
     loss = torch.tensor(0.25, requires_grad=True)
     trainer._undo_rank_average(loss, torch.tensor(10), training=True).backward()
     assert loss.grad.item() == 4.0
+
+
+def test_deepspeed_from_0_20_2_sums_sp_ranks_under_zero3(monkeypatch):
+    """DeepSpeed >= 0.20.2 scales ZeRO-3's gradients over the SP group (transformers 5.25 reads it so): summed on
+    every path, no per-bucket mix to refuse."""
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.20.2" if name == "deepspeed" else real(name))
+    for engine in (_Engine(stage=3), _Engine(stage=3, reduce_scatter=False, bucket=1000), _Engine(stage=2)):
+        assert _sp_trainer(engine)._sp_ranks_summed() == 2
 
 
 def test_zero3_mixing_summed_and_averaged_buckets_is_refused():

@@ -211,7 +211,9 @@ class _TrainerTouchPoints:
         ``num_processes // (tp * sp)``. ZeRO-3's default reduce-scatter (``stage3.__avg_scatter_grads`` ->
         ``reduce_scatter_coalesced``, which pre-divides by the group size) averages over every rank, SP
         included: ``num_processes // tp`` as under DDP. ZeRO-3 with ``reduce_scatter: false`` and a
-        parameter larger than ``reduce_bucket_size`` would mix both per bucket: refused.
+        parameter larger than ``reduce_bucket_size`` would mix both per bucket: refused. DeepSpeed >= 0.20.2
+        (deepspeedai/DeepSpeed#8854, as transformers 5.25's ``deepspeed_sp_compute_loss`` reads it) scales
+        ZeRO-3's gradients over the SP group on every path: summed, as ZeRO 0-2 (:func:`_zero3_sums_sp_ranks`).
       - the logged value: Trainer logs the mean over all ranks of the returned losses, so each rank
         returns ``num_processes // tp`` times its share (as under DDP), with the gradient of the factor
         above where the two differ: ``grad + (value - grad).detach()``.
@@ -286,7 +288,7 @@ class _TrainerTouchPoints:
         engine = self.model_wrapped
         stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
         summed = sp
-        if stage == 3:
+        if stage == 3 and not _zero3_sums_sp_ranks():
             zero = engine.optimizer
             if zero.reduce_scatter or not zero.contiguous_gradients:
                 summed = 1  # stage3.__avg_scatter_grads: reduce_scatter_coalesced divides by every rank
@@ -520,3 +522,17 @@ class DFTTrainer(DFTTrainerMixin, Trainer):
     ``eval_entropy`` from ``evaluate()`` (which needs no logits). Gradient accumulation and
     ``average_tokens_across_devices`` give the same update as one big batch, packed batches included.
     """
+
+
+def _zero3_sums_sp_ranks() -> bool:
+    """DeepSpeed >= 0.20.2 (deepspeedai/DeepSpeed#8854): ZeRO-3 sums the sequence-parallel ranks' gradients on
+    every reduction path, as ZeRO 0-2 do; before, its reduce-scatter averaged them. (Not testable here: the
+    newest DeepSpeed on the package index this project can reach is 0.19.8.)"""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    try:
+        return Version(importlib.metadata.version("deepspeed")) >= Version("0.20.2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
