@@ -494,6 +494,7 @@ def _torchrun_dft(*args) -> list[str]:
 
 
 def _params(folder: Path) -> dict:
+    import torch
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
@@ -622,6 +623,15 @@ def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
     assert not (out / "config.json").exists()
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == str(toy_model_dir.resolve())  # absolute: it loads from any folder
+    again = tmp_path / "again"  # the same command: the same adapter (its initial weights follow --seed)
+    code, _, err = run_cli(capsys, "train", "--model", toy_model_dir, "--data", data, "--output_dir", again,
+                           "--lora_r", "4", *short)  # fmt: skip
+    assert code == 0, err[-3000:]
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = (load_file(str(d / "adapter_model.safetensors")) for d in (out, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
     toy = tmp_path / "toy"  # what `dft train --lora_r 4` (no --model) writes, without its 2000-row training
     script = cli.TrainScriptArguments(lora_r=4)
@@ -825,3 +835,10 @@ def test_eval_says_which_data_it_scored_and_why_exact_match_is_none(tmp_path, to
         else:  # the chat with an answer is scored, the other one skipped and counted
             assert result["eval_exact_match_examples"] == 1 and result["eval_exact_match"] is not None
             assert "1 of 2 rows have no reference answer" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect", "sample"])
+def test_mistyped_flag_is_one_line(tmp_path, capsys, command):
+    """eval / inspect / sample: an unknown flag is one line with a did-you-mean (was HfArgumentParser's traceback)."""
+    code, _, err = run_cli(capsys, command, "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--ouput_dir", tmp_path)
+    assert code == 2 and "did you mean --ouput_dir -> --output_dir" in _one_error_line(err)

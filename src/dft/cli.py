@@ -205,6 +205,21 @@ def _refuse_trl_flags(flags: list[str], parser: Any, prog: str) -> None:
         raise UsageError(f"unknown flag(s) {found} (TRL's names): {hints}; see '{prog} --help'.")
 
 
+def parse_command(parser: Any, argv: list[str], prog: str) -> Any:
+    """The one dataclass of ``dft eval`` / ``inspect`` / ``sample``: TRL's flag names and unknown flags are one
+    line (with a did-you-mean), never HfArgumentParser's traceback."""
+    _refuse_trl_flags(argv, parser, prog)
+    try:
+        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except (ValueError, ImportError) as e:  # a dataclass's own validation
+        raise UsageError(_one_line(e)) from None
+    if unknown:
+        raise UsageError(
+            f"unknown flag(s) {unknown}{_did_you_mean(parser, unknown)}; see '{prog} --help' for the flags."
+        )
+    return args
+
+
 def _did_you_mean(parser: Any, unknown: list[str]) -> str:
     """``"; did you mean --learning_rate?"`` for flags close to a real one, else ``""``."""
     import difflib
@@ -1010,6 +1025,10 @@ def run_train(argv: list[str]) -> int:
     ref_model = None
     if config.effective_kl_coef() > 0 and script.lora_r <= 0:  # ASFT: a frozen copy of the starting model
         ref_model, _ = _load_model_and_tokenizer(script)
+    if script.lora_r > 0:  # the adapter's initial weights come from the run's seed (Trainer seeds later)
+        from transformers import set_seed
+
+        set_seed(config.seed)
     model = _apply_lora(model, script)
     from .data import collator
     from .trainer import DFTTrainer
@@ -1191,8 +1210,7 @@ def run_eval(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         return 0
-    _refuse_trl_flags(argv, parser, "dft eval")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args = parse_command(parser, argv, "dft eval")
     _single_process("dft eval")
     if args.output_dir is None and Path(args.model).is_dir():
         args.output_dir = str(Path(args.model) / "eval")
@@ -1252,8 +1270,7 @@ def run_inspect(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         return 0
-    _refuse_trl_flags(argv, parser, "dft inspect")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args = parse_command(parser, argv, "dft inspect")
     _single_process("dft inspect")
     for name in ("max_examples", "batch_size"):
         if getattr(args, name) < 1:

@@ -29,6 +29,7 @@ from .cli import (
     _parser,
     _quiet_progress_bars,
     check_writable,
+    parse_command,
     say,
 )
 
@@ -104,7 +105,7 @@ def parse_sample_args(argv: list[str]) -> SampleScriptArguments:
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         raise SystemExit(0)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args = parse_command(parser, argv, "dft sample")
     if args.max_prompts is not None and args.max_prompts < 1:
         raise UsageError(f"--max_prompts must be >= 1, got {args.max_prompts}.")
     return args
