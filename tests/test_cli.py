@@ -494,7 +494,6 @@ def _torchrun_dft(*args) -> list[str]:
 
 
 def _params(folder: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))
