@@ -839,5 +839,7 @@ def test_eval_says_which_data_it_scored_and_why_exact_match_is_none(tmp_path, to
 @pytest.mark.parametrize("command", ["eval", "inspect", "sample"])
 def test_mistyped_flag_is_one_line(tmp_path, capsys, command):
     """eval / inspect / sample: an unknown flag is one line with a did-you-mean (was HfArgumentParser's traceback)."""
-    code, _, err = run_cli(capsys, command, "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--ouput_dir", tmp_path)
+    code, _, err = run_cli(
+        capsys, command, "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--ouput_dir", tmp_path
+    )
     assert code == 2 and "did you mean --ouput_dir -> --output_dir" in _one_error_line(err)
