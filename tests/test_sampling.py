@@ -296,6 +296,19 @@ def test_user_verifier_is_called(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def test_prompts_without_references_sample_with_a_user_verifier(tmp_path, monkeypatch):
+    """Prompt rows without a completion (or some with one): a verifier that needs no reference gets None."""
+    (tmp_path / "myreward.py").write_text(VERIFIER_MODULE)
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls.jsonl"))
+    sums = _sums(2)
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": sums[0]["prompt"]}, sums[1]])
+    proc = dft_cli("sample", "--model", BASE, "--data", data, "--num_samples", 1, "--max_new_tokens", 40,
+                   "--verifier", "myreward:reward", "--output_dir", tmp_path / "s", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _read_jsonl(tmp_path / "s" / "samples.jsonl")
+    assert [r["reference"] for r in rows] == [None, sums[1]["completion"]]
+
+
 def test_chat_rows_round_trip(tmp_path, chat_base):
     from transformers import AutoTokenizer
 
@@ -331,7 +344,8 @@ def test_chat_rows_round_trip(tmp_path, chat_base):
     "case, match",
     [
         ("no_reference", "row 1 has no reference answer"),
-        ("text_rows", "sampling needs prompts"),
+        ("text_rows", "expected 'prompt' (+ 'completion', the reference) or 'messages' (chat) to sample from"),
+        ("prompt_only_exact", "row 1 has no reference answer"),
         ("k0", "--num_samples must be >= 1, got 0"),
         ("t_negative", "--temperature must be >= 0"),
         ("top_p", "--top_p must be in"),
@@ -354,6 +368,7 @@ def test_bad_input_exits_2_before_generating(tmp_path, case, match):
     flags = {
         "no_reference": ["--data", _write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "user", "content": "1+1"}]}])],
         "text_rows": ["--data", _write_jsonl(tmp_path / "t.jsonl", [{"text": "Q: 1+1=?\n"}])],
+        "prompt_only_exact": ["--data", _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q: 1+1=?\n"}])],
         "k0": ["--num_samples", "0"],
         "t_negative": ["--temperature", "-1"],
         "top_p": ["--top_p", "1.5"],

@@ -60,8 +60,11 @@ class PrepReport:
         )
 
 
-def load_local_dataset(path: str | Path) -> Dataset:
+def load_local_dataset(path: str | Path, prompts_only: bool = False) -> Dataset:
     """A local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or a ``save_to_disk`` folder (its train split).
+
+    ``prompts_only`` (``dft sample``): rows with a ``prompt`` and an optional ``completion`` (the reference),
+    or ``messages``; no ``text``.
 
     Text files must be UTF-8 (a byte-order mark is accepted); a decode error names ``file:line``.
     JSONL is parsed and checked line by line into an Arrow file in the datasets cache (memory flat
@@ -86,7 +89,7 @@ def load_local_dataset(path: str | Path) -> Dataset:
             raise DataError(f"{path} holds no examples (empty file).")
         with _quiet_datasets():
             if path.suffix.lower() == ".jsonl":
-                ds = _read_jsonl(path)
+                ds = _read_jsonl(path, prompts_only)
             else:
                 extra: dict[str, Any] = {}
                 if kind in ("csv", "json"):
@@ -107,7 +110,7 @@ def load_local_dataset(path: str | Path) -> Dataset:
     if len(ds) == 0:
         raise DataError(f"{path} holds no examples.")
     try:
-        detect_format(list(ds.column_names))
+        detect_format(list(ds.column_names), prompts_only)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     return ds
@@ -156,7 +159,7 @@ def _first_line(e: object) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _jsonl_rows(path: str, size: int, mtime_ns: int) -> Iterator[dict]:
+def _jsonl_rows(path: str, size: int, mtime_ns: int, prompts_only: bool = False) -> Iterator[dict]:
     """The rows of a JSONL file, each checked; ``size`` and ``mtime_ns`` only key the datasets cache."""
     fmt = None
     with open(path, "rb") as f:
@@ -172,23 +175,45 @@ def _jsonl_rows(path: str, size: int, mtime_ns: int) -> Iterator[dict]:
                 raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}.")
             if fmt is None:
                 try:
-                    fmt = detect_format(sorted(row))
+                    fmt = detect_format(sorted(row), prompts_only)
                 except DataError as e:
                     raise DataError(f"{path}:{lineno}: {e}") from None
             problem = check_row(row, fmt)
             if problem:
                 raise DataError(f"{path}:{lineno}: {problem}")
+            if fmt == "prompt":  # every row the same columns: Arrow takes the first rows' as the schema
+                row = {"prompt": row["prompt"], "completion": row.get("completion")}
             yield row
 
 
-def _read_jsonl(path: Path) -> Dataset:
+def _first_row_has_prompt(path: Path) -> bool:
+    """The first non-empty line is a JSON object with a ``prompt`` (anything else: the reader says what)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and "prompt" in row
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _read_jsonl(path: Path, prompts_only: bool = False) -> Dataset:
     """One JSON object per line, streamed into Arrow; errors name the line."""
     from datasets.exceptions import DatasetGenerationError
 
     stat = path.stat()
     kwargs = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    features = None
+    if prompts_only:  # other checks, another cache entry
+        kwargs["prompts_only"] = True
+        if _first_row_has_prompt(path):  # the reference may be absent from the first 1000 rows: typed up front
+            from datasets import Features, Value
+
+            features = Features({"prompt": Value("string"), "completion": Value("string")})
     try:
-        return Dataset.from_generator(_jsonl_rows, gen_kwargs=kwargs)
+        return Dataset.from_generator(_jsonl_rows, gen_kwargs=kwargs, features=features)
     except DatasetGenerationError as e:
         cause = e.__cause__ or e.__context__
         if isinstance(cause, DataError):
@@ -204,7 +229,12 @@ def _type_name(value: object) -> str:
     return "null" if value is None else type(value).__name__
 
 
-FORMAT_NAMES = {"prompt_completion": "prompt/completion", "messages": "'messages' (chat)", "text": "'text'"}
+FORMAT_NAMES = {
+    "prompt_completion": "prompt/completion",
+    "messages": "'messages' (chat)",
+    "text": "'text'",
+    "prompt": "prompt (+ optional completion)",
+}
 
 
 def _row_format(ex: dict) -> str | None:
@@ -217,6 +247,12 @@ def _row_format(ex: dict) -> str | None:
 
 def check_row(ex: dict, fmt: str) -> str | None:
     """What is wrong with one example of format ``fmt``, or None."""
+    if fmt == "prompt":  # dft sample's prompts: the completion (the reference) may be absent
+        if not isinstance(ex.get("prompt"), str):
+            return f"'prompt' must be a string, got {_type_name(ex.get('prompt'))}."
+        if ex.get("completion") is not None and not isinstance(ex["completion"], str):
+            return f"'completion' (the reference) must be a string or absent, got {_type_name(ex['completion'])}."
+        return None
     own = _row_format(ex)
     if own is not None and own != fmt:
         return (
@@ -249,8 +285,18 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 """Roles a chat row may use; the loss is on ``assistant`` turns only."""
 
 
-def detect_format(columns: list[str]) -> str:
-    """``"prompt_completion"``, ``"messages"`` or ``"text"``; DataError naming the columns otherwise."""
+def detect_format(columns: list[str], prompts_only: bool = False) -> str:
+    """``"prompt_completion"``, ``"messages"`` or ``"text"``; DataError naming the columns otherwise.
+    ``prompts_only``: ``"prompt"`` (a prompt, its completion optional) or ``"messages"``."""
+    if prompts_only:
+        if "prompt" in columns:
+            return "prompt"
+        if "messages" in columns:
+            return "messages"
+        raise DataError(
+            f"the dataset has columns {columns}; expected 'prompt' (+ 'completion', the reference) or 'messages' "
+            "(chat) to sample from."
+        )
     if "prompt" in columns and "completion" in columns:
         return "prompt_completion"
     if "messages" in columns:

@@ -123,7 +123,7 @@ def run_sample(argv: list[str]) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"output_dir {out} exists and is not empty: choose another, or pass --overwrite.")
     check_writable(out)
-    raw = load_local_dataset(args.data)
+    raw = load_local_dataset(args.data, prompts_only=True)
     if args.max_prompts is not None:
         raw = raw.select(range(min(args.max_prompts, len(raw))))
     try:
