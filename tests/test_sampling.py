@@ -273,6 +273,18 @@ def test_accepted_jsonl_trains(sampled):
     assert any("loss" in h for h in metrics["log_history"]) and metrics["final"]["eval_ce"] > 0
 
 
+def test_training_on_every_sample_is_refused(sampled, tmp_path, capsys):
+    """samples.jsonl holds the rejected samples too: dft train refuses it in one line, naming accepted.jsonl."""
+    _, _, out, _ = sampled
+    from dft.cli import main
+
+    assert main(["train", "--model", str(BASE), "--data", str(out / "samples.jsonl"), "--output_dir",
+                 str(tmp_path / "o")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "is dft sample's samples.jsonl" in err and "accepted.jsonl" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_user_verifier_is_called(tmp_path, monkeypatch):
     (tmp_path / "myreward.py").write_text(VERIFIER_MODULE)
     calls = tmp_path / "calls.jsonl"

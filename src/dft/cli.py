@@ -338,6 +338,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     _check_packages(script, config)
     if script.merge_lora and script.lora_r <= 0:
         raise UsageError("--merge_lora true needs --lora_r > 0: there is no adapter to merge.")
+    _refuse_every_sample(script.data)
     script.given_flags = given  # which flags the user set (the rest may be adapted to the run's length)
     script.cpu_ddp = cpu_ddp  # use_cpu was set for the launcher's processes (said in the start line)
     return script, config, toy
@@ -426,6 +427,28 @@ def _check_packages(script: Any, config: Any) -> None:
     for module, flag, install, needed in OPTIONAL_PACKAGES:
         if needed(script, config) and importlib.util.find_spec(module) is None:
             raise UsageError(f"{flag} needs {module.replace('_', '-')}, which is not installed: {install}.")
+
+
+SAMPLE_ROW_KEYS = frozenset({"reward", "accepted", "sample_index"})
+"""The columns by which ``dft sample``'s ``samples.jsonl`` (every sample, rejected ones too) is recognised."""
+
+
+def _refuse_every_sample(data: str | None) -> None:
+    """``--data S/samples.jsonl`` would train on the rejected samples as well: one line pointing to
+    ``accepted.jsonl`` (reads the first line only)."""
+    if not data or not str(data).endswith(".jsonl") or not Path(data).is_file():
+        return
+    try:
+        with open(data, encoding="utf-8-sig") as f:
+            first = json.loads(next((line for line in f if line.strip()), "{}"))
+    except (OSError, ValueError):
+        return  # the data loader says what is wrong with the file
+    if isinstance(first, dict) and SAMPLE_ROW_KEYS <= first.keys():
+        raise UsageError(
+            f"--data {data} is dft sample's samples.jsonl: every sample, the rejected ones too (rewards below the "
+            f"threshold); train on {Path(data).with_name('accepted.jsonl')}, or drop the reward/accepted columns "
+            "to train on every sample."
+        )
 
 
 def _check_numbers(script: Any, config: Any) -> None:
