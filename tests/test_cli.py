@@ -789,7 +789,7 @@ def test_install_hints_name_the_distribution():
 def test_trl_flags_point_to_the_cli_equivalents(tmp_path, capsys, no_loading, command, flags, hint):
     code, _, err = run_cli(capsys, command, *flags, "--output_dir", tmp_path / "o")
     line = _one_error_line(err)
-    assert code == 2 and "(TRL's names)" in line and hint in line, line
+    assert code == 2 and "(TRL's or another trainer's names)" in line and hint in line, line
 
 
 def test_gradient_checkpointing_flag_warns_nothing(tmp_path):
@@ -843,3 +843,8 @@ def test_mistyped_flag_is_one_line(tmp_path, capsys, command):
         capsys, command, "--model", tmp_path, "--data", tmp_path / "d.jsonl", "--ouput_dir", tmp_path
     )
     assert code == 2 and "did you mean --ouput_dir -> --output_dir" in _one_error_line(err)
+
+
+def test_eval_needs_at_least_one_example(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path, "--max_eval_examples", "0")
+    assert code == 2 and "--max_eval_examples must be >= 1, got 0" in _one_error_line(err)

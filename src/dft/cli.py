@@ -191,8 +191,10 @@ TRL_FLAGS = {
     "--use_peft": "use --lora_r R (with --lora_alpha, --lora_dropout, --lora_target_modules)",
     "--max_seq_length": "use --max_length",
     "--dtype": "use --torch_dtype",
+    "--lora_rank": "use --lora_r",
 }
-"""TRL ``sft.py`` flags the CLI spells differently, or that name what it already does."""
+"""TRL ``sft.py`` flags (and a few other trainers' names) the CLI spells differently, or that name what it
+already does."""
 
 
 def _refuse_trl_flags(flags: list[str], parser: Any, prog: str) -> None:
@@ -202,7 +204,7 @@ def _refuse_trl_flags(flags: list[str], parser: Any, prog: str) -> None:
     found = [n for n in dict.fromkeys(names) if n in TRL_FLAGS and n not in parser._option_string_actions]
     if found:
         hints = "; ".join(f"{flag}: {TRL_FLAGS[flag]}" for flag in found)
-        raise UsageError(f"unknown flag(s) {found} (TRL's names): {hints}; see '{prog} --help'.")
+        raise UsageError(f"unknown flag(s) {found} (TRL's or another trainer's names): {hints}; see '{prog} --help'.")
 
 
 def parse_command(parser: Any, argv: list[str], prog: str) -> Any:
@@ -1080,7 +1082,7 @@ def run_train(argv: list[str]) -> int:
         if script.cpu_ddp:
             device += " (no GPU found: --use_cpu true, so the processes train as one DDP job over gloo)"
         say(
-            f"training {_describe_loss(config)} for {total} steps ({epochs:.3g} epochs of {per_epoch} steps, "
+            f"training {_describe_loss(config)} for {total} step{'s' if total != 1 else ''} ({epochs:.3g} epochs of {per_epoch} steps, "
             f"{len(train_set)} examples, batch {trainer.args.per_device_train_batch_size} x "
             f"{trainer.args.gradient_accumulation_steps} accumulation x {trainer.args.world_size} processes) "
             f"at lr {config.learning_rate:g} on {device}, logging every "
@@ -1235,6 +1237,9 @@ def run_eval(argv: list[str]) -> int:
         return 0
     args = parse_command(parser, argv, "dft eval")
     _single_process("dft eval")
+    for name in ("max_eval_examples", "max_new_tokens", "batch_size", "max_length"):
+        if getattr(args, name, 1) < 1:  # 0 would score nothing and report exact match None
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.output_dir is None and Path(args.model).is_dir():
         args.output_dir = str(Path(args.model) / "eval")
     if args.output_dir:
