@@ -234,5 +234,9 @@ def test_data_parallel_over_several_devices_takes_the_logits_path():
     parallel = torch.nn.DataParallel(model)
     parallel.device_ids = [0, 1]  # as on a 2-GPU machine (CPU here: only the routing is checked)
     route = _route(parallel, True, None, 0.0, dft.LogitTransform())
-    assert route.parts is None and "DataParallel over 2 devices" in route.reason and "torchrun" in route.reason
+    assert (
+        route.parts is None
+        and "DataParallel runs its replicas in threads" in route.reason
+        and "torchrun" in route.reason
+    )
     assert _route(model, True, None, 0.0, dft.LogitTransform()).parts is not None

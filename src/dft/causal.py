@@ -168,14 +168,6 @@ def _route(
     """Phase 1: inspect the model (and ASFT's reference) once; the fused head needs both to be seen into."""
     engine = detect_engine(model)
     parts, reason = inspect_causal_lm(model, engine)
-    if parts is not None and isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
-        parts, reason = (
-            None,
-            (
-                f"nn.DataParallel over {len(model.device_ids)} devices runs replicas in threads that share the head's "
-                "hooks; launch one process per GPU (torchrun / accelerate launch) for the fused head"
-            ),
-        )
     if parts is not None:
         parts.transform.then(transform)  # validated on both paths (e.g. two soft-caps)
     reference = _reference_runner(model, ref_model) if kl_coef > 0 or ref_model is not None else None

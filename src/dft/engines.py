@@ -116,6 +116,12 @@ ENGINES: tuple[EngineAdapter, ...] = (
         "use FSDP2 (fsdp_version: 2)",
     ),
     EngineAdapter("fsdp2", lambda m: _any_module(m, _is_fsdp2_module), gathers_params=True),
+    EngineAdapter(
+        "data-parallel",
+        lambda m: isinstance(m, nn.DataParallel) and len(m.device_ids) > 1,
+        fused_reason="nn.DataParallel runs its replicas in threads that share the head's hooks; launch one "
+        "process per GPU (torchrun / accelerate launch) for the fused head",
+    ),
     EngineAdapter("ddp", lambda m: "DistributedDataParallel" in _class_names(m)),
     EngineAdapter("tensor-parallel", lambda m: _has_dtensor_params(m)),
     EngineAdapter("plain", lambda m: True),
@@ -192,12 +198,11 @@ class _TiedTo(torch.autograd.Function):
 def _zeros_for(anchor: Tensor) -> Callable[[], Tensor]:
     """A maker of the anchor's zero gradient, without keeping the anchor: a DTensor anchor (the head's input
     after torch's ``ColwiseParallel`` input hook made it ``Replicate()``) needs a DTensor gradient of its layout."""
-    from .vocab_parallel import _dtensor_type
+    from .vocab_parallel import is_dtensor
 
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(anchor, dtensor):
-        mesh, placements, shape, stride = anchor.device_mesh, anchor.placements, anchor.shape, anchor.stride()
-        local = anchor.to_local()
+    if is_dtensor(anchor):
+        dtensor, mesh, placements = type(anchor), anchor.device_mesh, anchor.placements
+        shape, stride, local = anchor.shape, anchor.stride(), anchor.to_local()
         local_shape, dtype, device = local.shape, local.dtype, local.device
         return lambda: dtensor.from_local(
             torch.zeros(local_shape, dtype=dtype, device=device), mesh, placements, run_check=False,
