@@ -438,14 +438,11 @@ SAMPLE_ROW_KEYS = frozenset({"reward", "accepted", "sample_index"})
 def _refuse_every_sample(data: str | None) -> None:
     """``--data S/samples.jsonl`` would train on the rejected samples as well: one line pointing to
     ``accepted.jsonl`` (reads the first line only)."""
-    if not data or not str(data).endswith(".jsonl") or not Path(data).is_file():
+    if not data or not str(data).endswith(".jsonl"):
         return
-    try:
-        with open(data, encoding="utf-8-sig") as f:
-            first = json.loads(next((line for line in f if line.strip()), "{}"))
-    except (OSError, ValueError):
-        return  # the data loader says what is wrong with the file
-    if isinstance(first, dict) and SAMPLE_ROW_KEYS <= first.keys():
+    from .data import first_jsonl_row
+
+    if SAMPLE_ROW_KEYS <= (first_jsonl_row(data) or {}).keys():
         raise UsageError(
             f"--data {data} is dft sample's samples.jsonl: every sample, the rejected ones too (rewards below the "
             f"threshold); train on {Path(data).with_name('accepted.jsonl')}, or drop the reward/accepted columns "
@@ -1238,7 +1235,7 @@ def run_eval(argv: list[str]) -> int:
     args = parse_command(parser, argv, "dft eval")
     _single_process("dft eval")
     for name in ("max_eval_examples", "max_new_tokens", "batch_size", "max_length"):
-        if getattr(args, name, 1) < 1:  # 0 would score nothing and report exact match None
+        if getattr(args, name) < 1:  # 0 would score nothing and report exact match None
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.output_dir is None and Path(args.model).is_dir():
         args.output_dir = str(Path(args.model) / "eval")

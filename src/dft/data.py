@@ -22,7 +22,16 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-__all__ = ["DataError", "PrepReport", "check_row", "collator", "detect_format", "load_local_dataset", "prepare_dataset"]
+__all__ = [
+    "DataError",
+    "PrepReport",
+    "check_row",
+    "collator",
+    "detect_format",
+    "first_jsonl_row",
+    "load_local_dataset",
+    "prepare_dataset",
+]
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -186,17 +195,15 @@ def _jsonl_rows(path: str, size: int, mtime_ns: int, prompts_only: bool = False)
             yield row
 
 
-def _first_row_has_prompt(path: Path) -> bool:
-    """The first non-empty line is a JSON object with a ``prompt`` (anything else: the reader says what)."""
+def first_jsonl_row(path: str | Path) -> dict | None:
+    """The first non-empty line of a JSONL file as a dict; None when it is not one (unreadable, not JSON, not an
+    object): the full reader then says what is wrong."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    return isinstance(row, dict) and "prompt" in row
+            row = json.loads(next((line for line in f if line.strip()), "null"))
     except (OSError, ValueError):
-        return False
-    return False
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _read_jsonl(path: Path, prompts_only: bool = False) -> Dataset:
@@ -208,7 +215,9 @@ def _read_jsonl(path: Path, prompts_only: bool = False) -> Dataset:
     features = None
     if prompts_only:  # other checks, another cache entry
         kwargs["prompts_only"] = True
-        if _first_row_has_prompt(path):  # the reference may be absent from the first 1000 rows: typed up front
+        if "prompt" in (
+            first_jsonl_row(path) or {}
+        ):  # the reference may be absent from the first 1000 rows: typed up front
             from datasets import Features, Value
 
             features = Features({"prompt": Value("string"), "completion": Value("string")})
