@@ -27,6 +27,9 @@ Usage:
   python benchmarks/roofline.py --models qwen2.5-1.5b --variants stats --top 10
   python benchmarks/roofline.py --json out.json
 
+Writes benchmarks/results/roofline.json (provenance, every case's raw counts) and roofline.md (the table,
+rendered from the JSON by ``render``); ``--name`` picks another file stem.
+
 On a GPU, measure instead: ``python benchmarks/lm_head.py --device cuda --dtypes bfloat16 --h 1536
 --v 151936 --n 8192 --cases naive torch_ce dft floor``.
 """
@@ -35,11 +38,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -49,6 +53,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 import dft
 import dft.epilogue as epilogue
 import dft.fused as fused
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]  # _provenance, also when imported from elsewhere
+from _provenance import Provenance, conditions, default_name, table, write  # noqa: E402
 
 PEAK_FLOPS = 600e12  # bf16 dense, sustained (H100 SXM peak is ~990)
 BANDWIDTH = 3.0e12  # bytes/s (H100 SXM HBM3 peak is 3.35)
@@ -281,6 +288,80 @@ def model_case(model: str, variant: str, masked: bool, n: int = 8192, row_len: i
     }
 
 
+HEADS = {"qwen2.5-1.5b": "Qwen2.5-1.5B", "llama-3-8b": "Llama-3-8B", "gemma-2-2b": "Gemma-2-2B (soft-cap 30)"}
+
+
+def derive(result: dict) -> list[dict]:
+    """One row per head and masking, from the runs: the floor recomputed from the shape, each variant's
+    modeled time as the sum of its priced ops, and their ratios."""
+    peak_flops = result["params"]["peak_flops"]
+    rows: dict[tuple, dict] = {}
+    for r in result["runs"]:
+        row = rows.setdefault(
+            (r["model"], r["masked"]),
+            {
+                "model": r["model"],
+                "H": r["H"],
+                "V": r["V"],
+                "masked": r["masked"],
+                "dw_fp32_gb": r["V"] * r["H"] * 4 / 1e9,
+            },
+        )
+        floor_ms = 6.0 * r["supervised"] * r["V"] * r["H"] / peak_flops * 1e3
+        modeled_ms = sum(ms for _, ms in r["top"])
+        row["floor_ms"] = floor_ms
+        row[f"{r['variant']}_ms"] = modeled_ms
+        row[f"{r['variant']}_x_floor"] = modeled_ms / floor_ms
+        row[f"{r['variant']}_chunk_rows"] = r["chunk_rows"]
+        row[f"{r['variant']}_peak_extra_gb"] = r["peak_extra_gb"]
+    return list(rows.values())
+
+
+def render(result: dict) -> str:
+    """The markdown table (rows/chunk and peak memory of the path DFTTrainer takes: DFT + statistics)."""
+
+    def f(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row else "–"
+
+    def variant_key(row: dict, field: str) -> str:
+        return next((f"{v}_{field}" for v in ("stats", "dft", "asft") if f"{v}_{field}" in row), "")
+
+    body = []
+    for row in result["rows"]:
+        body.append(
+            [
+                f"{HEADS.get(row['model'], row['model'])} ({row['H']}, {row['V']})",
+                "30%" if row["masked"] else "—",
+                f(row, variant_key(row, "chunk_rows"), "d"),
+                f"{row['floor_ms']:.1f}",
+                f(row, "dft_x_floor", ".2f"),
+                f(row, "stats_ms", ".1f"),
+                "**" + f(row, "stats_x_floor", ".2f") + "**" if "stats_x_floor" in row else "–",
+                f(row, "asft_x_floor", ".2f"),
+                f(row, variant_key(row, "peak_extra_gb"), ".2f"),
+                f"{row['dw_fp32_gb']:.2f}",
+            ]
+        )
+    p = result["params"]
+    what = (
+        f"Modelled, not measured: H100 priced at {p['peak_flops'] / 1e12:.0f} TFLOP/s bf16 and "
+        f"{p['bandwidth'] / 1e12:.1f} TB/s, N={p['n']} tokens in rows of {p['row_len']}, bf16; op counts recorded on"
+    )
+    header = [
+        "head (H, V)",
+        "masked prompt",
+        "rows/chunk",
+        "floor (ms, modelled H100)",
+        "DFT × floor",
+        "DFT + stats (ms, modelled H100)",
+        "DFT + stats × floor",
+        "ASFT × floor",
+        "peak extra (GB)",
+        "of which dW fp32 (GB)",
+    ]
+    return table(header, body) + "\n" + conditions(result, what) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -288,9 +369,11 @@ def main() -> None:
     parser.add_argument("--masked", nargs="+", default=["no", "yes"], choices=["no", "yes"])
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--top", type=int, default=3, help="top costs to list per row")
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=None, help="also write the result JSON here")
+    parser.add_argument("--name", default=default_name(), help="results file stem under benchmarks/results/")
     args = parser.parse_args()
-    rows = []
+    prov = Provenance.start("cpu")
+    runs = []
     print(
         f"torch {torch.__version__}; H100 priced at {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16, {BANDWIDTH / 1e12:.1f} TB/s"
     )
@@ -305,7 +388,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 r = model_case(model, variant, masked == "yes", n=args.n)
                 r["wall_s"] = time.perf_counter() - t0
-                rows.append(r)
+                runs.append(r)
                 top = ", ".join(f"{name} {ms:.2f}" for name, ms in r["top"][: args.top])
                 print(
                     f"| {model} | {r['H']} | {r['V']} | {'30%' if r['masked'] else '0%'} | {variant} "
@@ -313,9 +396,17 @@ def main() -> None:
                     f"| {r['peak_extra_gb']:.2f} | {r['peak_minus_dw_gb']:.2f} | {top} |",
                     flush=True,
                 )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    params = {
+        "n": args.n,
+        "row_len": 1024,
+        "masked_fraction": 0.3,
+        "dtype": "bfloat16",
+        "peak_flops": PEAK_FLOPS,
+        "bandwidth": BANDWIDTH,
+        "device_memory": H100_MEMORY,
+        "models": {m: MODELS[m] for m in args.models},
+    }
+    write(args.name, prov.finish(), params, runs, derive, render, extra_json=args.json)
 
 
 if __name__ == "__main__":
