@@ -172,6 +172,12 @@ def write(
     return result
 
 
+def local_changes(result: dict) -> bool:
+    """Whether the run had uncommitted changes to the code it measures (src/ or a benchmark script)."""
+    changed = result["provenance"]["git"]["changed"]
+    return any(p.startswith("src/") or (p.startswith("benchmarks/") and "/results/" not in p) for p in changed)
+
+
 def conditions(result: dict, what: str) -> str:
     """The one line of conditions under a table: what ran, on what, how loaded, from which commit."""
     p = result["provenance"]
@@ -180,12 +186,11 @@ def conditions(result: dict, what: str) -> str:
         where = f"{d['gpu']} ({d['gpu_memory_gb']} GB)"
     else:
         where = f"CPU {d['cpu']} ({d['arch']}, {d['cores']} cores)"
-    git = p["git"]
-    commit = (git["commit"] or "?")[:10] + (" + local changes" if git["dirty"] else "")
+    commit = (p["git"]["commit"] or "?")[:10] + (" + uncommitted changes" if local_changes(result) else "")
     load = p["load"]
     return (
-        f"*{what}. {where}, torch {v['torch']}, dft {v['dft']}, commit {commit}, {p['date']['start'][:10]}; "
-        f"load average (1 min) {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end. "
+        f"*{what}. Ran on {where}, torch {v['torch']}, dft {v['dft']}, commit {commit}, {p['date']['start'][:10]}; "
+        f"load average (1 min) {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end: "
         f"`{p['command']}`*"
     )
 

@@ -25,7 +25,9 @@ Usage:
 Time: min over --repeats after one warm-up; the spread (max/min - 1) is printed too. Peak extra
 memory: on CUDA max_memory_allocated minus what the inputs hold; on CPU the process's peak RSS
 (ru_maxrss) minus its RSS after the inputs were allocated. Skips a case whose naive logits would not
-fit in --max-gb. Prints a markdown table with ratios to naive and to the floor.
+fit in --max-gb. Prints a markdown table with ratios to naive and to the floor, and writes
+benchmarks/results/lm_head.json (provenance and every repeat's time) and lm_head.md (the table, rendered from
+the JSON by ``render``); ``--name`` picks another file stem.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]  # _provenance, also when imported from elsewhere
+from _provenance import Provenance, conditions, default_name, load_average, table, write  # noqa: E402
 
 CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "dft_compiled", "floor", "asft_naive", "asft"]
 DEFAULT_CASES = ["naive", "trl", "torch_ce", "torch_dft", "dft", "dft_compiled", "floor"]
@@ -124,8 +130,10 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Na
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+    t0 = time.perf_counter()
     run()  # warm-up (also counted in the peak: same for every case)
     sync()
+    warmup = time.perf_counter() - t0
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -136,7 +144,103 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Na
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"time_s": min(times), "spread": max(times) / min(times) - 1, "peak_extra_mb": peak / 2**20}
+    return {"times_s": times, "warmup_s": warmup, "peak_extra_mb": peak / 2**20}
+
+
+LABELS = {
+    "naive": "naive `dft_loss` on full logits",
+    "trl": "TRL `ChunkedLogProbFunction` + DFT",
+    "torch_ce": "torch `F.linear_cross_entropy` (CE only, no DFT)",
+    "torch_dft": 'torch `F.linear_cross_entropy(reduction="none")` + DFT',
+    "dft": "`dft.linear_dft_loss`, eager epilogue",
+    "dft_compiled": "**`dft.linear_dft_loss`**, compiled epilogue",
+    "floor": "3-matmul floor over the supervised rows",
+    "asft_naive": "ASFT on full logits (policy + reference)",
+    "asft": "**ASFT fused** (`ref_hidden`, `ref_weight`, `kl_coef=0.1`)",
+}
+
+
+def derive(result: dict) -> list[dict]:
+    """Per shape and case, from the raw repeats: min time, spread (max/min - 1), ratios to the naive path
+    (ASFT rows: to ASFT on full logits) and to the floor, peak memory and its ratio to naive."""
+    rows = []
+    shapes: dict[tuple, dict[str, dict]] = {}
+    for r in result["runs"]:
+        shapes.setdefault((r["n"], r["h"], r["v"], r["dtype"]), {})[r["case"]] = r
+    for (n, h, v, dtype), cases in shapes.items():
+        ok = {c: r for c, r in cases.items() if "error" not in r}
+        t = {c: min(r["times_s"]) for c, r in ok.items()}
+        for case, r in cases.items():
+            row = {"n": n, "h": h, "v": v, "dtype": dtype, "case": case}
+            if "error" in r:
+                rows.append({**row, "error": r["error"]})
+                continue
+            base = "asft_naive" if case.startswith("asft") else "naive"
+            if base not in ok and case.startswith("asft"):
+                base = "naive"
+            row["time_s"] = t[case]
+            row["spread"] = max(r["times_s"]) / t[case] - 1
+            row["x_naive"] = t[case] / t[base] if base in ok else None
+            row["x_floor"] = t[case] / t["floor"] if "floor" in ok else None
+            row["peak_extra_mb"] = r["peak_extra_mb"]
+            row["mem_x_naive"] = r["peak_extra_mb"] / ok[base]["peak_extra_mb"] if base in ok else None
+            rows.append(row)
+    return rows
+
+
+def render(result: dict) -> str:
+    """The markdown table from the JSON's rows (shape columns only when it holds several shapes)."""
+    rows = result["rows"]
+    shapes = {(r["n"], r["h"], r["v"], r["dtype"]) for r in rows}
+    many = len(shapes) > 1
+    bold = {"dft_compiled", "asft"}
+
+    def num(x: float | None, fmt: str, strong: bool) -> str:
+        if x is None:
+            return "–"
+        return f"**{x:{fmt}}**" if strong else f"{x:{fmt}}"
+
+    body = []
+    for r in rows:
+        case = r["case"]
+        label = (
+            LABELS.get(case)
+            or f"`dft.linear_dft_loss`, {'compiled' if 'compiled' in case else 'eager'}, chunk {case.split('@')[-1]}"
+        )
+        cells = [str(r["n"]), str(r["h"]), str(r["v"]), r["dtype"]] if many else []
+        if "error" in r:
+            body.append(cells + [label, f"failed: {r['error']}", "", "", "", "", ""])
+            continue
+        strong = case in bold
+        body.append(
+            cells
+            + [
+                label,
+                num(r["time_s"], ".2f", strong),
+                f"{r['spread']:.0%}",
+                num(r["x_naive"], ".2f", strong),
+                num(r["x_floor"], ".2f", False),
+                num(r["peak_extra_mb"], ".0f", strong),
+                num(r["mem_x_naive"], ".2f", strong),
+            ]
+        )
+    p = result["params"]
+    header = (["N", "H", "V", "dtype"] if many else []) + [
+        "case",
+        f"time (s, {'GPU' if p['device'] == 'cuda' else 'CPU'} measured)",
+        "spread",
+        "× naive",
+        "× floor",
+        "peak extra (MB)",
+        "mem × naive",
+    ]
+    shape = "" if many else "N={}, H={}, V={}, {}, ".format(*next(iter(shapes)))
+    what = (
+        f"Measured: forward + backward, {shape}rows of {p['row_len']} tokens whose first "
+        f"{p['prompt_frac']:.0%} is a masked prompt; each case in its own process, min of {p['repeats']} "
+        "after a warm-up; spread = max/min − 1; ASFT rows relative to ASFT on full logits"
+    )
+    return table(header, body) + "\n" + conditions(result, what) + "\n"
 
 
 def main() -> None:
@@ -152,7 +256,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-gb", type=float, default=20.0, help="skip shapes whose naive logits exceed this")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--json", default=None, help="also write the result JSON to this file")
+    parser.add_argument("--name", default=default_name(), help="results file stem under benchmarks/results/")
     parser.add_argument("--_worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._worker:
@@ -162,6 +267,7 @@ def main() -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prov = Provenance.start(device)
     cases = list(args.cases)
     try:
         import trl  # noqa: F401
@@ -180,43 +286,43 @@ def main() -> None:
         f"# lm_head benchmark on {device} ({machine}), torch {torch.__version__}, fwd+bwd, min of {args.repeats}, "
         f"prompt fraction {args.prompt_frac} of rows of {args.row_len}\n"
     )
-    print("| N | H | V | dtype | case | time (s) | spread | x naive | x floor | peak extra (MB) | mem x naive |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    runs = []
+    skipped = []
     for dtype in args.dtypes:
         for v in args.v:
             for h in args.h:
                 for n in args.n:
                     if n * v * 4 * 3 / 2**30 > args.max_gb:
-                        print(f"| {n} | {h} | {v} | {dtype} | skipped: naive logits exceed {args.max_gb} GB |||||||")
+                        print(f"skipped N={n} H={h} V={v} {dtype}: naive logits exceed {args.max_gb} GB")
+                        skipped.append({"n": n, "h": h, "v": v, "dtype": dtype})
                         continue
-                    results = {}
                     for case in cases:
                         cmd = [sys.executable, __file__, "--_worker", case, str(n), str(h), str(v), dtype]
                         cmd += ["--repeats", str(args.repeats), "--device", device]
                         cmd += ["--prompt-frac", str(args.prompt_frac), "--row-len", str(args.row_len)]
                         proc = subprocess.run(cmd, capture_output=True, text=True)
+                        run = {"n": n, "h": h, "v": v, "dtype": dtype, "case": case}
                         if proc.returncode != 0:
-                            err = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                            print(f"| {n} | {h} | {v} | {dtype} | {case} failed: {err[:80]} |||||||")
-                            continue
-                        results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-                    naive = results.get("naive") or results.get("asft_naive")
-                    floor = results.get("floor")
-                    for case, r in results.items():
-                        base = results.get("asft_naive") if case.startswith("asft") else naive
-                        xn = f"{r['time_s'] / base['time_s']:.2f}" if base else "-"
-                        xf = f"{r['time_s'] / floor['time_s']:.2f}" if floor else "-"
-                        mn = f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f}" if base else "-"
-                        print(
-                            f"| {n} | {h} | {v} | {dtype} | {case} | {r['time_s']:.3f} | {r['spread']:.0%} | {xn} | "
-                            f"{xf} | {r['peak_extra_mb']:.0f} | {mn} |",
-                            flush=True,
-                        )
-                        rows.append({"n": n, "h": h, "v": v, "dtype": dtype, "case": case, **r})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device, "machine": machine, "rows": rows}, f, indent=1)
+                            run["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                        else:
+                            run.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                        run["load_after"] = load_average()
+                        runs.append(run)
+                        print(json.dumps(run), flush=True)
+    params = {
+        "device": device,
+        "n": args.n,
+        "h": args.h,
+        "v": args.v,
+        "dtypes": args.dtypes,
+        "cases": cases,
+        "prompt_frac": args.prompt_frac,
+        "row_len": args.row_len,
+        "repeats": args.repeats,
+        "skipped": skipped,
+    }
+    result = write(args.name, prov.finish(), params, runs, derive, render, extra_json=args.json)
+    print(render(result))
 
 
 if __name__ == "__main__":
