@@ -105,6 +105,59 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+HEADLINE = {  # experiment -> the row title of the docs' headline table (its metric: SHOW's first)
+    "reasoning": "reasoning: 300 worked solutions (ID exact match)",
+    "noisy": "noisy: 20% of them with a wrong digit (ID, clean problems)",
+    "forgetting": "forgetting: 4 pretraining skills not in the data (mean)",
+    "knowledge": "knowledge: 100 new key→value facts, no prior (recall)",
+}
+HEADLINE_LOSSES = [("dft", "DFT"), ("dft_floor", "DFT+floor"), ("mix", "mix"), ("asft", "ASFT"), ("eaft", "EAFT")]
+
+
+def _interval(d: dict) -> str:
+    text = f"{_fmt(d['mean'], True)} [{_fmt(d['ci95'][0], True)}, {_fmt(d['ci95'][1], True)}]"
+    excludes_zero = d["ci95"][0] > 0 or d["ci95"][1] < 0
+    return f"**{text}**" if excludes_zero else text
+
+
+def headline(result: dict) -> str:
+    """The docs' headline table: per experiment, base and SFT, then each loss's paired Δ vs SFT [95% CI]."""
+    head = "| experiment (headline metric) | base | SFT | " + " | ".join(f"{t} Δ" for _, t in HEADLINE_LOSSES) + " |"
+    lines = [head, "|" + "---|" * (3 + len(HEADLINE_LOSSES))]
+    for name, title in HEADLINE.items():
+        exp = result["experiments"][name]
+        metric = SHOW[name][0][0]
+        sft = _row(exp["summary"], "sft", metric)
+        cells = [title, _fmt(exp["base"][metric]), _fmt(sft["mean"])]
+        cells += [_interval(_row(exp["paired_vs_sft"], loss, metric)) for loss, _ in HEADLINE_LOSSES]
+        lines.append("| " + " | ".join(c.replace("-", "−") if c[:1] in "-*" or "[" in c else c for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _lr(x: float) -> str:
+    return f"{x:g}"
+
+
+def lr_table(result: dict, offline: dict) -> str:
+    """Where each loss peaked, per data shape: the study's and the offline-RL experiment's best learning rates
+    (picked on validation from the same grid) and what DFT and SFT score at the grid's largest lr."""
+    rows = [(HEADLINE[n].split(":")[0], result["experiments"][n]) for n in ("reasoning", "noisy", "knowledge")]
+    rows.append(("offline RL: verified self-samples", offline["experiments"]["rft"]))
+    lines = [
+        "| data | SFT's best lr | DFT's best lr | DFT ÷ SFT | DFT + floor | mix | at lr 3e-3: SFT / DFT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for title, exp in rows:
+        best, sweep = exp["best_lr"], exp["lr_sweep"]
+        mix = _lr(best["mix"]) if "mix" in best else "–"
+        high = f"{_fmt(sweep['sft']['0.003'])} / {_fmt(sweep['dft']['0.003'])}"
+        ratio = f"{best['dft'] / best['sft']:.2g}"
+        lines.append(
+            f"| {title} | {_lr(best['sft'])} | {_lr(best['dft'])} | {ratio} | {_lr(best['dft_floor'])} | {mix} | {high} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path: str | Path) -> None:
     """One panel per experiment, one colour per loss in every panel, error bars = 95% intervals."""
     import matplotlib
