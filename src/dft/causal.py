@@ -1,9 +1,9 @@
 """Run a causal LM and compute its DFT loss through the fused head (the one adapter every loop uses).
 
 ``causal_lm_loss(model, batch)`` runs the model's backbone, takes the final hidden states and the
-output embedding, and calls :func:`dft.linear_dft_loss`: the ``[tokens, vocab]`` logits are never
-built. For a model it cannot see inside it runs the whole model and uses :func:`dft.causal_dft_loss`
-on the logits, with one warning naming the model class.
+output embedding, and calls [`dft.linear_dft_loss`][dft.linear_dft_loss]: the ``[tokens, vocab]`` logits are
+never built. For a model it cannot see inside it runs the whole model and uses
+[`dft.causal_dft_loss`][dft.causal_dft_loss] on the logits, with one warning naming the model class.
 """
 
 from __future__ import annotations
@@ -37,14 +37,21 @@ _LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_dict", "lo
 
 @dataclass
 class CausalLMLossOutput:
-    """``loss``: 0-dim tensor with its graph: ``head_loss + router_loss``, as the model's own loss;
-    ``stats``: :class:`dft.TokenStats` of the batch; ``fused``: whether the fused head was used
-    (False: logits path); ``aux_loss``: a mixture-of-experts model's router load-balancing loss
-    before its coefficient (detached), or None; ``head_loss``: the DFT loss alone (with its graph);
-    ``router_loss``: ``router_aux_loss_coef * aux_loss`` with its graph (None without one). The
-    router loss is a per-micro-batch mean: a loop that normalises ``head_loss`` by a global token
-    count adds ``router_loss / accumulation_steps`` instead (what :class:`dft.DFTTrainer` does). ``outputs``: the
-    model's own outputs (on the fused path their logits cover the last position only)."""
+    """What [`causal_lm_loss`][dft.causal_lm_loss] returns.
+
+    Attributes:
+        loss: 0-dim tensor with its graph: ``head_loss + router_loss``, as the model's own loss.
+        stats: [`dft.TokenStats`][dft.TokenStats] of the batch.
+        fused: whether the fused head was used (False: logits path).
+        aux_loss: a mixture-of-experts model's router load-balancing loss before its coefficient
+            (detached), or None.
+        head_loss: the DFT loss alone (with its graph).
+        router_loss: ``router_aux_loss_coef * aux_loss`` with its graph (None without one). The router
+            loss is a per-micro-batch mean: a loop that normalises ``head_loss`` by a global token count
+            adds ``router_loss / accumulation_steps`` instead (what
+            [`dft.DFTTrainer`][dft.trainer.DFTTrainer] does).
+        outputs: the model's own outputs (on the fused path their logits cover the last position only).
+    """
 
     loss: Tensor
     stats: TokenStats
@@ -85,30 +92,33 @@ def causal_lm_loss(
 ) -> CausalLMLossOutput:
     """DFT loss of a Hugging Face causal LM on one batch, through the fused LM head.
 
-    The targets are :func:`dft.labels.causal_targets` of the batch (shifted labels, packing-aware);
-    the model's own logit transform (soft-cap, scale; see :mod:`dft.models`) is applied on both
-    paths, then ``transform`` on top of it. Both paths take exactly the same arguments.
+    The targets are [`dft.labels.causal_targets`][dft.causal_targets] of the batch (shifted labels,
+    packing-aware); the model's own logit transform (soft-cap, scale; see [`dft.models`][dft.models]) is
+    applied on both paths, then ``transform`` on top of it. Both paths take exactly the same arguments.
 
     Args:
         model: a transformers ``*ForCausalLM`` (possibly PEFT-, DDP- or compile-wrapped), or any
             module whose ``forward(**inputs)`` returns logits (then the logits path is used).
         inputs: the batch: ``input_ids [B, T]``, ``labels [B, T]`` (unshifted; or ``shift_labels``),
             plus whatever the model takes (``attention_mask``, ``position_ids``, ...).
-        weighting: :class:`dft.DFTWeight` (default DFT), or give its fields as flat ``**options``.
-        transform: an extra :class:`dft.LogitTransform` after the model's own (e.g. a temperature).
-        num_items_in_batch: global number of supervised tokens (see :func:`dft.global_num_items`);
-            None means the mean over this batch.
-        reduction, ignore_index: as in :func:`dft.dft_loss`.
+        weighting: [`dft.DFTWeight`][dft.DFTWeight] (default DFT), or give its fields as flat ``**options``.
+        transform: an extra [`dft.LogitTransform`][dft.LogitTransform] after the model's own (e.g. a
+            temperature).
+        num_items_in_batch: global number of supervised tokens (see
+            [`dft.global_num_items`][dft.distributed.global_num_items]); None means the mean over this batch.
+        reduction: as in [`dft.dft_loss`][dft.dft_loss].
+        ignore_index: as in [`dft.dft_loss`][dft.dft_loss].
         chunk_size: rows per chunk of the fused head (not used on the logits path).
         fused: False forces the logits path.
         ref_model: ASFT's frozen reference (e.g. a copy of the base model), run under ``no_grad``.
             For a PEFT model it may be omitted: the reference is then the same model with its
             adapters disabled (no extra weights in memory).
         kl_coef: ASFT: add ``kl_coef * KL(reference || model)`` per supervised token (see
-            :func:`dft.dft_loss`); the mean KL is in ``stats.kl``.
+            [`dft.dft_loss`][dft.dft_loss]); the mean KL is in ``stats.kl``.
 
     Returns:
-        :class:`CausalLMLossOutput` with the loss and the batch's :class:`dft.TokenStats`.
+        [`CausalLMLossOutput`][dft.CausalLMLossOutput] with the loss and the batch's
+            [`dft.TokenStats`][dft.TokenStats].
     """
     weighting, transform = resolve_options(weighting, transform, dict(options))
     check_kl(kl_coef, True, "")
@@ -191,7 +201,8 @@ def _logits_path(
     kl_coef: float,
     common: dict[str, Any],
 ) -> CausalLMLossOutput:
-    """Phase 2a: the whole model, full logits, :func:`dft.dft_loss` (the model's own head, hooks and all)."""
+    """Phase 2a: the whole model, full logits, [`dft.dft_loss`][dft.dft_loss] (the model's own head, hooks and
+    all)."""
     ref_logits = None
     if reference is not None:
         with torch.no_grad(), reference.context():

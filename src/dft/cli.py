@@ -7,7 +7,7 @@
     dft train ... --resume_from_checkpoint true # continue from the latest checkpoint in output_dir
     dft eval --model out [--data test.jsonl] [--output_dir results]
 
-Flags come from :class:`TrainScriptArguments` and :class:`dft.DFTConfig` (every ``TrainingArguments``
+Flags come from ``TrainScriptArguments`` and [`dft.DFTConfig`][dft.trainer.DFTConfig] (every ``TrainingArguments``
 flag works, with its own default). The toy recipe's settings apply only when neither ``--model``
 nor ``--data`` is given (or with ``--recipe toy``). Bad input prints one line and exits with status 2;
 Ctrl-C / SIGTERM stop after the current step, keep the checkpoints and exit 130 / 143.
@@ -510,7 +510,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 SHIPPED_TRAIN = "shipped arithmetic_train.jsonl"
 TOY_MODEL = "built-in tiny Llama (dft.toy)"
-"""How run_config.json names the model of a run without --model (rebuilt by :func:`_toy_model`)."""
+"""How run_config.json names the model of a run without --model (rebuilt by ``_toy_model``)."""
 
 
 def _toy_model() -> Any:
@@ -592,7 +592,7 @@ def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 def _load_model_and_tokenizer(script: Any, need_tokenizer: bool = True) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of ``--model``: a save_pretrained folder, a LoRA adapter folder (on its base),
-    a hub id, or the built-in tiny Llama. Bad paths are a :class:`UsageError`, before anything loads."""
+    a hub id, or the built-in tiny Llama. Bad paths are a ``UsageError``, before anything loads."""
     import torch
     from transformers import AutoModelForCausalLM
 

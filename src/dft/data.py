@@ -78,7 +78,7 @@ def load_local_dataset(path: str | Path, prompts_only: bool = False) -> Dataset:
     Text files must be UTF-8 (a byte-order mark is accepted); a decode error names ``file:line``.
     JSONL is parsed and checked line by line into an Arrow file in the datasets cache (memory flat
     in the number of rows; a second run on the unchanged file reuses it). The columns must be one
-    of the formats of :func:`detect_format`; an error names the file.
+    of the formats of [`detect_format`][dft.data.detect_format]; an error names the file.
     """
     path = Path(path)
     if not path.exists():

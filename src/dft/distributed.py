@@ -2,18 +2,20 @@
 
 A token-mean loss that each rank (or micro-batch) normalises by its own token count is a mean of
 means: its gradient differs from the gradient of the same global batch on one process. The exact
-recipe is to divide every micro-batch's *sum* by the global count ``N`` of supervised tokens::
+recipe is to divide every micro-batch's *sum* by the global count ``N`` of supervised tokens:
 
-    num_items = dft.global_num_items([mb["labels"] for mb in micro_batches])   # one all_reduce
-    for mb in micro_batches:
-        loss = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss
-        accelerator.backward(loss)          # no division by the accumulation steps
+```python
+num_items = dft.global_num_items([mb["labels"] for mb in micro_batches])   # one all_reduce
+for mb in micro_batches:
+    loss = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss
+    accelerator.backward(loss)          # no division by the accumulation steps
+```
 
 DDP, FSDP and DeepSpeed *average* gradients over the ``R`` ranks, so by default the count returned
 is ``N / R``: then ``sum_rank(grad_rank) / R`` is exactly ``grad(sum of all tokens) / N``.
 
 Context parallelism (accelerate ``ParallelismConfig(cp_size=...)``, torch's ``context_parallel``)
-needs its own order of sharding and counting: see :func:`global_num_items`.
+needs its own order of sharding and counting: see [`global_num_items`][dft.distributed.global_num_items].
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def global_num_items(
 ) -> Tensor:
     """The ``num_items_in_batch`` that makes accumulated, multi-rank DFT gradients exact.
 
-    Counts exactly the targets the loss averages over (:mod:`dft.labels`): pass the step's batches
+    Counts exactly the targets the loss averages over ([`dft.labels`][dft.labels]): pass the step's batches
     (mappings) and packed rows (``position_ids``) or pre-shifted ``shift_labels`` are counted right.
     Under context parallelism call it inside the CP context, on batches whose ``shift_labels`` were
     sharded (below).
@@ -56,20 +58,20 @@ def global_num_items(
     * count *inside* the context, from the shards: outside it every CP rank counts whole sequences, a
       count ``cp_size`` times too large (``1 / cp_size`` of the gradients).
 
-    ::
-
-        for mb in micro_batches:  # one sequence length, a multiple of 2 * cp_size
-            mb["shift_labels"] = dft.shift_causal_labels(mb.pop("labels"))
-            mb["position_ids"] = torch.arange(mb["input_ids"].shape[1]).expand_as(mb["input_ids"]).clone()
-            mb.pop("attention_mask", None)  # CP attends causally (accelerate drops masks): pad on the right
-        buffers = [t for mb in micro_batches for t in mb.values()]
-        with accelerator.maybe_context_parallel(
-            buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)
-        ):
-            num_items = dft.global_num_items(micro_batches)  # of the local shards
-            for mb in micro_batches:
-                accelerator.backward(dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss)
-        optimizer.step()
+    ```python
+    for mb in micro_batches:  # one sequence length, a multiple of 2 * cp_size
+        mb["shift_labels"] = dft.shift_causal_labels(mb.pop("labels"))
+        mb["position_ids"] = torch.arange(mb["input_ids"].shape[1]).expand_as(mb["input_ids"]).clone()
+        mb.pop("attention_mask", None)  # CP attends causally (accelerate drops masks): pad on the right
+    buffers = [t for mb in micro_batches for t in mb.values()]
+    with accelerator.maybe_context_parallel(
+        buffers=buffers, buffer_seq_dims=[1] * len(buffers), no_restore_buffers=set(buffers)
+    ):
+        num_items = dft.global_num_items(micro_batches)  # of the local shards
+        for mb in micro_batches:
+            accelerator.backward(dft.causal_lm_loss(model, mb, num_items_in_batch=num_items).loss)
+    optimizer.step()
+    ```
 
     ``DFTTrainer`` with ``DFTConfig(parallelism_config=ParallelismConfig(cp_size=...))`` does all of
     this itself (Trainer shifts, shards and counts before sharding, divided by ``cp_size``).

@@ -13,11 +13,11 @@ head module's own forward call:
   reduce-scatters the gradient.
 * tensor parallel (transformers ``tp_plan="auto"``, torch ``ColwiseParallel`` on the head): the head
   weight stays a ``Shard(0)`` DTensor (this rank's vocabulary rows); the loss combines the row
-  statistics over the tensor-parallel group (:mod:`dft.vocab_parallel`) and never gathers it.
+  statistics over the tensor-parallel group ([`dft.vocab_parallel`][dft.vocab_parallel]) and never gathers it.
 * DeepSpeed ZeRO-3: the pre-forward hook all-gathers the module's partitioned parameters, the
   post-forward hook releases them, a hook on each parameter's gradient accumulation reduce-scatters.
 
-So :func:`run_model` runs the wrapper's own forward (DDP arms its reducer there, FSDP2 / ZeRO-3 run
+So [`run_model`][dft.engines.run_model] runs the wrapper's own forward (DDP arms its reducer there, FSDP2 / ZeRO-3 run
 their hooks) with one position of logits, takes the backbone's full hidden states from a forward hook,
 and calls the loss from a forward hook on the head placed *before* the engine's post-forward hooks:
 the weight it sees is the gathered one, in the compute dtype. The hidden states are tied to the
@@ -67,7 +67,8 @@ def _is_deepspeed_engine(model: object) -> bool:
 
 def _has_dtensor_params(model: nn.Module) -> bool:
     """Parameters are DTensors outside FSDP2 (checked before): transformers ``tp_plan`` / torch
-    ``parallelize_module``. The head weight, a ``Shard(0)`` DTensor, goes to :mod:`dft.vocab_parallel`."""
+    ``parallelize_module``. The head weight, a ``Shard(0)`` DTensor, goes to
+    [`dft.vocab_parallel`][dft.vocab_parallel]."""
     from .vocab_parallel import is_dtensor
 
     return any(is_dtensor(p) for p in model.parameters())
@@ -82,7 +83,7 @@ class EngineAdapter:
     """How one engine wraps a model.
 
     Attributes:
-        name: shown in messages and :func:`detect_engine`.
+        name: shown in messages and [`detect_engine`][dft.engines.detect_engine].
         matches: ``model -> bool`` on the object handed to the loss (the wrapper, or the module
             inside it for engines that only install hooks).
         fused_reason: None when the fused head runs under this engine, else why it cannot (the
@@ -130,7 +131,8 @@ ENGINES: tuple[EngineAdapter, ...] = (
 
 
 def detect_engine(model: nn.Module) -> EngineAdapter:
-    """The :class:`EngineAdapter` of ``model`` (a DeepSpeed engine, DDP, an FSDP2 model, a plain module)."""
+    """The [`EngineAdapter`][dft.engines.EngineAdapter] of ``model`` (a DeepSpeed engine, DDP, an FSDP2 model, a
+    plain module)."""
     inner = unwrap_model(model)
     for engine in ENGINES:
         if engine.matches(model) or (inner is not model and engine.matches(inner)):
@@ -157,7 +159,7 @@ def wrapper_chain(model: nn.Module) -> list[nn.Module]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside every wrapper of :func:`wrapper_chain`."""
+    """The model inside every wrapper of [`wrapper_chain`][dft.engines.wrapper_chain]."""
     return wrapper_chain(model)[-1]
 
 
@@ -244,7 +246,7 @@ def _with_last_position(output: Any) -> Any:
 
 def _check_gathered(weight: Tensor) -> None:
     """The head weight as the fused head can use it: whole, or a vocabulary shard (a ``Shard(0)`` DTensor,
-    tensor parallel: :mod:`dft.vocab_parallel` combines the rows). A ZeRO-3 partition left empty or any
+    tensor parallel: [`dft.vocab_parallel`][dft.vocab_parallel] combines the rows). A ZeRO-3 partition left empty or any
     other DTensor layout is an engine the fused head does not know."""
     from .vocab_parallel import is_dtensor
 
@@ -280,7 +282,7 @@ def run_model(
         head: the output embedding module (``nn.Linear``) the model calls on them.
         model_inputs: keyword inputs of the model's forward (no labels).
         head_loss: called once, inside the head's forward, as ``head_loss(hidden, weight, bias)``.
-        engine: the model's :class:`EngineAdapter` (detected when None).
+        engine: the model's [`EngineAdapter`][dft.engines.EngineAdapter] (detected when None).
 
     Returns:
         ``(head_loss's result, model outputs)``; the model's logits cover one position only.
@@ -349,7 +351,7 @@ def _keep_head_loss_out_of_graphs() -> None:
 
 
 def _call_head_loss(head_loss: HeadLoss, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:
-    """The head's loss, outside any ``torch.compile`` graph (see :func:`_keep_head_loss_out_of_graphs`)."""
+    """The head's loss, outside any ``torch.compile`` graph (see ``_keep_head_loss_out_of_graphs``)."""
     call = _head_loss_call if _head_loss_not_compiled is None else _head_loss_not_compiled
     return call(head_loss, hidden, weight, bias)
 

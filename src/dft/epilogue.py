@@ -3,17 +3,14 @@
 Per chunk the fused head runs three matmuls and, between them, these passes over ``z`` (the first
 matmul's output, in the matmul dtype; ``u = transform(float(z))`` is computed on the fly):
 
-``reduce(z)``
-    ``m = max_v u``, ``s = sum_v exp(u - m)``, and with stats ``argmax_v u`` and
-    ``t = sum_v exp(u - m) (u - m)``: so ``lse = m + log s`` and the entropy ``H = log s - t / s``.
-``ref_reduce(r, z)`` (ASFT)
-    over the reference logits ``r`` (``q = softmax(r_u)``): ``m_r``, ``s_r`` and
-    ``d = sum_v exp(r_u - m_r) (r_u - u)``, so that ``KL(q || p) = d / s_r + (m - m_r) + log s - log s_r``
-    is formed from differences of small numbers (float32 accuracy, no cancellation of two ``lse``).
-``grad_(z, ...)``
-    overwrites ``z`` with ``dz = (c_p exp(u - lse) - c_q exp(r_u - lse_r)) * transform'(z) [* fp16 scale]``
-    in the matmul dtype, ready for the two gradient matmuls. The one-hot term at the target column is
-    not in the pass: the caller writes those ``C`` entries afterwards from float32 row values.
+* ``reduce(z)``: ``m = max_v u``, ``s = sum_v exp(u - m)``, and with stats ``argmax_v u`` and
+  ``t = sum_v exp(u - m) (u - m)``: so ``lse = m + log s`` and the entropy ``H = log s - t / s``.
+* ``ref_reduce(r, z)`` (ASFT): over the reference logits ``r`` (``q = softmax(r_u)``): ``m_r``, ``s_r`` and
+  ``d = sum_v exp(r_u - m_r) (r_u - u)``, so that ``KL(q || p) = d / s_r + (m - m_r) + log s - log s_r``
+  is formed from differences of small numbers (float32 accuracy, no cancellation of two ``lse``).
+* ``grad_(z, ...)``: overwrites ``z`` with ``dz = (c_p exp(u - lse) - c_q exp(r_u - lse_r)) * transform'(z) [* fp16
+  scale]`` in the matmul dtype, ready for the two gradient matmuls. The one-hot term at the target column is
+  not in the pass: the caller writes those ``C`` entries afterwards from float32 row values.
 
 Eagerly each pass is a few torch ops with float32 ``[C, V]`` temporaries; inductor fuses each into
 one kernel that reads ``z`` (``reduce``: twice, max then sums) and writes only ``[C]`` vectors, or
@@ -42,7 +39,8 @@ __all__ = ["Epilogue", "TransformConsts", "epilogue_for"]
 
 
 class TransformConsts(NamedTuple):
-    """A :class:`dft.LogitTransform` as plain floats: ``u = softcap * tanh(scale * z / softcap) / temperature``."""
+    """A [`dft.LogitTransform`][dft.LogitTransform] as plain floats: ``u = softcap * tanh(scale * z / softcap) /
+    temperature``."""
 
     scale: float = 1.0
     softcap: float = 0.0  # 0: no soft-cap

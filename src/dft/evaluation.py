@@ -12,7 +12,7 @@ __all__ = ["ExactMatch", "exact_match", "token_ce"]
 
 @dataclass
 class ExactMatch:
-    """What :func:`exact_match` scored.
+    """What ``exact_match`` scored.
 
     ``score``: the share of ``predictions`` equal to their reference after stripping (``None`` when no row
     had a reference); ``skipped``: rows without a reference answer (plain text, a chat ending with a user

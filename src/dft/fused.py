@@ -1,24 +1,26 @@
 """Fused LM-head DFT loss: ``linear_dft_loss`` never materialises the tokens x vocab logits.
 
-Tokens are processed in chunks of ``C`` rows. Per chunk (``h [C, H]``, ``W [V, H]``)::
+Tokens are processed in chunks of ``C`` rows. Per chunk (``h [C, H]``, ``W [V, H]``):
 
-    z = h @ W.T + b                       # matmul 1, input dtype (or the autocast dtype): [C, V]
-    u = softcap(logit_scale * z) / T      # float32 (float64 for float64 inputs), never stored
-    m, s = max u, sum exp(u - m)          # pass 1 (dft.epilogue.reduce): lse = m + log s, and the stats
-    logp_y = u[y] - lse;  w = DFTWeight(logp_y)  (detached)
-    loss  += sum(c * -w * logp_y)         # c: reduction coefficients (dft.reduction)
-    dU     = c * w * (softmax(u) - onehot(y))           # known in the forward pass
-    z     <- dU / T * softcap'(.) * logit_scale         # pass 2 (dft.epilogue.grad_), in place, matmul dtype
-    dh     = dZ @ W                       # matmul 2 (skipped if hidden is frozen)
-    dW    += dZ.T @ h                     # matmul 3, in place into a float32 accumulator (skipped if W is frozen)
+```text
+z = h @ W.T + b                       # matmul 1, input dtype (or the autocast dtype): [C, V]
+u = softcap(logit_scale * z) / T      # float32 (float64 for float64 inputs), never stored
+m, s = max u, sum exp(u - m)          # pass 1 (dft.epilogue.reduce): lse = m + log s, and the stats
+logp_y = u[y] - lse;  w = DFTWeight(logp_y)  (detached)
+loss  += sum(c * -w * logp_y)         # c: reduction coefficients (dft.reduction)
+dU     = c * w * (softmax(u) - onehot(y))           # known in the forward pass
+z     <- dU / T * softcap'(.) * logit_scale         # pass 2 (dft.epilogue.grad_), in place, matmul dtype
+dh     = dZ @ W                       # matmul 2 (skipped if hidden is frozen)
+dW    += dZ.T @ h                     # matmul 3, in place into a float32 accumulator (skipped if W is frozen)
+```
 
 So a scalar reduction costs 3 matmuls and two passes over ``z`` (compiled: one kernel each, no float32
 ``[C, V]`` block; ``benchmarks/roofline.py`` prices it at 1.1-1.2x the matmuls on an H100), and backward
 only scales the stored gradients by the upstream scalar. ``reduction="none"`` needs a general upstream
 gradient: its backward recomputes the chunks with ``c = grad_output`` (4 matmuls). Ignored tokens are
 dropped before any matmul (one host sync per call, which also checks the label range). Peak extra
-memory is the float32 ``dW`` accumulator plus one chunk (``default_chunk_size``: equal chunks within
-the device's budget), independent of N.
+memory is the float32 ``dW`` accumulator plus one chunk ([`default_chunk_size`][dft.fused.default_chunk_size]:
+equal chunks within the device's budget), independent of N.
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def auto_chunk_size(
 
     Args:
         vocab_size: V.
-        budget_bytes: the chunk's working set (default: 256 MiB, :func:`chunk_budget_bytes` on CPU).
+        budget_bytes: the chunk's working set (default: 256 MiB,
+            [`chunk_budget_bytes`][dft.fused.chunk_budget_bytes] on CPU).
         bytes_per_logit: what the path holds per logit: the logits in the matmul dtype (2 for bf16),
             the reference logits for ASFT, plus the epilogue's float32 temporaries when it runs eagerly.
         rows: the rows to process; the chunks are then made equal (``ceil(rows / k)`` for the fewest
@@ -177,11 +180,12 @@ DW_PATHS = {
     "upcast_addmm_": "the chunk's operands cast up, then acc.addmm_ (CPU: no out_dtype kernel)",
     "product_add": "the product in float32, then added: a [V, H] float32 temporary per chunk (out_dtype failed)",
 }
-"""How the fused head accumulates ``dW`` (:func:`dw_update_path`)."""
+"""How the fused head accumulates ``dW`` ([`dw_update_path`][dft.fused.dw_update_path])."""
 
 
 def dw_update_path(device: torch.device, mm_dtype: torch.dtype, acc_dtype: torch.dtype = torch.float32) -> str:
-    """Which :data:`DW_PATHS` entry ``dW += dz.T @ h`` takes for ``mm_dtype`` operands on ``device``."""
+    """Which [`DW_PATHS`][dft.fused.DW_PATHS] entry ``dW += dz.T @ h`` takes for ``mm_dtype`` operands on
+    ``device``."""
     if mm_dtype == acc_dtype:
         return "addmm_"
     if _addmm_out_dtype(device, mm_dtype):
@@ -195,8 +199,9 @@ _LOGGED_PATHS: set[tuple[str, str, torch.dtype]] = set()
 def _mm_into(acc: Tensor, a: Tensor, b: Tensor, inv_scale: Tensor | None = None) -> None:
     """In place ``acc += (a @ b) * inv_scale`` with ``acc`` float32/64 whatever the dtype of ``a`` and ``b``.
 
-    Never a ``[V, H]`` temporary where the device can help it (:func:`dw_update_path`, logged once per
-    path at debug level on the ``dft`` logger): same dtype -> ``addmm_``; bf16/fp16 on CUDA -> one GEMM with
+    Never a ``[V, H]`` temporary where the device can help it ([`dw_update_path`][dft.fused.dw_update_path],
+    logged once per path at debug level on the ``dft`` logger): same dtype -> ``addmm_``; bf16/fp16 on CUDA -> one
+    GEMM with
     a float32 output accumulating into ``acc`` (float16's power-of-two ``inv_scale`` as its ``alpha``: a
     host read of one scalar per chunk, float16 only); on CPU the (chunk-sized) operands are cast up and
     ``addmm_`` accumulates. Only where the CUDA probe fails is the product formed first.
@@ -249,7 +254,7 @@ def default_chunk_size(
 ) -> int:
     """The chunk ``linear_dft_loss(chunk_size=None)`` uses for ``rows`` supervised rows: the path's bytes per
     logit (``z`` and ASFT's ``r`` in the matmul dtype, plus the eager epilogue's float32 temporaries)
-    within :func:`chunk_budget_bytes`, in equal chunks."""
+    within [`chunk_budget_bytes`][dft.fused.chunk_budget_bytes], in equal chunks."""
     size = torch.empty((), dtype=mm_dtype).element_size()
     temps = ep.temp_bytes_per_logit
     if temps and transform is not None and transform.softcap is not None:
@@ -420,7 +425,8 @@ def _run_chunks(
     coef_nonneg: bool = True,
 ) -> tuple[Tensor, TokenStats | None, _Grads]:
     """One pass over the supervised rows, chunk by chunk: logits, local reduce, combine over the vocabulary
-    group (:func:`dft.vocab_parallel.combine`; identity without a shard), finish, gradients.
+    group ([`dft.vocab_parallel.combine`][dft.vocab_parallel.combine]; identity without a shard), finish,
+    gradients.
 
     Args:
         h: ``[n, H]`` supervised hidden rows (mm dtype); w: ``[V_k, H]`` (this rank's vocabulary rows,
@@ -432,8 +438,8 @@ def _run_chunks(
             into the exponential; False for an upstream gradient of any sign.
 
     Returns:
-        token losses ``[n]`` (float32/64), stats (:class:`TokenStats`) or None, and :class:`_Grads`
-        (``dh`` summed over the vocabulary group).
+        token losses ``[n]`` (float32/64), stats ([`TokenStats`][dft.TokenStats]) or None, and ``_Grads``
+            (``dh`` summed over the vocabulary group).
     """
     n, local_vocab = h.shape[0], w.shape[0]
     acc_dtype = compute_dtype(h.dtype)
@@ -665,36 +671,47 @@ def linear_dft_loss(
     (no tanh when ``softcap`` is None), in value and in gradients w.r.t. ``hidden``, ``weight``
     and ``bias``.
 
-    Naive equivalent (what it saves is the ``[N, V]`` float32 logits and their gradient)::
+    Naive equivalent (what it saves is the ``[N, V]`` float32 logits and their gradient):
 
-        dft.dft_loss(F.linear(hidden, weight, bias), labels, weighting, transform=transform)
+    ```python
+    dft.dft_loss(F.linear(hidden, weight, bias), labels, weighting, transform=transform)
+    ```
 
     Args:
         hidden: ``[..., H]`` final hidden states (after the final norm), any float dtype.
         weight: ``[V, H]`` output embedding (``lm_head.weight``); frozen (``requires_grad=False``)
             skips its gradient matmul.
         labels: ``[...]`` targets aligned with ``hidden`` (shift them for a causal LM).
-        weighting: the weight family, :class:`dft.DFTWeight` (default: DFT, ``alpha=1``).
+        weighting: the weight family, [`dft.DFTWeight`][dft.DFTWeight] (default: DFT, ``alpha=1``).
         bias: ``[V]`` optional head bias.
-        transform: :class:`dft.LogitTransform` (``logit_scale``, ``softcap``, ``temperature``).
-        ignore_index, reduction, num_items_in_batch, validate, sequence_ids: as in :func:`dft.dft_loss`.
+        transform: [`dft.LogitTransform`][dft.LogitTransform] (``logit_scale``, ``softcap``,
+            ``temperature``).
+        ignore_index: as in [`dft.dft_loss`][dft.dft_loss].
+        reduction: as in [`dft.dft_loss`][dft.dft_loss].
+        num_items_in_batch: as in [`dft.dft_loss`][dft.dft_loss].
+        validate: as in [`dft.dft_loss`][dft.dft_loss].
+        sequence_ids: as in [`dft.dft_loss`][dft.dft_loss].
         chunk_size: token rows per chunk; None (default) sizes equal chunks from the path's bytes per
             logit (bf16 logits, ASFT's reference logits, eager float32 temporaries) and the device's
-            budget (:func:`dft.fused.chunk_budget_bytes`: 1/64 of a GPU's memory, 256 MiB on CPU).
-        return_stats: also return :class:`dft.TokenStats`, computed inside the same chunks.
-        ref_hidden, ref_weight, ref_bias: ASFT's frozen reference head: ``ref_hidden [..., H_ref]``
-            (same leading shape as ``hidden``), ``ref_weight [V, H_ref]``, ``ref_bias [V]``; no gradient.
-            Per chunk one extra matmul gives the reference logits; neither ``[N, V]`` matrix is built.
-        ref_transform: the reference's :class:`dft.LogitTransform` (default: ``transform``).
+            budget ([`dft.fused.chunk_budget_bytes`][dft.fused.chunk_budget_bytes]: 1/64 of a GPU's memory,
+            256 MiB on CPU).
+        return_stats: also return [`dft.TokenStats`][dft.TokenStats], computed inside the same chunks.
+        ref_hidden: ASFT's frozen reference head: ``ref_hidden [..., H_ref]`` (same leading shape as
+            ``hidden``), with ``ref_weight`` and ``ref_bias``; no gradient. Per chunk one extra matmul gives
+            the reference logits; neither ``[N, V]`` matrix is built.
+        ref_weight: ``[V, H_ref]``, the reference head's weight.
+        ref_bias: ``[V]``, the reference head's bias.
+        ref_transform: the reference's [`dft.LogitTransform`][dft.LogitTransform] (default: ``transform``).
         kl_coef: ASFT weight: each supervised token adds ``kl_coef * KL(softmax(ref) || softmax(u))``,
             whose gradient ``kl_coef * (softmax(u) - softmax(ref))`` is folded into the same pass.
         vocab_shard: for a head split on the vocabulary by hand (Megatron-style): ``weight`` (and
-            ``bias``) are this rank's rows ``[V_k, H]`` and :class:`dft.VocabShard` says which ids they
-            are (``offset``), the full ``vocab_size`` and the tensor-parallel ``group``. A ``Shard(0)``
+            ``bias``) are this rank's rows ``[V_k, H]`` and [`dft.VocabShard`][dft.VocabShard] says which ids
+            they are (``offset``), the full ``vocab_size`` and the tensor-parallel ``group``. A ``Shard(0)``
             DTensor weight (transformers ``tp_plan="auto"``, torch ``ColwiseParallel``) needs nothing:
             its shard is read from it. Either way every rank of the group passes the same ``hidden``
-            and ``labels``; the row statistics are combined over the group (:mod:`dft.vocab_parallel`),
-            ``dW`` is this rank's shard only and ``dh`` is summed over the group. Passing a local shard
+            and ``labels``; the row statistics are combined over the group
+            ([`dft.vocab_parallel`][dft.vocab_parallel]), ``dW`` is this rank's shard only and ``dh`` is summed
+            over the group. Passing a local shard
             *without* ``vocab_shard`` is a softmax over that shard only: labels beyond it raise, but
             labels that all fall inside it cannot be told from a smaller vocabulary.
         **options: flat keywords instead of ``weighting``/``transform``: ``alpha``, ``min_weight``,
@@ -702,16 +719,16 @@ def linear_dft_loss(
 
     Returns:
         The loss (0-dim float32, float64 for float64 inputs; ``[...]`` for ``reduction="none"``), and
-        the stats when ``return_stats=True``.
+            the stats when ``return_stats=True``.
 
     Matmuls run in the input dtype (or the autocast dtype inside ``torch.autocast``); softmax
     statistics and the weight-gradient accumulator are float32.
 
     Autograd limits (the gradients are formed in the forward pass, under grad mode): each is a
     ``RuntimeError`` saying so. Double backward (``create_graph=True``) and ``torch.func`` transforms
-    (``grad``, ``vmap``, ``jacrev``) are refused: use the naive equivalent above (:func:`dft.dft_loss`
-    supports both). A ``weight`` changed in place between forward and backward (``optimizer.step()``
-    first) is detected from its version counter instead of giving the old weight's gradients.
+    (``grad``, ``vmap``, ``jacrev``) are refused: use the naive equivalent above
+    ([`dft.dft_loss`][dft.dft_loss] supports both). A ``weight`` changed in place between forward and backward
+    (``optimizer.step()`` first) is detected from its version counter instead of giving the old weight's gradients.
     """
     _validate_head(hidden, weight, bias)
     _refuse_functorch(hidden, weight)
@@ -868,10 +885,17 @@ def _linear_dft_loss(
 
 
 class LinearDFTLoss(torch.nn.Module):
-    """Module form of :func:`linear_dft_loss`: stores the options; ``forward(hidden, weight, labels, bias=None)``.
+    """Module form of [`linear_dft_loss`][dft.linear_dft_loss]: stores the options;
+    ``forward(hidden, weight, labels, bias=None)``.
 
-    Args: ``weighting``, ``transform``, ``ignore_index``, ``reduction``, ``chunk_size``, ``validate`` and the
-    flat options, as in :func:`linear_dft_loss`.
+    Args:
+        weighting: as in [`linear_dft_loss`][dft.linear_dft_loss].
+        transform: as in [`linear_dft_loss`][dft.linear_dft_loss].
+        ignore_index: as in [`linear_dft_loss`][dft.linear_dft_loss].
+        reduction: as in [`linear_dft_loss`][dft.linear_dft_loss].
+        chunk_size: as in [`linear_dft_loss`][dft.linear_dft_loss].
+        validate: as in [`linear_dft_loss`][dft.linear_dft_loss].
+        **options: the flat options, as in [`linear_dft_loss`][dft.linear_dft_loss].
 
     Shapes: ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]`` -> loss ``[]`` (``[...]`` for ``"none"``).
     """

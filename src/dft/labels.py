@@ -2,14 +2,14 @@
 
 A *target* tensor holds, at each position, the token id the prediction at that position must
 produce, or ``ignore_index`` where nothing is supervised. For a causal LM the targets of a batch
-are (transformers' semantics, :func:`causal_targets`):
+are (transformers' semantics, [`causal_targets`][dft.causal_targets]):
 
 * ``shift_labels`` when the batch carries them (context parallelism, some padding-free collators);
 * otherwise ``labels`` shifted left by one with ``ignore_index`` appended, and, for padding-free
   packed rows (``position_ids`` restarting at 0 inside a row), no target that crosses from one
   packed sequence into the next.
 
-The losses average over exactly the positions :func:`count_targets` counts, so
+The losses average over exactly the positions [`count_targets`][dft.labels.count_targets] counts, so
 ``dft.global_num_items`` (accumulation steps, ranks) and ``DFTTrainer``'s ``num_items_in_batch``
 agree with the loss for padded, packed and pre-shifted batches alike.
 """
@@ -154,7 +154,7 @@ def supervised_index(
     """Flat indices ``[n]`` of the supervised labels, or None when every label is supervised.
 
     One host sync (``nonzero``) covers both the index and, with ``check_range``, the range check of
-    :func:`check_labels`: a bad label appends ``N + 1`` extra hits, so the count alone tells.
+    [`check_labels`][dft.labels.check_labels]: a bad label appends ``N + 1`` extra hits, so the count alone tells.
 
     Raises:
         ValueError: a label outside ``[0, num_classes)`` other than ``ignore_index`` (``check_range``).

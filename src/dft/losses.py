@@ -1,13 +1,17 @@
 """DFT loss on materialised logits: ``dft_loss``, ``DFTLoss``, causal-LM helpers and ``token_stats``.
 
-Token loss (Wu et al. 2025, arXiv 2508.05629)::
+Token loss (Wu et al. 2025, arXiv 2508.05629):
 
-    loss_t = -sg(w_t) * log p_t,   p_t = softmax(logits_t)[y_t],   w_t = p_t ** alpha (see dft.weights)
+```text
+loss_t = -sg(w_t) * log p_t,   p_t = softmax(logits_t)[y_t],   w_t = p_t ** alpha (see dft.weights)
+```
 
-Naive equivalent (float64 reference used by the tests)::
+Naive equivalent (float64 reference used by the tests):
 
-    logp = logits.double().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
-    loss = -(logp.exp().detach() ** alpha * logp)[labels != ignore_index].mean()
+```python
+logp = logits.double().log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1)
+loss = -(logp.exp().detach() ** alpha * logp)[labels != ignore_index].mean()
+```
 
 Everything is computed in float32 whatever the input dtype (float64 stays float64).
 """
@@ -156,7 +160,8 @@ class _TargetLogProb(torch.autograd.Function):
 def _chunked_stats(
     z: Tensor, lse: Tensor, target_logp: Tensor, safe: Tensor, valid: Tensor, kl: Tensor | None
 ) -> TokenStats:
-    """:class:`TokenStats` from the logits in row chunks (entropy, argmax): no second ``[N, V]`` softmax."""
+    """[`TokenStats`][dft.TokenStats] from the logits in row chunks (entropy, argmax): no second ``[N, V]``
+    softmax."""
     flat, lse_f = z.detach().reshape(-1, z.shape[-1]), lse.detach().reshape(-1)
     entropy = torch.empty_like(lse_f)
     argmax = torch.empty(lse_f.shape, dtype=torch.long, device=z.device)
@@ -213,41 +218,45 @@ def dft_loss(
     ``w_t = p_t ** alpha``. ``alpha=0`` is exactly cross-entropy; ``alpha=1`` is the paper's DFT.
     Computed in float32 whatever the input dtype (float64 stays float64).
 
-    Naive equivalent::
+    Naive equivalent:
 
-        logp = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
-        w = (logp.detach().exp() ** alpha)
-        loss = -(w * logp)[labels != ignore_index].mean()
+    ```python
+    logp = logits.float().log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    w = (logp.detach().exp() ** alpha)
+    loss = -(w * logp)[labels != ignore_index].mean()
+    ```
 
     Args:
         logits: ``[..., V]`` unnormalised scores, any float dtype.
         labels: ``[...]`` integer targets aligned with ``logits`` (already shifted for a causal LM;
-            see :func:`causal_dft_loss` otherwise). ``ignore_index`` marks unsupervised positions.
-        weighting: the weight family as a value, :class:`dft.DFTWeight` (default: DFT, ``alpha=1``).
-        transform: a :class:`dft.LogitTransform` applied to ``logits`` first (e.g. a temperature).
+            see [`causal_dft_loss`][dft.causal_dft_loss] otherwise). ``ignore_index`` marks unsupervised
+            positions.
+        weighting: the weight family as a value, [`dft.DFTWeight`][dft.DFTWeight] (default: DFT, ``alpha=1``).
+        transform: a [`dft.LogitTransform`][dft.LogitTransform] applied to ``logits`` first (e.g. a temperature).
         ignore_index: label value that is not supervised (``-100`` as in transformers).
         reduction: ``"mean"`` (over supervised tokens), ``"sum"``, ``"none"`` (shape of labels, 0 where
             ignored) or ``"sequence"`` (mean per sequence over the last dim, then over sequences).
         num_items_in_batch: replaces the mean's denominator (transformers' contract), e.g. the
             number of supervised tokens over all accumulation steps and ranks.
         validate: check that labels lie in ``[0, V)`` (a device sync); shapes and dtypes are always checked.
-        return_stats: also return :class:`dft.TokenStats` (CE, mean p, accuracy, entropy) from the same softmax.
+        return_stats: also return [`dft.TokenStats`][dft.TokenStats] (CE, mean p, accuracy, entropy) from the
+            same softmax.
         ref_logits: ``[..., V]`` a frozen reference model's logits of the same tokens (ASFT, Anchored
             SFT, arXiv 2509.23753); detached. With ``kl_coef > 0`` each supervised token adds
             ``kl_coef * KL(softmax(ref_logits) || softmax(logits))``; the mean KL is in the stats.
         kl_coef: weight of the KL anchor (``0``: plain DFT; LLaMA-Factory's ``asft_alpha`` is 0.1).
         sequence_ids: ``[...]`` (labels' shape) for ``reduction="sequence"`` on padding-free packed rows:
-            which sequence each token belongs to (:func:`dft.labels.sequence_ids`); None: one per row.
+            which sequence each token belongs to ([`dft.labels.sequence_ids`][dft.labels.sequence_ids]); None:
+            one per row.
         **options: the same as flat keywords instead of ``weighting``/``transform``: ``alpha``,
-            ``min_weight``, ``beta``, ``p_min``, ``p_max``, ``weight_fn`` (:class:`dft.DFTWeight`) and
-            ``logit_scale``, ``softcap``, ``temperature`` (:class:`dft.LogitTransform`).
+            ``min_weight``, ``beta``, ``p_min``, ``p_max``, ``weight_fn`` ([`dft.DFTWeight`][dft.DFTWeight]) and
+            ``logit_scale``, ``softcap``, ``temperature`` ([`dft.LogitTransform`][dft.LogitTransform]).
 
     Returns:
         The loss (0-dim float32/64, or ``[...]`` for ``reduction="none"``), and the stats when
-        ``return_stats=True``. A batch with no supervised token gives 0 with zero gradients.
+            ``return_stats=True``. A batch with no supervised token gives 0 with zero gradients.
 
-    Example::
-
+    Examples:
         >>> logits, labels = torch.randn(4, 10, 50), torch.randint(0, 50, (4, 10))
         >>> dft.dft_loss(logits.view(-1, 50), labels.view(-1))  # replaces F.cross_entropy(...)
     """
@@ -272,10 +281,13 @@ def token_stats(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, val
     """Diagnostics of a batch from its logits (no graph): CE, mean p, token accuracy, entropy.
 
     Args:
-        logits: ``[..., V]``; labels: ``[...]`` aligned (already shifted for a causal LM).
+        logits: ``[..., V]``.
+        labels: ``[...]`` aligned (already shifted for a causal LM).
+        ignore_index: see [`dft_loss`][dft.dft_loss].
+        validate: see [`dft_loss`][dft.dft_loss].
 
     Returns:
-        :class:`dft.TokenStats` with sums over supervised tokens; ``.as_dict()`` gives the means.
+        [`dft.TokenStats`][dft.TokenStats] with sums over supervised tokens; ``.as_dict()`` gives the means.
     """
     with torch.no_grad():
         _, stats = _dft_loss(
@@ -300,8 +312,9 @@ def causal_dft_loss(
         labels: ``[B, T]`` unshifted labels (``labels[t]`` is token ``t``); shifted here.
         shift_labels: ``[B, T]`` labels already shifted (as transformers passes them under context
             parallelism); give either this or ``labels``.
-        ignore_index, num_items_in_batch: see :func:`dft_loss`.
-        **options: any other :func:`dft_loss` keyword (alpha, beta, reduction, return_stats, ...).
+        ignore_index: see [`dft_loss`][dft.dft_loss].
+        num_items_in_batch: see [`dft_loss`][dft.dft_loss].
+        **options: any other [`dft_loss`][dft.dft_loss] keyword (alpha, beta, reduction, return_stats, ...).
     """
     if (labels is None) == (shift_labels is None):
         raise ValueError("causal_dft_loss needs exactly one of labels (unshifted) or shift_labels (pre-shifted).")
@@ -340,11 +353,13 @@ def compute_loss_func(
 
     Trainer pops ``labels`` from the inputs, runs the model, and calls this with the outputs, the
     unshifted labels and ``num_items_in_batch`` (tokens over the accumulation steps, and over ranks
-    with ``average_tokens_across_devices``). Options go through ``functools.partial``::
+    with ``average_tokens_across_devices``). Options go through ``functools.partial``:
 
-        Trainer(..., compute_loss_func=functools.partial(dft.compute_loss_func, alpha=0.5))
+    ```python
+    Trainer(..., compute_loss_func=functools.partial(dft.compute_loss_func, alpha=0.5))
+    ```
 
-    Note that this path materialises the logits; :class:`dft.DFTTrainer` uses the fused head.
+    Note that this path materialises the logits; [`dft.DFTTrainer`][dft.trainer.DFTTrainer] uses the fused head.
     """
     logits = logits_of(outputs)
     if options.get("return_stats"):
@@ -353,10 +368,15 @@ def compute_loss_func(
 
 
 class DFTLoss(nn.Module):
-    """Module form of :func:`dft_loss`: stores the options, ``forward(logits, labels)`` forwards.
+    """Module form of [`dft_loss`][dft.dft_loss]: stores the options, ``forward(logits, labels)`` forwards.
 
     Args:
-        weighting, transform, ignore_index, reduction, validate, **options: see :func:`dft_loss`.
+        weighting: see [`dft_loss`][dft.dft_loss].
+        transform: see [`dft_loss`][dft.dft_loss].
+        ignore_index: see [`dft_loss`][dft.dft_loss].
+        reduction: see [`dft_loss`][dft.dft_loss].
+        validate: see [`dft_loss`][dft.dft_loss].
+        **options: see [`dft_loss`][dft.dft_loss].
 
     Shapes: ``logits [..., V]``, ``labels [...]`` -> loss ``[]`` (or ``[...]`` for ``"none"``).
     """

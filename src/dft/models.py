@@ -35,7 +35,7 @@ class CausalLMParts:
     Attributes:
         backbone: module returning the final (normed) hidden states ``[B, T, H]`` as ``outputs[0]``.
         head: the output embedding (``nn.Linear``, tied or not).
-        transform: how the model turns ``head(hidden)`` into logits (:class:`dft.LogitTransform`).
+        transform: how the model turns ``head(hidden)`` into logits ([`dft.LogitTransform`][dft.LogitTransform]).
     """
 
     backbone: nn.Module
@@ -123,7 +123,8 @@ def _config_items(config: object) -> list[tuple[str, object]]:
 
 
 def logit_transform_from_config(config: object) -> tuple[LogitTransform | None, str | None]:
-    """The model's :class:`LogitTransform` from its (text) config by :data:`LOGIT_RULES`.
+    """The model's [`LogitTransform`][dft.LogitTransform] from its (text) config by
+    [`LOGIT_RULES`][dft.models.LOGIT_RULES].
 
     Returns ``(transform, None)``, or ``(None, reason)`` when the config carries an attribute that
     looks like a head transform (``*logit*scal*``, ``*head*multiplier*``, ...) and no rule covers it:
@@ -163,7 +164,7 @@ def logit_transform_from_config(config: object) -> tuple[LogitTransform | None, 
 def find_causal_lm_parts(model: nn.Module) -> CausalLMParts | None:
     """Backbone + head of a transformers causal LM, or None when the model cannot be seen into.
 
-    See :func:`inspect_causal_lm` for the reason when it is None.
+    See [`inspect_causal_lm`][dft.models.inspect_causal_lm] for the reason when it is None.
     """
     return inspect_causal_lm(model)[0]
 
@@ -176,12 +177,12 @@ def inspect_causal_lm(model: nn.Module, engine: EngineAdapter | None = None) -> 
     families checked are listed in the README), tied or untied embeddings, PEFT-wrapped models
     (LoRA inside the backbone), DDP, DeepSpeed, FSDP2 and compiled models. The logits
     path is needed when the output head is not a plain ``nn.Linear`` (LoRA on ``lm_head``, a
-    quantised head), when no backbone attribute is found, under FSDP1 (see :mod:`dft.engines`), or
-    when the config has a logit transform that :data:`LOGIT_RULES` does not know, or when a hook that
-    the library did not put there (a module hook on the head, a global module hook) would change what
-    the head computes (:func:`foreign_hooks`). Every other engine (DDP, DeepSpeed ZeRO-0..3, FSDP2
+    quantised head), when no backbone attribute is found, under FSDP1 (see [`dft.engines`][dft.engines]), or
+    when the config has a logit transform that [`LOGIT_RULES`][dft.models.LOGIT_RULES] does not know, or when a hook
+    that the library did not put there (a module hook on the head, a global module hook) would change what
+    the head computes ([`foreign_hooks`][dft.models.foreign_hooks]). Every other engine (DDP, DeepSpeed ZeRO-0..3, FSDP2
     however the head is grouped, tensor parallel) runs the fused head. ``engine``: the model's
-    :class:`dft.engines.EngineAdapter` when already detected.
+    [`dft.engines.EngineAdapter`][dft.engines.EngineAdapter] when already detected.
     """
     inner = unwrap_model(model)
     get_head = getattr(inner, "get_output_embeddings", None)
@@ -226,7 +227,7 @@ def foreign_hooks(head: nn.Module) -> list[str]:
     The fused head reads ``head.weight`` inside the head's forward and never uses the head's output:
     a forward pre-hook that changes the input, a forward hook that changes the logits, or a backward
     hook on the head would silently not apply. Hooks owned by the engines and libraries in
-    :data:`_KNOWN_HOOK_OWNERS` are recognised as theirs.
+    ``_KNOWN_HOOK_OWNERS`` are recognised as theirs.
     """
     from torch.nn.modules import module as nn_module
 
@@ -260,7 +261,8 @@ _TRANSFORM_CACHE: dict[int, tuple[weakref.ref, tuple, tuple[LogitTransform | Non
 
 
 def _cached_transform(config: object) -> tuple[LogitTransform | None, str | None]:
-    """:func:`logit_transform_from_config` of the text config, recomputed only when a relevant attribute changed."""
+    """[`logit_transform_from_config`][dft.models.logit_transform_from_config] of the text config, recomputed only
+    when a relevant attribute changed."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     key = (str(getattr(text, "model_type", "")),) + tuple(
         (name, repr(value))

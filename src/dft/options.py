@@ -2,7 +2,7 @@
 
 The public losses take their options either as values (``weighting=dft.DFTWeight(...)``,
 ``transform=dft.LogitTransform(...)``) or as flat keywords (``alpha=0.5, softcap=30.0``), as users
-of ``F.cross_entropy``-style functions expect. :func:`resolve_options` is the only code that turns
+of ``F.cross_entropy``-style functions expect. ``resolve_options`` is the only code that turns
 the flat form into the objects; below it every layer passes the objects through unchanged.
 """
 
@@ -23,7 +23,8 @@ __all__ = ["LossOptions", "Unpack", "resolve_options"]
 
 
 class LossOptions(WeightOptions, TransformOptions, total=False):
-    """Every flat option of the loss functions: the :class:`dft.DFTWeight` and :class:`dft.LogitTransform` fields."""
+    """Every flat option of the loss functions: the [`dft.DFTWeight`][dft.DFTWeight] and
+    [`dft.LogitTransform`][dft.LogitTransform] fields."""
 
 
 def resolve_options(

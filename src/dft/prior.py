@@ -3,13 +3,15 @@
 DFT scales each token's cross-entropy gradient by ``p`` (the model's probability of the target), so
 it keeps ``p`` of SFT's update on that token: tokens the model already finds plausible train as under
 SFT, tokens it finds unlikely (new facts, a new format, a new stop token) barely train. Whether DFT
-fits a data set is therefore visible from one no-grad pass of the base over it::
+fits a data set is therefore visible from one no-grad pass of the base over it:
 
-    report = dft.inspect_prior(model, batches, special_ids=tokenizer.all_special_ids)
-    report.recommendation, report.reason, report.as_dict()   # the keys of `dft inspect`'s inspect.json
+```python
+report = dft.inspect_prior(model, batches, special_ids=tokenizer.all_special_ids)
+report.recommendation, report.reason, report.as_dict()   # the keys of `dft inspect`'s inspect.json
+```
 
 The pass uses the fused head (``causal_lm_loss(..., reduction="none")`` with the cross-entropy weight):
-no ``[tokens, vocab]`` logits. :data:`RULE` holds the thresholds of the recommendation and where they
+no ``[tokens, vocab]`` logits. [`RULE`][dft.prior.RULE] holds the thresholds of the recommendation and where they
 come from (README, "Should I switch?").
 """
 
@@ -47,7 +49,8 @@ SFT), the noisy copy 1.5% (DFT + floor the significant winner), the new fact tab
 
 @dataclass
 class PriorReport:
-    """The figures of :func:`inspect_prior`; :meth:`as_dict` gives ``inspect.json``'s keys."""
+    """The figures of [`inspect_prior`][dft.inspect_prior]; [`as_dict`][dft.PriorReport.as_dict] gives
+    ``inspect.json``'s keys."""
 
     supervised_tokens: int
     mean_p: float | None
@@ -59,6 +62,7 @@ class PriorReport:
     histogram: dict[str, list] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field as a plain dict (``dataclasses.asdict``): the keys of ``inspect.json``."""
         return asdict(self)
 
 
@@ -90,9 +94,9 @@ def prior_figures(p: Tensor) -> dict[str, Any]:
 def recommend(
     figures: Mapping[str, Any], vocab_size: int | None = None, special: Mapping[str, Any] | None = None
 ) -> tuple[str, str]:
-    """``(recommendation, reason)`` from :func:`prior_figures` (the thresholds of :data:`RULE`); when most
-    special-token targets (``special``: their figures) are at ``p < 0.01`` the reason says to keep them
-    on cross-entropy (``dft_ce_tokens="special"``): a new stop token DFT would not learn."""
+    """``(recommendation, reason)`` from [`prior_figures`][dft.prior.prior_figures] (the thresholds of
+    [`RULE`][dft.prior.RULE]); when most special-token targets (``special``: their figures) are at ``p < 0.01`` the
+    reason says to keep them on cross-entropy (``dft_ce_tokens="special"``): a new stop token DFT would not learn."""
     name, reason = _recommend(figures, vocab_size)
     if special and special.get("supervised_tokens") and special["frac_below"]["0.01"] > 0.5:
         reason += (
@@ -148,16 +152,16 @@ def inspect_prior(
     """The model's target probabilities ``p_t`` on the supervised tokens of ``batches``, summarised.
 
     Args:
-        model: a causal LM (Hugging Face or any model :func:`dft.causal_lm_loss` takes), in eval mode.
+        model: a causal LM (Hugging Face or any model [`dft.causal_lm_loss`][dft.causal_lm_loss] takes), in eval mode.
         batches: ``input_ids`` ``[B, T]``, ``labels`` ``[B, T]`` (``-100`` where not supervised),
             optionally ``attention_mask`` / ``position_ids``: the batches training would see.
         special_ids: token ids reported separately (the tokenizer's special tokens, EOS included).
 
     Returns:
-        :class:`PriorReport`: ``supervised_tokens``, ``mean_p``, ``quantiles`` (0.1/0.5/0.9 of ``p``),
-        ``frac_below`` (share with ``p`` < 0.001/0.01/0.1), the same for ``special_tokens``, the
-        ``recommendation`` (``dft``, ``dft_floor``, ``mix`` or ``sft``) with its ``reason``, and a
-        histogram of ``log10 p``.
+        [`PriorReport`][dft.PriorReport]: ``supervised_tokens``, ``mean_p``, ``quantiles`` (0.1/0.5/0.9 of ``p``),
+            ``frac_below`` (share with ``p`` < 0.001/0.01/0.1), the same for ``special_tokens``, the
+            ``recommendation`` (``dft``, ``dft_floor``, ``mix`` or ``sft``) with its ``reason``, and a
+            histogram of ``log10 p``.
     """
     was_training = model.training
     model.eval()

@@ -78,7 +78,7 @@ def reduction_coefficients(
             ``"sequence"``), e.g. the global count over accumulation steps and ranks.
         dtype: dtype of the coefficients (float32 or float64).
         sequence_ids: ``[..., T]`` for ``"sequence"`` on padding-free packed rows: the id of the sequence
-            each position belongs to (unique over the batch, e.g. :func:`dft.labels.sequence_ids`);
+            each position belongs to (unique over the batch, e.g. [`dft.labels.sequence_ids`][dft.labels.sequence_ids]);
             None: each row (last dimension) is one sequence.
 
     Returns:

@@ -1,4 +1,5 @@
-"""``dft sample``: generate K completions per prompt, verify them, keep the accepted ones (:mod:`dft.sampling`).
+"""``dft sample``: generate K completions per prompt, verify them, keep the accepted ones
+([`dft.sampling`][dft.sampling]).
 
     dft sample --model M --data prompts.jsonl --num_samples 4 --temperature 1.0 --verifier exact --output_dir S
     dft train --model M --data S/accepted.jsonl ...          # RFT (--loss sft) or DFT on the accepted samples

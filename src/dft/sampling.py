@@ -1,23 +1,27 @@
 """Sample completions from a causal LM, verify them, keep the accepted ones: the data step of offline RL
 (rejection-sampling fine-tuning, RFT; the paper's offline setting trains DFT on these accepted samples).
 
-    rows = dft.sampling.sample(model, tokenizer, prompts, num_samples=4, temperature=1.0, verifier="exact")
-    dft.sampling.write(rows, "samples")   # samples.jsonl (every sample), accepted.jsonl, summary.json
-    # then: dft train --data samples/accepted.jsonl ...
+```python
+rows = dft.sampling.sample(model, tokenizer, prompts, num_samples=4, temperature=1.0, verifier="exact")
+dft.sampling.write(rows, "samples")   # samples.jsonl (every sample), accepted.jsonl, summary.json
+# then: dft train --data samples/accepted.jsonl ...
+```
 
-``prompts`` are rows in the formats ``dft train`` reads (:mod:`dft.data`): ``{"prompt", "completion"}``
-(the completion is the reference answer) or ``{"messages": [...]}`` (chat: the conversation before the last
-assistant turn is the prompt, rendered with the tokenizer's chat template and its generation prompt; that
-turn is the reference), a list of them or a ``datasets.Dataset``; a bare string is a prompt without a
-reference. Each returned row is a dict::
+``prompts`` are rows in the formats ``dft train`` reads ([`dft.data`][dft.data]):
+``{"prompt", "completion"}`` (the completion is the reference answer) or ``{"messages": [...]}`` (chat: the
+conversation before the last assistant turn is the prompt, rendered with the tokenizer's chat template and its
+generation prompt; that turn is the reference), a list of them or a ``datasets.Dataset``; a bare string is a prompt
+without a reference. Each returned row is a dict:
 
-    {"prompt_index": 3, "sample_index": 1,           # prompt's position in the input, 0..num_samples-1
-     "prompt": "Q: 2+3=?\\n" | [messages...],         # as in the data
-     "completion": "2+3=5. A: 5",                    # the generated text, up to (not including) EOS
-     "reference": "2+3=5. A: 5\\n" | None,
-     "finished": True,                               # stopped at EOS (False: hit max_new_tokens)
-     "num_tokens": 12,                               # generated tokens, EOS included
-     "reward": 1.0, "accepted": True}                # reward >= threshold and finished
+```python
+{"prompt_index": 3, "sample_index": 1,           # prompt's position in the input, 0..num_samples-1
+ "prompt": "Q: 2+3=?\\n" | [messages...],         # as in the data
+ "completion": "2+3=5. A: 5",                    # the generated text, up to (not including) EOS
+ "reference": "2+3=5. A: 5\\n" | None,
+ "finished": True,                               # stopped at EOS (False: hit max_new_tokens)
+ "num_tokens": 12,                               # generated tokens, EOS included
+ "reward": 1.0, "accepted": True}                # reward >= threshold and finished
+```
 
 A sample cut by ``max_new_tokens`` is never accepted: ``dft train`` appends EOS to every completion, so
 training on it would teach the model to stop mid-answer (its reward is still recorded).
@@ -72,7 +76,8 @@ class Prompt:
 
 
 def read_prompts(data: Iterable[Any]) -> list[Prompt]:
-    """The rows of ``data`` as :class:`Prompt` s; :class:`dft.data.DataError` for a row with no prompt."""
+    """The rows of ``data`` as [`Prompt`][dft.sampling.Prompt]s; [`dft.data.DataError`][dft.data.DataError] for
+    a row with no prompt."""
     from .data import DataError, check_row
 
     out = []
@@ -131,9 +136,9 @@ def check(
 ) -> Verifier:
     """Everything that can be wrong before generating, as one ``ValueError`` line; returns the verifier.
 
-    Checks the numbers, loads the verifier (:class:`~dft.verifiers.VerifierError`), requires a reference in
-    every row when the verifier needs one (``exact``, ``math``), a chat template when rows are chat, and calls
-    the verifier once on the first row (its reference as the completion): it must return a finite number.
+    Checks the numbers, loads the verifier ([`VerifierError`][dft.verifiers.VerifierError]), requires a
+    reference in every row when the verifier needs one (``exact``, ``math``), a chat template when rows are chat, and
+    calls the verifier once on the first row (its reference as the completion): it must return a finite number.
     """
     from .data import DataError
 
@@ -188,7 +193,7 @@ def check_options(
 
 
 def check_chat_template(prompts: Sequence[Prompt], tokenizer: Any) -> None:
-    """Chat rows need a tokenizer with a chat template (:class:`dft.data.DataError` otherwise)."""
+    """Chat rows need a tokenizer with a chat template ([`dft.data.DataError`][dft.data.DataError] otherwise)."""
     from .data import DataError
 
     if any(p.chat for p in prompts) and not getattr(tokenizer, "chat_template", None):
@@ -332,7 +337,7 @@ def score(
 
     Rows need ``prompt``, ``completion`` and ``reference`` (``None`` allowed for user verifiers):
     ``samples.jsonl`` from any generator (vLLM, ...) can be verified this way. A verifier that raises or
-    returns a non-number raises :class:`~dft.verifiers.VerifierError` naming the row.
+    returns a non-number raises [`VerifierError`][dft.verifiers.VerifierError] naming the row.
     """
     fn = load_verifier(verifier, answer_regex=answer_regex)
     if not math.isfinite(threshold):
@@ -370,8 +375,8 @@ def sample(
     threshold: float = 1.0,
     progress: bool = False,
 ) -> list[dict]:
-    """:func:`generate` then :func:`score`: every sample with its reward; everything is checked
-    (:func:`check`) before the first token is generated."""
+    """[`generate`][dft.sampling.generate] then [`score`][dft.sampling.score]: every sample with its reward; everything
+    is checked ([`check`][dft.sampling.check]) before the first token is generated."""
     items = read_prompts(prompts)
     fn = check(
         items, verifier, num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -441,9 +446,9 @@ def _jsonl(rows: Iterable[dict]) -> str:
 
 
 def write(rows: Sequence[dict], output_dir: str | Path, *, threshold: float = 1.0, extra: dict | None = None) -> dict:
-    """Write ``samples.jsonl`` (every row), ``accepted.jsonl`` (:func:`accepted`) and ``summary.json``
-    (:func:`summarize` + ``extra``) into ``output_dir``, each with an atomic rename (summary last).
-    Returns the summary."""
+    """Write ``samples.jsonl`` (every row), ``accepted.jsonl`` ([`accepted`][dft.sampling.accepted]) and
+    ``summary.json`` ([`summarize`][dft.sampling.summarize] + ``extra``) into ``output_dir``, each with an atomic rename
+    (summary last). Returns the summary."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {**summarize(rows, threshold), **(extra or {})}

@@ -1,7 +1,7 @@
 """Per-batch diagnostics: cross-entropy, mean target probability, token accuracy, entropy.
 
 DFT loss values are much smaller than cross-entropy (each token is scaled by its own ``p``), so a
-DFT run must log the CE next to its loss to be readable. :class:`TokenStats` holds *sums* over the
+DFT run must log the CE next to its loss to be readable. [`TokenStats`][dft.TokenStats] holds *sums* over the
 supervised tokens so that micro-batches, accumulation steps and ranks add up exactly; the
 properties turn them into means for logging.
 """
@@ -95,7 +95,7 @@ class TokenStats:
 
     @classmethod
     def unpack(cls, packed: Tensor) -> TokenStats:
-        """Inverse of :meth:`pack`."""
+        """Inverse of [`pack`][dft.TokenStats.pack]."""
         return cls(*packed.unbind())
 
     @staticmethod
@@ -139,7 +139,7 @@ def token_stats_from_probs(
 def token_stats_from_rows(
     target_logp: Tensor, correct: Tensor, entropy: Tensor, kl: Tensor | None = None, valid: Tensor | None = None
 ) -> TokenStats:
-    """The sums of :class:`TokenStats` from per-token values (the one place they are summed).
+    """The sums of [`TokenStats`][dft.TokenStats] from per-token values (the one place they are summed).
 
     Args:
         target_logp: ``[N]`` ``log p`` of the labels; correct: ``[N]`` bool, argmax == label;

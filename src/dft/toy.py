@@ -1,12 +1,14 @@
 """A tiny offline task for examples and tests: multi-step arithmetic with worked solutions.
 
-Character-level, so no tokenizer download is needed::
+Character-level, so no tokenizer download is needed:
 
-    prompt:     "Q: 23+58+7=?\\n"
-    completion: "23+58=81; 81+7=88. A: 88\\n"
+```text
+prompt:     "Q: 23+58+7=?\\n"
+completion: "23+58=81; 81+7=88. A: 88\\n"
+```
 
 ``toy_batch`` turns examples into ``input_ids``/``attention_mask``/``labels`` with the prompt masked
-(labels = -100 on the prompt and on padding), ready for :func:`dft.causal_lm_loss`.
+(labels = -100 on the prompt and on padding), ready for [`dft.causal_lm_loss`][dft.causal_lm_loss].
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = ["CHARS", "arithmetic_examples", "decode", "encode", "toy_batch", "toy
 
 PAD, BOS = 0, 1
 CHARS = "0123456789+-=?;.:QA \n"
+"""The toy vocabulary's characters, ids 2 and up (0 = pad, 1 = bos); ``"\\n"`` (the EOS token) ends a completion."""
 _INDEX = {c: i + 2 for i, c in enumerate(CHARS)}
 VOCAB_SIZE = len(CHARS) + 2
 
@@ -33,6 +36,7 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: list[int]) -> str:
+    """Ids -> characters, the inverse of [`encode`][dft.toy.encode] (pad and bos ids are dropped)."""
     return "".join(CHARS[i - 2] for i in ids if i >= 2)
 
 
@@ -94,7 +98,7 @@ def toy_model(hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> torc
 
 
 def toy_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast`` with the same ids as :func:`encode` (built locally).
+    """A character-level ``PreTrainedTokenizerFast`` with the same ids as [`encode`][dft.toy.encode] (built locally).
 
     ``<pad>`` = 0, ``<bos>`` = 1 (prepended to every encoded text), the newline doubles as ``eos``.
     """

@@ -1,13 +1,16 @@
 """Hugging Face Trainer adapter: ``DFTConfig`` and ``DFTTrainer`` (fused head, exact normalisation).
 
-Swap ``Trainer``/``TrainingArguments`` for ``DFTTrainer``/``DFTConfig`` and keep everything else::
+Swap ``Trainer``/``TrainingArguments`` for ``DFTTrainer``/``DFTConfig`` and keep everything else:
 
-    args = dft.DFTConfig(output_dir="out", dft_alpha=1.0, dft_warmup_ratio=0.1)
-    trainer = dft.DFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    trainer.train()
+```python
+args = dft.DFTConfig(output_dir="out", dft_alpha=1.0, dft_warmup_ratio=0.1)
+trainer = dft.DFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+trainer.train()
+```
 
-The adapter only translates: it finds the backbone and head (:mod:`dft.models`), passes tensors to
-:func:`dft.linear_dft_loss` through :func:`dft.causal_lm_loss`, and logs what comes back.
+The adapter only translates: it finds the backbone and head ([`dft.models`][dft.models]), passes tensors to
+[`dft.linear_dft_loss`][dft.linear_dft_loss] through [`dft.causal_lm_loss`][dft.causal_lm_loss], and logs what comes
+back.
 """
 
 from __future__ import annotations
@@ -32,43 +35,32 @@ DEFAULT_ASFT_KL_COEF = 0.1  # LLaMA-Factory's asft_alpha
 
 @dataclass
 class DFTArguments:
-    """The DFT loss options, as dataclass fields shared by :class:`DFTConfig` and TRL's ``DFTSFTConfig``.
+    """The DFT loss options, as dataclass fields shared by [`DFTConfig`][dft.trainer.DFTConfig] and TRL's
+    ``DFTSFTConfig``.
 
     Args:
-        loss_type (`str`, *optional*, defaults to `"dft"`):
-            `"dft"` for Dynamic Fine-Tuning, `"sft"` (or TRL's `"nll"`) for plain cross-entropy through the
-            same code path (`alpha=0`), handy for side-by-side runs; `"asft"`: DFT plus a KL anchor to a
-            reference model (`kl_coef`, default 0.1; give `DFTTrainer(ref_model=...)` or train a PEFT
-            model); `"eaft"`: cross-entropy weighted by the top-k entropy (`eaft_alpha`, `eaft_top_k`).
-        dft_alpha (`float`, *optional*, defaults to `1.0`):
-            Power of the detached target probability in the token weight, `w = p ** alpha`.
-        dft_min_weight (`float`, *optional*):
-            Floor of the token weight, `w = max(w, dft_min_weight)` (the authors' pre-release code used 0.01).
-        dft_beta (`float`, *optional*, defaults to `1.0`):
-            Mix with cross-entropy, `w = beta * w + (1 - beta)`; the final value of the warm-up.
-        dft_warmup_steps (`int`, *optional*, defaults to `0`):
-            Optimizer steps over which `beta` ramps linearly from 0 (CE) to `dft_beta`.
-        dft_warmup_ratio (`float`, *optional*, defaults to `0.0`):
-            Same as a fraction of the total training steps; used when `dft_warmup_steps` is 0.
-        fused_lm_head (`bool`, *optional*, defaults to `True`):
-            Compute the loss from the last hidden states and the output embedding without building
-            the `[tokens, vocab]` logits. False uses the logits path.
-        loss_chunk_size (`int`, *optional*):
-            Token rows per chunk of the fused head; None: equal chunks within the device's budget.
-        kl_coef (`float`, *optional*):
-            Weight of the per-token `KL(reference || model)` anchor (ASFT). None: 0.1 for
-            `loss_type="asft"`, 0 otherwise. Any value > 0 needs a reference.
-        eaft_alpha (`float`, *optional*, defaults to `1.0`):
-            EAFT's power of the normalised top-k entropy (used with `loss_type="eaft"`).
-        eaft_top_k (`int`, *optional*, defaults to `20`):
-            EAFT's `k`.
-        dft_log_prior (`bool`, *optional*, defaults to `True`):
-            Log `prior/mean_p` and `prior/frac_below_0.01` once: the base model's figures on the first
+        loss_type: `"dft"` for Dynamic Fine-Tuning, `"sft"` (or TRL's `"nll"`) for plain cross-entropy through the same
+            code path (`alpha=0`), handy for side-by-side runs; `"asft"`: DFT plus a KL anchor to a reference model
+            (`kl_coef`, default 0.1; give `DFTTrainer(ref_model=...)` or train a PEFT model); `"eaft"`: cross-entropy
+            weighted by the top-k entropy (`eaft_alpha`, `eaft_top_k`).
+        dft_alpha: Power of the detached target probability in the token weight, `w = p ** alpha`.
+        dft_min_weight: Floor of the token weight, `w = max(w, dft_min_weight)` (the authors' pre-release code used
+            0.01).
+        dft_beta: Mix with cross-entropy, `w = beta * w + (1 - beta)`; the final value of the warm-up.
+        dft_warmup_steps: Optimizer steps over which `beta` ramps linearly from 0 (CE) to `dft_beta`.
+        dft_warmup_ratio: Same as a fraction of the total training steps; used when `dft_warmup_steps` is 0.
+        fused_lm_head: Compute the loss from the last hidden states and the output embedding without building the
+            `[tokens, vocab]` logits. False uses the logits path.
+        loss_chunk_size: Token rows per chunk of the fused head; None: equal chunks within the device's budget.
+        kl_coef: Weight of the per-token `KL(reference || model)` anchor (ASFT). None: 0.1 for `loss_type="asft"`, 0
+            otherwise. Any value > 0 needs a reference.
+        eaft_alpha: EAFT's power of the normalised top-k entropy (used with `loss_type="eaft"`).
+        eaft_top_k: EAFT's `k`.
+        dft_log_prior: Log `prior/mean_p` and `prior/frac_below_0.01` once: the base model's figures on the first
             optimizer step's batches (from the loss's own statistics, no extra pass; see `dft inspect`).
-        dft_ce_tokens (`str`, *optional*):
-            Targets kept on cross-entropy (weight 1, DFT elsewhere): `"special"` (the tokenizer's special
-            tokens, EOS included), comma-separated token ids, or both (`"special,32001"`). A stop token or
-            format marker the base never produced has `p ~ 1/V`: plain DFT barely trains it.
+        dft_ce_tokens: Targets kept on cross-entropy (weight 1, DFT elsewhere): `"special"` (the tokenizer's special
+            tokens, EOS included), comma-separated token ids, or both (`"special,32001"`). A stop token or format marker
+            the base never produced has `p ~ 1/V`: plain DFT barely trains it.
     """
 
     loss_type: str = field(default="dft", metadata={"help": "'dft' (Dynamic Fine-Tuning) or 'sft' (cross-entropy)."})
@@ -117,7 +109,7 @@ class DFTArguments:
         return DEFAULT_ASFT_KL_COEF if self.loss_type == "asft" else 0.0
 
     def dft_weighting(self, beta: float | None = None, ce_tokens: tuple[int, ...] | None = None) -> DFTWeight:
-        """The :class:`dft.DFTWeight` these arguments describe (``beta``: the warm-up's current value;
+        """The [`dft.DFTWeight`][dft.DFTWeight] these arguments describe (``beta``: the warm-up's current value;
         ``ce_tokens``: ``dft_ce_tokens`` resolved to ids)."""
         if self.loss_type in ("sft", "nll"):
             return DFTWeight(alpha=0.0)
@@ -157,10 +149,10 @@ def ce_token_ids(spec: str | None, tokenizer: Any = None) -> tuple[int, ...] | N
 
 @dataclass
 class DFTConfig(TrainingArguments, DFTArguments):
-    """``transformers.TrainingArguments`` plus the DFT loss options of :class:`DFTArguments`:
+    """``transformers.TrainingArguments`` plus the DFT loss options of [`DFTArguments`][dft.trainer.DFTArguments]:
     ``loss_type``, ``dft_alpha``, ``dft_min_weight``, ``dft_beta``, ``dft_warmup_steps``,
     ``dft_warmup_ratio``, ``fused_lm_head``, ``loss_chunk_size``, ``kl_coef``, ``eaft_alpha``,
-    ``eaft_top_k``. Invalid values raise ``ValueError``."""
+    ``eaft_top_k``, ``dft_log_prior``, ``dft_ce_tokens``. Invalid values raise ``ValueError``."""
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
@@ -181,16 +173,16 @@ class _TrainerTouchPoints:
       and not divide our (already ``num_items``-normalised) loss again by the accumulation steps.
     * ``_get_num_items_in_batch``: Trainer counts ``labels[..., 1:]``, which over-counts packed rows
       (targets that cross a ``position_ids`` restart). We hand it batches whose ``shift_labels`` are
-      our targets (:func:`dft.labels.causal_targets`), so its count — and its gather over ranks and
+      our targets ([`dft.labels.causal_targets`][dft.causal_targets]), so its count — and its gather over ranks and
       its TP/CP divisions — is taken over exactly what the loss averages.
     * ``get_batch_samples``: transformers < 4.57 has no ``_get_num_items_in_batch`` and counts
       ``labels.ne(-100)`` without the causal shift (nothing for batches with only ``shift_labels``);
       there we count the targets ourselves (and gather them over ranks with
       ``average_tokens_across_devices``, as Trainer does).
-    * :meth:`_undo_rank_average`: with ``average_tokens_across_devices`` the count covers all ranks
+    * ``_undo_rank_average``: with ``average_tokens_across_devices`` the count covers all ranks
       and DDP averages gradients, so the loss is multiplied by the number of data-parallel ranks,
       as Trainer does for its own losses.
-    * Ulysses sequence parallelism (:meth:`_ulysses_sp_size`: accelerate's ``ParallelismConfig(sp_size=N,
+    * Ulysses sequence parallelism (``_ulysses_sp_size``: accelerate's ``ParallelismConfig(sp_size=N,
       sp_backend="deepspeed")``; transformers >= 5). Trainer wraps the train loader in DeepSpeed's
       ``UlyssesSPDataLoaderAdapter``, which pops ``labels``, adds the pre-shifted ``shift_labels`` and
       gives each rank of an SP group its own slice of the same rows' sequences, and routes its own
@@ -201,7 +193,7 @@ class _TrainerTouchPoints:
         divides by ``tp * cp * sp`` ("devices with the same batch"); the adapter has already sharded
         the sequences, so the gather counts every target once and the ``/ sp`` is undone here
         (eval batches are not sharded at all: each rank has its own rows, and the same holds).
-      - the gradient (:meth:`_sp_ranks_summed`): each SP rank holds the gradient of its slice's loss
+      - the gradient (``_sp_ranks_summed``): each SP rank holds the gradient of its slice's loss
         (the all-to-alls' backward included), and DeepSpeed reduces them over the sequence-data-parallel
         group (every rank) in one of two ways. ZeRO 0-2 (``engine._reduce_non_expert_gradients``;
         ``stage_1_and_2`` ``gradient_reduction_w_predivide``, ``average_tensor``, ``allreduce_bucket``)
@@ -213,14 +205,14 @@ class _TrainerTouchPoints:
         included: ``num_processes // tp`` as under DDP. ZeRO-3 with ``reduce_scatter: false`` and a
         parameter larger than ``reduce_bucket_size`` would mix both per bucket: refused. DeepSpeed >= 0.20.2
         (deepspeedai/DeepSpeed#8854, as transformers 5.25's ``deepspeed_sp_compute_loss`` reads it) scales
-        ZeRO-3's gradients over the SP group on every path: summed, as ZeRO 0-2 (:func:`_zero3_sums_sp_ranks`).
+        ZeRO-3's gradients over the SP group on every path: summed, as ZeRO 0-2 (``_zero3_sums_sp_ranks``).
       - the logged value: Trainer logs the mean over all ranks of the returned losses, so each rank
         returns ``num_processes // tp`` times its share (as under DDP), with the gradient of the factor
         above where the two differ: ``grad + (value - grad).detach()``.
 
       ``average_tokens_across_devices=False`` would normalise each slice by its own count (a sum of
       per-slice means over the SP group): refused.
-    * :meth:`_router_loss_steps`: ``current_gradient_accumulation_steps`` (set by Trainer's loop; the
+    * ``_router_loss_steps``: ``current_gradient_accumulation_steps`` (set by Trainer's loop; the
       configured steps before it exists), for a MoE router loss.
     """
 
@@ -373,7 +365,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
     """The DFT ``compute_loss`` + logging, for any ``transformers.Trainer`` subclass (Trainer, TRL's SFTTrainer).
 
     Put it first in the bases (``class MyTrainer(DFTTrainerMixin, Trainer)``); its ``__init__`` is
-    cooperative. Reads the loss options from ``self.args`` (a :class:`DFTConfig` or any arguments
+    cooperative. Reads the loss options from ``self.args`` (a [`DFTConfig`][dft.trainer.DFTConfig] or any arguments
     object with the same fields; missing fields take the DFT defaults).
     """
 
@@ -441,7 +433,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         return beta_schedule(self.state.global_step, self._dft_option("dft_beta", 1.0), steps)
 
     def dft_weighting(self) -> DFTWeight:
-        """The :class:`dft.DFTWeight` of the current step (warm-up applied)."""
+        """The [`dft.DFTWeight`][dft.DFTWeight] of the current step (warm-up applied)."""
         return self._dft_args().dft_weighting(beta=self.current_dft_beta(), ce_tokens=self._dft_ce_tokens)
 
     def compute_loss(

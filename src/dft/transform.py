@@ -1,14 +1,16 @@
 """How a model turns its head output into logits: scale, soft-cap, temperature (one value, every path).
 
 ``LogitTransform(logit_scale, softcap, temperature)`` maps the head's output ``z = h @ W.T + b`` to
-the logits the loss sees::
+the logits the loss sees:
 
-    u = softcap * tanh(logit_scale * z / softcap) / temperature     # no tanh when softcap is None
+```text
+u = softcap * tanh(logit_scale * z / softcap) / temperature     # no tanh when softcap is None
+```
 
 Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier`` are
 a ``logit_scale``; Gemma 2/3's ``final_logit_softcapping`` is a ``softcap``. ``dft.dft_loss``
 applies it to materialised logits, ``dft.linear_dft_loss`` inside each chunk (in place), and
-``dft.causal_lm_loss`` composes the model's own transform with the user's (:meth:`then`).
+``dft.causal_lm_loss`` composes the model's own transform with the user's ([`then`][dft.LogitTransform.then]).
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ class LogitTransform:
     """``u = softcap * tanh(logit_scale * z / softcap) / temperature`` (see the module docstring).
 
     Args:
-        logit_scale (`float`, *optional*, defaults to `1.0`): multiplies the head output first.
-        softcap (`float`, *optional*): final logit soft-capping; None for no tanh.
-        temperature (`float`, *optional*, defaults to `1.0`): divides the logits last.
+        logit_scale: multiplies the head output first.
+        softcap: final logit soft-capping; None for no tanh.
+        temperature: divides the logits last.
     """
 
     logit_scale: float = 1.0
@@ -121,7 +123,8 @@ class LogitTransform:
 
 
 class TransformOptions(TypedDict, total=False):
-    """The fields of :class:`LogitTransform` as flat keyword arguments (``linear_dft_loss(..., softcap=30.0)``)."""
+    """The fields of [`LogitTransform`][dft.LogitTransform] as flat keyword arguments
+    (``linear_dft_loss(..., softcap=30.0)``)."""
 
     logit_scale: float
     softcap: float | None

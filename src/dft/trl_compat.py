@@ -2,11 +2,13 @@
 
 Requires the optional extra ``pip install 'dft-loss[trl]'``. Everything SFTTrainer does to the data
 (chat templates, completion-only loss, packing, padding-free) is kept; only ``compute_loss`` and the
-logged diagnostics come from :class:`dft.DFTTrainerMixin`::
+logged diagnostics come from [`dft.DFTTrainerMixin`][dft.trainer.DFTTrainerMixin]:
 
-    from dft import DFTSFTConfig, DFTSFTTrainer
-    args = DFTSFTConfig(output_dir="out", loss_type="dft", dft_alpha=1.0, dft_min_weight=0.01)
-    DFTSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+```python
+from dft import DFTSFTConfig, DFTSFTTrainer
+args = DFTSFTConfig(output_dir="out", loss_type="dft", dft_alpha=1.0, dft_min_weight=0.01)
+DFTSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train()
+```
 
 ``loss_type``: ``"dft"`` (default here), ``"sft"`` / TRL's ``"nll"`` (cross-entropy), ``"asft"`` (DFT + a KL
 anchor: pass ``ref_model=`` or train a PEFT model) or ``"eaft"``; TRL's own check of the field only ever
@@ -30,7 +32,8 @@ __all__ = ["DFTSFTConfig", "DFTSFTTrainer"]
 
 @dataclass
 class DFTSFTConfig(DFTArguments, SFTConfig):
-    """``trl.SFTConfig`` plus the DFT loss options of :class:`dft.DFTArguments` (``loss_type`` defaults to "dft")."""
+    """``trl.SFTConfig`` plus the DFT loss options of [`dft.DFTArguments`][dft.trainer.DFTArguments] (``loss_type``
+    defaults to "dft")."""
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
@@ -49,7 +52,8 @@ def _bf16_available() -> bool:
 class _TrlSeesItsOwnLoss(SFTTrainer):
     """``SFTTrainer.__init__`` with ``args.loss_type`` shown as TRL's ``"nll"``: TRL refuses values it does not
     know (``"sft"``, ``"asft"``, ``"eaft"``) and ``"dft"`` under DeepSpeed sequence parallelism, although its own
-    loss is never used here (``compute_loss`` is :class:`dft.DFTTrainerMixin`'s). Restored right after."""
+    loss is never used here (``compute_loss`` is [`dft.DFTTrainerMixin`][dft.trainer.DFTTrainerMixin]'s). Restored right
+    after."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         config = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -64,5 +68,6 @@ class _TrlSeesItsOwnLoss(SFTTrainer):
 
 
 class DFTSFTTrainer(DFTTrainerMixin, _TrlSeesItsOwnLoss):
-    """``trl.SFTTrainer`` whose loss is :func:`dft.causal_lm_loss` (fused head, exact normalisation); every
-    ``loss_type`` of :class:`dft.DFTArguments` (``"dft"``, ``"sft"``/``"nll"``, ``"asft"``, ``"eaft"``)."""
+    """``trl.SFTTrainer`` whose loss is [`dft.causal_lm_loss`][dft.causal_lm_loss] (fused head, exact normalisation);
+    every ``loss_type`` of [`dft.DFTArguments`][dft.trainer.DFTArguments] (``"dft"``, ``"sft"``/``"nll"``, ``"asft"``,
+    ``"eaft"``)."""

@@ -1,11 +1,11 @@
 """Verifiers: a reward for one sampled completion, ``reward(prompt, completion, reference) -> float``.
 
-Three kinds, named as ``dft sample --verifier`` takes them (:func:`load_verifier`):
+Three kinds, named as ``dft sample --verifier`` takes them ([`load_verifier`][dft.verifiers.load_verifier]):
 
 * ``exact``: 1.0 when the final answers match, else 0.0. The final answer of a text is the content of its
   last ``\\boxed{...}`` when there is one, else its last number, else the stripped text
-  (:func:`extract_answer`; ``answer_regex`` overrides: the last match, its first group if it has one).
-  Two answers that both read as numbers are compared as numbers (``88`` = ``88.0``, ``1,000`` = ``1000``;
+  ([`extract_answer`][dft.verifiers.extract_answer]; ``answer_regex`` overrides: the last match, its first group if it
+  has one). Two answers that both read as numbers are compared as numbers (``88`` = ``88.0``, ``1,000`` = ``1000``;
   a minus sign counts when it does not follow a digit, a letter or a bracket: ``52-17`` ends in ``17``),
   others as text with spaces, ``$`` and a trailing period removed.
 * ``math``: ``math-verify`` (Hugging Face's answer checker: LaTeX and expressions parsed to SymPy and
@@ -15,8 +15,8 @@ Three kinds, named as ``dft sample --verifier`` takes them (:func:`load_verifier
   string, or for chat rows the list of messages before the reference turn); ``reference`` is the row's
   completion / last assistant turn, ``None`` when the row has none.
 
-A sample is *accepted* when its reward is ``>= threshold`` (default 1.0). :func:`reward_of` calls a
-verifier and checks what it returns (a finite real number, else :class:`VerifierError`).
+A sample is *accepted* when its reward is ``>= threshold`` (default 1.0). [`reward_of`][dft.verifiers.reward_of] calls a
+verifier and checks what it returns (a finite real number, else [`VerifierError`][dft.verifiers.VerifierError]).
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def _normalise(text: str) -> str:
 
 
 class ExactVerifier:
-    """``exact``: 1.0 when :func:`extract_answer` of the completion equals that of the reference."""
+    """``exact``: 1.0 when [`extract_answer`][dft.verifiers.extract_answer] of the completion equals that of the
+    reference."""
 
     needs_reference = True
 
@@ -179,8 +180,8 @@ def _import_module(name: str) -> Any:
 def load_verifier(spec: str | Verifier, *, answer_regex: str | None = None) -> Verifier:
     """``"exact"``, ``"math"``, ``"MODULE:FUNCTION"`` (or ``"path/to/file.py:FUNCTION"``), or a callable.
 
-    Raises :class:`VerifierError` (one line) when the spec names nothing callable, the module does not
-    import, math-verify is missing, or ``answer_regex`` is given with a verifier that does not use it / is
+    Raises [`VerifierError`][dft.verifiers.VerifierError] (one line) when the spec names nothing callable, the module
+    does not import, math-verify is missing, or ``answer_regex`` is given with a verifier that does not use it / is
     not a valid regular expression.
     """
     if callable(spec):
@@ -216,8 +217,8 @@ def load_verifier(spec: str | Verifier, *, answer_regex: str | None = None) -> V
 
 
 def reward_of(verifier: Verifier, prompt: Any, completion: str, reference: Any) -> float:
-    """``float(verifier(prompt, completion, reference))``; :class:`VerifierError` when it raises or returns
-    something that is not a finite real number (``bool`` counts as 0 / 1)."""
+    """``float(verifier(prompt, completion, reference))``; [`VerifierError`][dft.verifiers.VerifierError] when it raises
+    or returns something that is not a finite real number (``bool`` counts as 0 / 1)."""
     try:
         value = verifier(prompt, completion, reference)
     except VerifierError:

@@ -7,8 +7,8 @@ The hidden states are the same on every rank of the group. Per chunk of rows the
 
 1. reduces its own ``[C, V_k]`` block: row max ``m_k``, ``s_k = sum exp(u - m_k)``, the target logit
    where this rank owns the target column (0 elsewhere), and the statistics' partials;
-2. **combines** them over the group (:func:`combine`, one ``all_gather`` of a ``[fields, C]`` block):
-   ``M = max_k m_k``, ``s = sum_k exp(m_k - M) s_k``, ``u_y = sum_k u_y,k``, the entropy's
+2. **combines** them over the group ([`combine`][dft.vocab_parallel.combine], one ``all_gather`` of a
+   ``[fields, C]`` block): ``M = max_k m_k``, ``s = sum_k exp(m_k - M) s_k``, ``u_y = sum_k u_y,k``, the entropy's
    ``t = sum_k exp(m_k - M) (t_k + (m_k - M) s_k)``, the argmax of the first rank holding ``M``;
    ASFT's reference partials the same way;
 3. finishes as on one rank: ``log p_y = u_y - M - log s``, the weights, the loss, the statistics —
@@ -16,7 +16,7 @@ The hidden states are the same on every rank of the group. Per chunk of rows the
    that is summed over the group once per call (the head's input is replicated).
 
 So per rank the head costs ``1/tp`` of the FLOPs and memory; no rank ever holds the full weight or
-full logits. Without a shard (:data:`None`) every step is the identity.
+full logits. Without a shard (``None``) every step is the identity.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["RowPartials", "VocabShard", "combine", "localize_head"]
 class VocabShard:
     """This rank's slice of a vocabulary-sharded head: rows ``[offset, offset + weight.shape[0])`` of ``[V, H]``.
 
-    Pass it to :func:`dft.linear_dft_loss` (``vocab_shard=``) with the *local* weight ``[V_k, H]`` when
+    Pass it to [`dft.linear_dft_loss`][dft.linear_dft_loss] (``vocab_shard=``) with the *local* weight ``[V_k, H]`` when
     the head is sharded by hand (Megatron-style); a ``Shard(0)`` DTensor weight is recognised without it.
 
     Attributes:
@@ -80,7 +80,7 @@ def is_dtensor(t: object) -> bool:
 
 
 def _shard_of(weight: Any) -> VocabShard | None:
-    """The :class:`VocabShard` of a DTensor head weight (None when it is replicated on every mesh dim).
+    """The [`VocabShard`][dft.VocabShard] of a DTensor head weight (None when it is replicated on every mesh dim).
 
     Raises:
         ValueError: a placement the fused head cannot use (sharded on the hidden dim, partial sums,

@@ -1,18 +1,20 @@
 """The DFT weight family: one map from detached target log-probabilities to token weights.
 
-Every loss path in :mod:`dft` (materialised logits in :mod:`dft.losses`, the fused head in
-:mod:`dft.fused`) calls :meth:`DFTWeight.__call__`; nothing else derives a weight.
+Every loss path in ``dft`` (materialised logits in [`dft.losses`][dft.losses], the fused head in
+[`dft.fused`][dft.fused]) calls [`DFTWeight.__call__`][dft.DFTWeight.__call__]; nothing else derives a weight.
 
 For a token with target probability ``p`` (``logp = log p``, already detached), the weight is built
-in this order::
+in this order:
 
-    w = p ** alpha                      # alpha=0: cross-entropy, alpha=1: DFT (Wu et al. 2025)
-    w = max(w, min_weight)              # floor (authors' pre-release code used 0.01)
-    w = beta * w + (1 - beta)           # mix: beta=0 is CE, beta=1 is the weight above
-    w = w * (H_k / ln k) ** eaft_alpha  # EAFT: entropy of the model's top-k distribution (k = eaft_top_k)
-    w = w * [p >= p_min] * [p <= p_max] # thresholds: tokens outside get weight 0
-                                        # (they still count in the mean's denominator)
-    w = 1 where y in ce_token_ids       # tokens kept on cross-entropy (e.g. EOS and the special tokens)
+```text
+w = p ** alpha                      # alpha=0: cross-entropy, alpha=1: DFT (Wu et al. 2025)
+w = max(w, min_weight)              # floor (authors' pre-release code used 0.01)
+w = beta * w + (1 - beta)           # mix: beta=0 is CE, beta=1 is the weight above
+w = w * (H_k / ln k) ** eaft_alpha  # EAFT: entropy of the model's top-k distribution (k = eaft_top_k)
+w = w * [p >= p_min] * [p <= p_max] # thresholds: tokens outside get weight 0
+                                    # (they still count in the mean's denominator)
+w = 1 where y in ce_token_ids       # tokens kept on cross-entropy (e.g. EOS and the special tokens)
+```
 
 A user callable ``weight_fn(logp) -> w`` replaces the first three steps (EAFT and thresholds still
 apply). EAFT (Entropy-Adaptive Fine-Tuning, arXiv 2601.02151) needs the token's whole detached
@@ -55,33 +57,23 @@ class DFTWeight:
     """Token weights of the DFT family, from detached log-probabilities.
 
     Args:
-        alpha (`float`, *optional*, defaults to `1.0`):
-            Power of the target probability, ``w = p ** alpha``. ``0`` gives cross-entropy exactly,
-            ``1`` the paper's DFT; values in between follow "Beyond Log Likelihood" (arXiv 2510.00526).
-        min_weight (`float`, *optional*):
-            Floor ``w = max(w, min_weight)``, in ``[0, 1]``.
-        beta (`float`, *optional*, defaults to `1.0`):
-            Mix ``w = beta * w + (1 - beta)`` in ``[0, 1]``: ``0`` is cross-entropy, ``1`` the pure weight.
-            Ramp it from 0 to 1 for a CE -> DFT warm-up.
-        p_min (`float`, *optional*):
-            Only tokens with ``p >= p_min`` get a weight; the others get ``0``.
-        p_max (`float`, *optional*):
-            Only tokens with ``p <= p_max`` get a weight; the others get ``0``.
-        weight_fn (`Callable[[Tensor], Tensor]`, *optional*):
-            Replaces power, floor and mix: ``weight_fn(logp)`` with ``logp`` of shape ``[N]`` (detached,
-            float32 or float64) returns weights of shape ``[N]``.
-        eaft_alpha (`float`, *optional*, defaults to `0.0`):
-            EAFT: multiply by ``(H_k / ln k) ** eaft_alpha`` with ``H_k`` the entropy of the model's
-            top-``k`` distribution (detached). ``0`` disables it; EAFT proper is ``alpha=0, eaft_alpha=1``.
-        eaft_top_k (`int`, *optional*, defaults to `20`):
-            ``k`` of the EAFT entropy (LLaMA-Factory's default).
-        ce_token_ids (`tuple[int, ...]`, *optional*):
-            Target ids trained with cross-entropy (weight exactly 1, whatever the other options say),
-            e.g. the tokenizer's special tokens: a stop token the base never produced has ``p ~ 1/V``,
-            so DFT alone would give it almost no gradient and generation would not stop.
+        alpha: Power of the target probability, ``w = p ** alpha``. ``0`` gives cross-entropy exactly, ``1`` the paper's
+            DFT; values in between follow "Beyond Log Likelihood" (arXiv 2510.00526).
+        min_weight: Floor ``w = max(w, min_weight)``, in ``[0, 1]``.
+        beta: Mix ``w = beta * w + (1 - beta)`` in ``[0, 1]``: ``0`` is cross-entropy, ``1`` the pure weight. Ramp it
+            from 0 to 1 for a CE -> DFT warm-up.
+        p_min: Only tokens with ``p >= p_min`` get a weight; the others get ``0``.
+        p_max: Only tokens with ``p <= p_max`` get a weight; the others get ``0``.
+        weight_fn: Replaces power, floor and mix: ``weight_fn(logp)`` with ``logp`` of shape ``[N]`` (detached, float32
+            or float64) returns weights of shape ``[N]``.
+        eaft_alpha: EAFT: multiply by ``(H_k / ln k) ** eaft_alpha`` with ``H_k`` the entropy of the model's top-``k``
+            distribution (detached). ``0`` disables it; EAFT proper is ``alpha=0, eaft_alpha=1``.
+        eaft_top_k: ``k`` of the EAFT entropy (LLaMA-Factory's default).
+        ce_token_ids: Target ids trained with cross-entropy (weight exactly 1, whatever the other options say), e.g. the
+            tokenizer's special tokens: a stop token the base never produced has ``p ~ 1/V``, so DFT alone would give it
+            almost no gradient and generation would not stop.
 
-    Example::
-
+    Examples:
         >>> w = DFTWeight(alpha=1.0, min_weight=0.01)
         >>> w(torch.log(torch.tensor([0.5, 0.001])))
         tensor([0.5000, 0.0100])
@@ -153,8 +145,9 @@ class DFTWeight:
         Args:
             logp: ``[...]`` log-probabilities of the targets, float32 or float64 (detached inside).
             logits: ``[..., V]`` the (transformed) logits of the same tokens; needed only when
-                :attr:`needs_logits` (EAFT), read without a gradient.
-            labels: ``[...]`` the target ids; needed only when :attr:`needs_labels` (``ce_token_ids``).
+                [`needs_logits`][dft.DFTWeight.needs_logits] (EAFT), read without a gradient.
+            labels: ``[...]`` the target ids; needed only when [`needs_labels`][dft.DFTWeight.needs_labels]
+                (``ce_token_ids``).
 
         Returns:
             ``[...]`` weights, same shape and dtype as ``logp``, no graph attached.
@@ -197,7 +190,7 @@ class DFTWeight:
 
     @classmethod
     def resolve(cls, weighting: DFTWeight | None, options: dict[str, Any]) -> DFTWeight:
-        """The ONE place a weight is built from user input: a :class:`DFTWeight` or flat keyword options.
+        """The ONE place a weight is built from user input: a [`DFTWeight`][dft.DFTWeight] or flat keyword options.
 
         ``options`` holds only weight options (``alpha``, ``min_weight``, ...); giving both a
         ``weighting`` object and flat options is ambiguous and raises ``ValueError``.
@@ -247,7 +240,7 @@ def topk_entropy_ratio(logits: Tensor, k: int) -> Tensor:
 
 
 class WeightOptions(TypedDict, total=False):
-    """The fields of :class:`DFTWeight` as flat keyword arguments (``dft_loss(..., alpha=0.5)``)."""
+    """The fields of [`DFTWeight`][dft.DFTWeight] as flat keyword arguments (``dft_loss(..., alpha=0.5)``)."""
 
     alpha: float
     min_weight: float | None
