@@ -472,7 +472,7 @@ def test_offline_rl_smoke_runs(tmp_path):
 
 def test_committed_offline_rl_results():
     """results/offline_rl.json: complete, >= 5 seeds, every loss on the same accepted samples at an interior lr,
-    paired differences with intervals, the README's table made from it."""
+    paired differences with intervals, the docs' table made from it."""
     offline_rl = _load_offline_rl()
     result = json.loads((STUDY / "results" / "offline_rl.json").read_text())
     assert result["complete"] and "--smoke" not in result["command"] and len(result["seeds"]) >= 5
@@ -488,6 +488,6 @@ def test_committed_offline_rl_results():
         d = rft["summary"][loss]["paired"]["rft_sft"]["id_exact_match"]
         assert d["n"] == len(result["seeds"]) and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
     assert set(result["experiments"]["gold"]["summary"]) == {"sft", "dft"}
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "offline-rl.md").read_text()
     for line in offline_rl.markdown(result).splitlines():
-        assert line in readme, f"README's offline-RL table is not the committed results' table: {line}"
+        assert line in page, f"docs/offline-rl.md's table is not the committed results' table: {line}"

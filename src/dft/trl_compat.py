@@ -70,4 +70,19 @@ class _TrlSeesItsOwnLoss(SFTTrainer):
 class DFTSFTTrainer(DFTTrainerMixin, _TrlSeesItsOwnLoss):
     """``trl.SFTTrainer`` whose loss is [`dft.causal_lm_loss`][dft.causal_lm_loss] (fused head, exact normalisation);
     every ``loss_type`` of [`dft.DFTArguments`][dft.trainer.DFTArguments] (``"dft"``, ``"sft"``/``"nll"``, ``"asft"``,
-    ``"eaft"``)."""
+    ``"eaft"``).
+
+    TRL's data handling is kept as it is, its masking defaults included, so the supervised tokens can differ
+    from `dft train`'s on the same file:
+
+    | rows | `DFTSFTTrainer` (TRL's defaults) | `dft train`, `dft.data.prepare_dataset` + `DFTTrainer` |
+    |---|---|---|
+    | prompt / completion | the completion (`completion_only_loss=None`) | the completion |
+    | `messages` | **every token** (`assistant_only_loss=False`) | **the assistant turns** |
+    | `text` | every token | every token |
+
+    To supervise only the assistant turns here, set `DFTSFTConfig(assistant_only_loss=True)`: TRL then needs
+    `{% generation %}` ... `{% endgeneration %}` markers around the assistant content in the chat template,
+    which most templates lack. Or prepare the rows with [`dft.data.prepare_dataset`][dft.data.prepare_dataset]
+    and train with [`DFTTrainer`][dft.trainer.DFTTrainer].
+    """

@@ -1,0 +1,198 @@
+"""README.md and docs/: every code block runs, the figures are the committed results', the text tells the present.
+
+Each page's ```python / ```bash blocks run in order, as a reader follows the page, in a fresh folder of their
+own (offline, CPU), which holds what the pages assume of the reader: ``examples/`` and ``src/`` of this checkout,
+and (except on the getting-started page, which makes them itself) ``my-model/`` (the study's pretrained base
+with a chat template), ``train.jsonl``, ``test.jsonl``, ``prompts.jsonl`` and ``chat.jsonl``. ```json blocks
+parse. A block that cannot run here is marked by ``<!-- not run: REASON -->`` on the line above its fence.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+RUN = {"python", "bash", "json"}
+GETTING_STARTED = ROOT / "docs" / "getting-started.md"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}A: {{ m['content'] }}\n"
+    "{% else %}Q: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+)
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", flags=re.S | re.M)
+NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\s*$")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int
+    lang: str
+    code: str
+    not_run: str | None
+
+    def __str__(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    text = page.read_text()
+    found = []
+    for m in FENCE.finditer(text):
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        reason = NOT_RUN.search(before)
+        found.append(
+            Block(page, text[: m.start()].count("\n") + 1, m.group(1), m.group(2), reason and reason.group(1))
+        )
+    return found
+
+
+ALL = [b for page in PAGES for b in blocks(page)]
+RUNNABLE_PAGES = [p for p in PAGES if any(b.lang in RUN and not b.not_run for b in blocks(p))]
+
+
+def _page_id(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+@pytest.fixture(scope="module")
+def reader_files(tmp_path_factory) -> Path:
+    """What the pages assume of a reader, made as the getting-started page makes it (its first block)."""
+    folder = tmp_path_factory.mktemp("reader")
+    _link_checkout(folder)
+    first = blocks(GETTING_STARTED)[0]
+    assert first.lang == "bash" and "my-model" in first.code, "getting-started's first block makes the files"
+    _run(first, folder)
+    tok_config = folder / "my-model" / "tokenizer_config.json"
+    config = json.loads(tok_config.read_text())
+    tok_config.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    chat = [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in rows[:64]
+    ]
+    (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    return folder
+
+
+def _link_checkout(folder: Path) -> None:
+    for name in ("examples", "src"):
+        (folder / name).symlink_to(ROOT / name, target_is_directory=True)
+
+
+def _run(block: Block, cwd: Path) -> None:
+    if block.lang == "json":
+        json.loads(block.code)
+        return
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [sys.executable, "-c", block.code] if block.lang == "python" else ["bash", "-euo", "pipefail", "-c", block.code]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"{block} ({block.lang}) failed:\n{block.code}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=_page_id)
+def test_page_code_blocks_run(page, reader_files, tmp_path):
+    """The page's blocks, in order, in one folder: what a reader following the page runs."""
+    if page == GETTING_STARTED:
+        _link_checkout(tmp_path)
+    else:
+        shutil.copytree(reader_files, tmp_path, symlinks=True, dirs_exist_ok=True)
+    ran = 0
+    for block in blocks(page):
+        if block.lang in RUN and not block.not_run:
+            _run(block, tmp_path)
+            ran += 1
+    assert ran
+
+
+def test_every_block_runs_or_says_why():
+    assert len(ALL) > 20 and RUNNABLE_PAGES
+    for block in ALL:
+        if block.lang in {"sh", "shell", "console", "py", "yaml", "yml", "toml"}:
+            pytest.fail(f"{block}: use ```bash / ```python / ```json (those run), not ```{block.lang}")
+        if block.not_run is not None:
+            assert block.lang in RUN and len(block.not_run) >= 10, f"{block}: say why it does not run"
+
+
+def test_readme_is_two_screens_and_links_into_the_docs():
+    text = README.read_text()
+    assert len(text.encode()) <= 10 * 1024, f"README.md is {len(text.encode())} bytes"
+    assert "pip install -e" in text and "dft train" in text and "python -m pytest -q tests" in text
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert len(links) >= 10
+    for link in links:
+        assert (ROOT / link).exists(), link
+
+
+def test_the_docs_tell_the_present():
+    """History ("was N", "the first version", issue numbers) belongs in CHANGELOG.md only."""
+    history = re.compile(
+        r"the first version|an earlier (version|review)|\(was [0-9]|\bwas [0-9][0-9.,]*\b|used to be|\bissue [0-9]+|"
+        r"\bbefore, |previous version|re-measured",
+        flags=re.I,
+    )
+    for page in PAGES:
+        if page.name == "changelog.md":
+            continue
+        for i, line in enumerate(page.read_text().splitlines(), 1):
+            assert not history.search(line), f"{page.relative_to(ROOT)}:{i}: {line}"
+
+
+def _study_module(name: str):
+    path = ROOT / "examples" / "study" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"study_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(path.parent))
+
+
+def _results(name: str) -> dict:
+    return json.loads((ROOT / "examples" / "study" / "results" / name).read_text())
+
+
+def _assert_quoted(table: str, page: Path) -> None:
+    text = page.read_text()
+    for line in table.strip().splitlines():
+        assert line in text, f"{page.relative_to(ROOT)} does not quote the committed results' table: {line}"
+
+
+def test_study_tables_are_the_committed_results():
+    report = _study_module("report")
+    results, offline = _results("results.json"), _results("offline_rl.json")
+    _assert_quoted(report.headline(results), ROOT / "docs" / "evidence.md")
+    _assert_quoted(report.lr_table(results, offline), ROOT / "docs" / "choosing-a-loss.md")
+
+
+def test_the_headline_tables_change_with_their_data():
+    """The checks above can fail: one changed per-run figure changes the rendered tables."""
+    report = _study_module("report")
+    results, offline = _results("results.json"), _results("offline_rl.json")
+    results["experiments"]["reasoning"]["paired_vs_sft"][0]["mean"] += 0.5
+    offline["experiments"]["rft"]["best_lr"]["dft"] = 3e-3
+    with pytest.raises(AssertionError):
+        _assert_quoted(report.headline(results), ROOT / "docs" / "evidence.md")
+    with pytest.raises(AssertionError):
+        _assert_quoted(report.lr_table(results, offline), ROOT / "docs" / "choosing-a-loss.md")
