@@ -1,4 +1,6 @@
-"""README.md and docs/: every code block runs, the figures are the committed results', the text tells the present.
+"""README.md and docs/: every code block runs, the README is two screens, the text tells the present.
+
+The figures: tests/test_results.py (the study's), tests/test_benchmarks.py (the benchmarks').
 
 Each page's ```python / ```bash blocks run in order, as a reader follows the page, in a fresh folder of their
 own (offline, CPU), which holds what the pages assume of the reader: ``examples/`` and ``src/`` of this checkout,
@@ -9,7 +11,6 @@ parse. A block that cannot run here is marked by ``<!-- not run: REASON -->`` on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -52,9 +53,7 @@ def blocks(page: Path) -> list[Block]:
     for m in FENCE.finditer(text):
         before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         reason = NOT_RUN.search(before)
-        found.append(
-            Block(page, text[: m.start()].count("\n") + 1, m.group(1), m.group(2), reason and reason.group(1))
-        )
+        found.append(Block(page, text[: m.start()].count("\n") + 1, m.group(1), m.group(2), reason and reason.group(1)))
     return found
 
 
@@ -104,9 +103,13 @@ def _run(block: Block, cwd: Path) -> None:
         "TRANSFORMERS_OFFLINE": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    cmd = [sys.executable, "-c", block.code] if block.lang == "python" else ["bash", "-euo", "pipefail", "-c", block.code]
+    cmd = (
+        [sys.executable, "-c", block.code] if block.lang == "python" else ["bash", "-euo", "pipefail", "-c", block.code]
+    )
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, f"{block} ({block.lang}) failed:\n{block.code}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{block} ({block.lang}) failed:\n{block.code}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=_page_id)
@@ -155,44 +158,3 @@ def test_the_docs_tell_the_present():
             continue
         for i, line in enumerate(page.read_text().splitlines(), 1):
             assert not history.search(line), f"{page.relative_to(ROOT)}:{i}: {line}"
-
-
-def _study_module(name: str):
-    path = ROOT / "examples" / "study" / f"{name}.py"
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec = importlib.util.spec_from_file_location(f"study_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(path.parent))
-
-
-def _results(name: str) -> dict:
-    return json.loads((ROOT / "examples" / "study" / "results" / name).read_text())
-
-
-def _assert_quoted(table: str, page: Path) -> None:
-    text = page.read_text()
-    for line in table.strip().splitlines():
-        assert line in text, f"{page.relative_to(ROOT)} does not quote the committed results' table: {line}"
-
-
-def test_study_tables_are_the_committed_results():
-    report = _study_module("report")
-    results, offline = _results("results.json"), _results("offline_rl.json")
-    _assert_quoted(report.headline(results), ROOT / "docs" / "evidence.md")
-    _assert_quoted(report.lr_table(results, offline), ROOT / "docs" / "choosing-a-loss.md")
-
-
-def test_the_headline_tables_change_with_their_data():
-    """The checks above can fail: one changed per-run figure changes the rendered tables."""
-    report = _study_module("report")
-    results, offline = _results("results.json"), _results("offline_rl.json")
-    results["experiments"]["reasoning"]["paired_vs_sft"][0]["mean"] += 0.5
-    offline["experiments"]["rft"]["best_lr"]["dft"] = 3e-3
-    with pytest.raises(AssertionError):
-        _assert_quoted(report.headline(results), ROOT / "docs" / "evidence.md")
-    with pytest.raises(AssertionError):
-        _assert_quoted(report.lr_table(results, offline), ROOT / "docs" / "choosing-a-loss.md")

@@ -122,6 +122,62 @@ def inspect_figures(cfg: dict) -> dict[str, dict]:
     return out
 
 
+def summarise(runs: list[dict], names: dict[str, list[str]]) -> dict[str, dict]:
+    """Per shape and loss: its lr, each metric's interval over seeds and the paired difference vs SFT."""
+    table: dict[str, dict] = {}
+    for shape, losses_of_shape in names.items():
+        table[shape] = {}
+        sft = sorted((r for r in runs if r["shape"] == shape and r["loss"] == "sft"), key=lambda r: r["seed"])
+        for name in losses_of_shape:
+            mine = sorted((r for r in runs if r["shape"] == shape and r["loss"] == name), key=lambda r: r["seed"])
+            row = table[shape][name] = {"lr": mine[0]["lr"]}
+            for metric in METRICS[shape]:
+                row[metric] = study.interval([r[metric] for r in mine])
+                row[f"{metric}_vs_sft"] = study.interval([a[metric] - b[metric] for a, b in zip(mine, sft)])
+    return table
+
+
+TITLES = {
+    "sft": "SFT",
+    "dft": "DFT",
+    "dft_floor": "DFT + floor 0.1",
+    "mix": "mix (beta 0.5)",
+    "dft_ce": "**DFT + CE on `?` and EOS** (`ce_token_ids`)",
+}
+
+
+def new_format_table(*results: dict) -> str:
+    """The docs' new-stop-token table: stop rate and exact match per loss, one pair of columns per result file
+    (each at one lr), with the paired difference vs SFT [95% t-interval]."""
+
+    def cell(row: dict, metric: str, name: str) -> str:
+        if name == "sft":
+            return f"{row[metric]['mean']:.3f}"
+        d = row[f"{metric}_vs_sft"]
+        return f"{row[metric]['mean']:.3f} ({d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
+
+    tables = [r["losses"]["new_format"] for r in results]
+    head = ["loss"]
+    for t in tables:
+        lr = f"{t['sft']['lr']:g}"
+        head += [f"stop rate, lr {lr}", f"exact match, lr {lr}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, title in TITLES.items():
+        cells = [title]
+        for t in tables:
+            cells += [cell(t[name], "stop_rate", name), cell(t[name], "exact_match", name)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def inspect_cells(figures: dict) -> str:
+    """The inspect columns of the docs' shapes table for one shape: tokens, mean p, share below 0.01, advice."""
+    return (
+        f"| {figures['supervised_tokens']} | {figures['mean_p']:.3f} | {100 * figures['frac_below']['0.01']:.1f}% "
+        f"| `{figures['recommendation']}`"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true")
@@ -153,20 +209,13 @@ def main() -> None:
     ]
     with mp.get_context("spawn").Pool(args.workers) as pool:
         runs = pool.map(run_one, jobs)
-    table: dict[str, dict] = {}
-    for shape, metrics in shapes.items():
-        table[shape] = {}
-        sft = sorted((r for r in runs if r["shape"] == shape and r["loss"] == "sft"), key=lambda r: r["seed"])
-        for name in losses(lrs[shape], shape):
-            mine = sorted((r for r in runs if r["shape"] == shape and r["loss"] == name), key=lambda r: r["seed"])
-            row = table[shape][name] = {"lr": mine[0]["lr"]}
-            for metric in metrics:
-                row[metric] = study.interval([r[metric] for r in mine])
-                row[f"{metric}_vs_sft"] = study.interval([a[metric] - b[metric] for a, b in zip(mine, sft)])
+    table = summarise(runs, {shape: list(losses(lrs[shape], shape)) for shape in shapes})
+    for shape, rows in table.items():
+        for name, row in rows.items():
             line = "  ".join(
                 f"{m} {row[m]['mean']:.3f} (vs SFT {row[m + '_vs_sft']['mean']:+.3f} "
                 f"[{row[m + '_vs_sft']['ci95'][0]:+.3f}, {row[m + '_vs_sft']['ci95'][1]:+.3f}])"
-                for m in metrics
+                for m in METRICS[shape]
             )
             print(f"{shape:11s} {name:9s} lr {row['lr']:g}: {line}", flush=True)
     out = {
