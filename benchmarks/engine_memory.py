@@ -30,6 +30,9 @@ What one rank holds per micro-batch:
 
 Under ``sp`` and ``cp`` the per-rank logits are therefore half those of the other rows (the header
 line gives the full 2 x 1024 tensor).
+
+Writes benchmarks/results/engine_memory.json (provenance, every launch's peak) and engine_memory.md (the
+table, rendered from the JSON by ``render``); ``--name`` picks another file stem.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]  # _provenance, also when imported from elsewhere
+from _provenance import Provenance, conditions, default_name, load_average, table, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ("ddp", "zero2", "zero3", "fsdp2", "tp", "sp", "cp")
@@ -169,11 +176,72 @@ def run(engine: str, fused: bool, vocab: int, seq: int) -> float:
         return float(Path(tmp, "peak.txt").read_text())
 
 
+LABELS = {
+    "ddp": "DDP",
+    "zero2": "DeepSpeed ZeRO-2",
+    "zero3": "DeepSpeed ZeRO-3",
+    "fsdp2": "FSDP2",
+    "tp": 'tensor parallel (`tp_plan="auto"`)',
+    "sp": "Ulysses SP (DeepSpeed ALST, ZeRO-2): half sequences",
+    "cp": "context parallel (FSDP2): half sequences",
+}
+
+
+def derive(result: dict) -> list[dict]:
+    """Per engine: the fused and logits-path peaks (the larger rank's) and their ratio."""
+    by: dict[str, dict] = {}
+    for r in result["runs"]:
+        by.setdefault(r["engine"], {})["fused" if r["fused"] else "logits"] = r
+    rows = []
+    for engine, pair in by.items():
+        row: dict = {"engine": engine}
+        for kind in ("fused", "logits"):
+            r = pair.get(kind)
+            row[f"{kind}_mib"] = r.get("peak_mib") if r else None
+            if r and "error" in r:
+                row[f"{kind}_error"] = r["error"]
+        ok = row["fused_mib"] is not None and row["logits_mib"] is not None
+        row["ratio"] = row["fused_mib"] / row["logits_mib"] if ok else None
+        rows.append(row)
+    return rows
+
+
+def render(result: dict) -> str:
+    def mib(row: dict, kind: str) -> str:
+        if row[f"{kind}_mib"] is None:
+            return "failed" if f"{kind}_error" in row else "–"
+        return f"{row[f'{kind}_mib']:.0f}"
+
+    body = [
+        [
+            LABELS.get(r["engine"], r["engine"]),
+            f"**{mib(r, 'fused')}**",
+            mib(r, "logits"),
+            "–" if r["ratio"] is None else f"**{r['ratio']:.2f}**",
+        ]
+        for r in result["rows"]
+    ]
+    p = result["params"]
+    header = [
+        "engine",
+        "fused head: peak RSS growth / rank (MiB, CPU measured)",
+        "logits path (MiB)",
+        "fused ÷ logits",
+    ]
+    what = (
+        f"Measured: `DFTTrainer`, 2 optimizer steps on 2 CPU ranks (gloo), Llama hidden 64, 2 layers, V={p['vocab']}, "
+        f"2 rows × {p['seq']} tokens per micro-batch, 2 accumulation steps; one float32 logits tensor "
+        f"{p['logits_mib']:.0f} MiB; one launch per cell, the larger rank's peak RSS growth during `train()`"
+    )
+    return table(header, body) + "\n" + conditions(result, what) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--engines", nargs="+", default=list(ENGINES))
+    parser.add_argument("--name", default=default_name(), help="results file stem under benchmarks/results/")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--fused", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -181,13 +249,32 @@ def main() -> None:
     if a.worker:
         worker(a.worker, bool(a.fused), a.vocab, a.seq, Path(a.out))
         return
+    prov = Provenance.start("cpu")
     logits_mb = 2 * a.seq * a.vocab * 4 / 2**20
     print(f"V={a.vocab}, 2 rows x {a.seq} tokens per micro-batch: one float32 logits tensor = {logits_mb:.0f} MiB")
     print("| engine | fused head: peak RSS growth / rank | logits path | ratio |")
     print("|---|---|---|---|")
+    runs = []
     for engine in a.engines:
-        fused, naive = run(engine, True, a.vocab, a.seq), run(engine, False, a.vocab, a.seq)
-        print(f"| {engine} | {fused:.0f} MiB | {naive:.0f} MiB | {fused / naive:.2f}x |", flush=True)
+        peaks = {}
+        for fused in (True, False):
+            t0 = time.perf_counter()
+            record: dict = {"engine": engine, "fused": fused}
+            try:
+                record["peak_mib"] = peaks[fused] = run(engine, fused, a.vocab, a.seq)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                record["error"] = str(e).strip().splitlines()[-1][:200]
+                print(f"{engine} fused={fused} failed: {e}", file=sys.stderr)
+            record["wall_s"] = time.perf_counter() - t0
+            record["load_after"] = load_average()
+            runs.append(record)
+        if len(peaks) == 2:
+            print(
+                f"| {engine} | {peaks[True]:.0f} MiB | {peaks[False]:.0f} MiB | {peaks[True] / peaks[False]:.2f}x |",
+                flush=True,
+            )
+    params = {"vocab": a.vocab, "seq": a.seq, "engines": a.engines, "logits_mib": logits_mb, "ranks": 2}
+    write(a.name, prov.finish(), params, runs, derive, render)
 
 
 if __name__ == "__main__":

@@ -134,17 +134,18 @@ def worker(case: str, n: int, h: int, v: int, dtype_name: str, args: argparse.Na
     run()  # warm-up (also counted in the peak: same for every case)
     sync()
     warmup = time.perf_counter() - t0
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"times_s": times, "warmup_s": warmup, "peak_extra_mb": peak / 2**20}
+    return {"times_s": times, "cpu_s": cpu, "warmup_s": warmup, "peak_extra_mb": peak / 2**20}
 
 
 LABELS = {
@@ -161,29 +162,33 @@ LABELS = {
 
 
 def derive(result: dict) -> list[dict]:
-    """Per shape and case, from the raw repeats: min time, spread (max/min - 1), ratios to the naive path
-    (ASFT rows: to ASFT on full logits) and to the floor, peak memory and its ratio to naive."""
-    rows = []
-    shapes: dict[tuple, dict[str, dict]] = {}
+    """Per shape and case, from the raw repeats of every round: min wall time, spread (max/min - 1), ratios to
+    the naive path (ASFT rows: to ASFT on full logits) and to the floor, the same ratio in CPU time (user +
+    system, all threads: less sensitive to other processes), peak memory (the largest over rounds) and its
+    ratio to naive."""
+    shapes: dict[tuple, dict[str, list[dict]]] = {}
     for r in result["runs"]:
-        shapes.setdefault((r["n"], r["h"], r["v"], r["dtype"]), {})[r["case"]] = r
+        shapes.setdefault((r["n"], r["h"], r["v"], r["dtype"]), {}).setdefault(r["case"], []).append(r)
+    rows = []
     for (n, h, v, dtype), cases in shapes.items():
-        ok = {c: r for c, r in cases.items() if "error" not in r}
-        t = {c: min(r["times_s"]) for c, r in ok.items()}
-        for case, r in cases.items():
+        ok = {c: [r for r in rs if "error" not in r] for c, rs in cases.items()}
+        ok = {c: rs for c, rs in ok.items() if rs}
+        t = {c: min(x for r in rs for x in r["times_s"]) for c, rs in ok.items()}
+        cpu = {c: min(x for r in rs for x in r["cpu_s"]) for c, rs in ok.items()}
+        peak = {c: max(r["peak_extra_mb"] for r in rs) for c, rs in ok.items()}
+        for case, rs in cases.items():
             row = {"n": n, "h": h, "v": v, "dtype": dtype, "case": case}
-            if "error" in r:
-                rows.append({**row, "error": r["error"]})
+            if case not in ok:
+                rows.append({**row, "error": rs[-1]["error"]})
                 continue
-            base = "asft_naive" if case.startswith("asft") else "naive"
-            if base not in ok and case.startswith("asft"):
-                base = "naive"
+            base = "asft_naive" if case.startswith("asft") and "asft_naive" in ok else "naive"
             row["time_s"] = t[case]
-            row["spread"] = max(r["times_s"]) / t[case] - 1
+            row["spread"] = max(x for r in ok[case] for x in r["times_s"]) / t[case] - 1
             row["x_naive"] = t[case] / t[base] if base in ok else None
             row["x_floor"] = t[case] / t["floor"] if "floor" in ok else None
-            row["peak_extra_mb"] = r["peak_extra_mb"]
-            row["mem_x_naive"] = r["peak_extra_mb"] / ok[base]["peak_extra_mb"] if base in ok else None
+            row["cpu_x_naive"] = cpu[case] / cpu[base] if base in ok else None
+            row["peak_extra_mb"] = peak[case]
+            row["mem_x_naive"] = peak[case] / peak[base] if base in ok else None
             rows.append(row)
     return rows
 
@@ -209,7 +214,7 @@ def render(result: dict) -> str:
         )
         cells = [str(r["n"]), str(r["h"]), str(r["v"]), r["dtype"]] if many else []
         if "error" in r:
-            body.append(cells + [label, f"failed: {r['error']}", "", "", "", "", ""])
+            body.append(cells + [label, f"failed: {r['error']}", "", "", "", "", "", ""])
             continue
         strong = case in bold
         body.append(
@@ -220,6 +225,7 @@ def render(result: dict) -> str:
                 f"{r['spread']:.0%}",
                 num(r["x_naive"], ".2f", strong),
                 num(r["x_floor"], ".2f", False),
+                num(r["cpu_x_naive"], ".2f", False),
                 num(r["peak_extra_mb"], ".0f", strong),
                 num(r["mem_x_naive"], ".2f", strong),
             ]
@@ -231,14 +237,19 @@ def render(result: dict) -> str:
         "spread",
         "× naive",
         "× floor",
+        "CPU time × naive",
         "peak extra (MB)",
         "mem × naive",
     ]
     shape = "" if many else "N={}, H={}, V={}, {}, ".format(*next(iter(shapes)))
+    n_rounds = p.get("rounds", 1)
+    rounds = f", the cases run in turn {n_rounds} times" if n_rounds > 1 else ""
+    repeats = f"{p['repeats']} × {n_rounds}" if n_rounds > 1 else f"{p['repeats']}"
     what = (
         f"Measured: forward + backward, {shape}rows of {p['row_len']} tokens whose first "
-        f"{p['prompt_frac']:.0%} is a masked prompt; each case in its own process, min of {p['repeats']} "
-        "after a warm-up; spread = max/min − 1; ASFT rows relative to ASFT on full logits"
+        f"{p['prompt_frac']:.0%} is a masked prompt; each case in its own process{rounds}, min of {repeats} "
+        "after a warm-up; spread = max/min − 1; CPU time = user + system time of the process; "
+        "ASFT rows relative to ASFT on full logits"
     )
     return table(header, body) + "\n" + conditions(result, what) + "\n"
 
@@ -254,6 +265,9 @@ def main() -> None:
     parser.add_argument("--prompt-frac", type=float, default=0.3, help="masked prompt fraction of each row")
     parser.add_argument("--row-len", type=int, default=1024, help="tokens per row")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the whole case list this many times in turn (shares out the load)"
+    )
     parser.add_argument("--max-gb", type=float, default=20.0, help="skip shapes whose naive logits exceed this")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="also write the result JSON to this file")
@@ -296,12 +310,12 @@ def main() -> None:
                         print(f"skipped N={n} H={h} V={v} {dtype}: naive logits exceed {args.max_gb} GB")
                         skipped.append({"n": n, "h": h, "v": v, "dtype": dtype})
                         continue
-                    for case in cases:
+                    for rnd, case in [(i, c) for i in range(args.rounds) for c in cases]:
                         cmd = [sys.executable, __file__, "--_worker", case, str(n), str(h), str(v), dtype]
                         cmd += ["--repeats", str(args.repeats), "--device", device]
                         cmd += ["--prompt-frac", str(args.prompt_frac), "--row-len", str(args.row_len)]
                         proc = subprocess.run(cmd, capture_output=True, text=True)
-                        run = {"n": n, "h": h, "v": v, "dtype": dtype, "case": case}
+                        run = {"n": n, "h": h, "v": v, "dtype": dtype, "case": case, "round": rnd}
                         if proc.returncode != 0:
                             run["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
                         else:
@@ -319,6 +333,7 @@ def main() -> None:
         "prompt_frac": args.prompt_frac,
         "row_len": args.row_len,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "skipped": skipped,
     }
     result = write(args.name, prov.finish(), params, runs, derive, render, extra_json=args.json)

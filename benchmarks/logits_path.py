@@ -7,6 +7,9 @@ Each case runs forward + backward on the same float32 logits (20% ignored labels
 and reports the peak RSS growth over the logits themselves (``ru_maxrss`` after the call minus the RSS
 with the logits allocated), the median of ``--repeats`` processes. This is the path every model the
 fused head cannot take lands on (LoRA on lm_head, FSDP1, unknown transforms, quantised heads).
+
+Writes benchmarks/results/logits_path.json (provenance, every process's peak) and logits_path.md (the
+table, rendered from the JSON by ``render``); ``--name`` picks another file stem.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]  # _provenance, also when imported from elsewhere
+from _provenance import Provenance, conditions, default_name, load_average, median, table, write  # noqa: E402
 
 CASES = ("cross_entropy", "dft", "dft_stats")
 
@@ -49,33 +55,78 @@ def worker(case: str, n: int, v: int) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
 
 
+LABELS = {
+    "cross_entropy": "`F.cross_entropy`",
+    "dft": "**`dft.dft_loss`**",
+    "dft_stats": "`dft.dft_loss(..., return_stats=True)`",
+}
+
+
+def derive(result: dict) -> list[dict]:
+    """Per case: the median, min and max of its processes' peaks, and the median's ratio to cross-entropy's."""
+    peaks = {r["case"]: median(r["peaks_mib"]) for r in result["runs"]}
+    return [
+        {
+            "case": r["case"],
+            "median_mib": peaks[r["case"]],
+            "min_mib": min(r["peaks_mib"]),
+            "max_mib": max(r["peaks_mib"]),
+            "x_cross_entropy": peaks[r["case"]] / peaks["cross_entropy"] if "cross_entropy" in peaks else None,
+        }
+        for r in result["runs"]
+    ]
+
+
+def render(result: dict) -> str:
+    body = [
+        [
+            LABELS.get(r["case"], r["case"]),
+            f"{r['median_mib']:.0f}",
+            f"{r['min_mib']:.0f}–{r['max_mib']:.0f}",
+            "–" if r["x_cross_entropy"] is None else f"{r['x_cross_entropy']:.2f}",
+        ]
+        for r in result["rows"]
+    ]
+    p = result["params"]
+    header = ["case", "peak growth over the logits (MiB, CPU measured)", "min–max (MiB)", "× cross_entropy"]
+    what = (
+        f"Measured: forward + backward on float32 logits N={p['n']}, V={p['v']} ({p['logits_mib']:.0f} MiB), "
+        f"20% of labels ignored; peak RSS growth over the logits, median of {p['repeats']} processes"
+    )
+    return table(header, body) + "\n" + conditions(result, what) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--v", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--name", default=default_name(), help="results file stem under benchmarks/results/")
     parser.add_argument("--worker", choices=CASES, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.n, a.v)))
         return
+    prov = Provenance.start("cpu")
     logits_mb = a.n * a.v * 4 / 2**20
     print(f"N={a.n}, V={a.v}: one float32 logits tensor = {logits_mb:.0f} MiB; median of {a.repeats} processes")
     print("| case | peak growth over the logits (MiB) | x cross_entropy |")
     print("|---|---|---|")
-    peaks = {}
+    runs = []
     for case in CASES:
-        runs = []
+        peaks = []
         for _ in range(a.repeats):
             cmd = [sys.executable, __file__, "--worker", case, "--n", str(a.n), "--v", str(a.v)]
             out = subprocess.run(
                 cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
             )
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        peaks[case] = statistics.median(runs)
-        spread = f"{min(runs):.0f}-{max(runs):.0f}"
-        ratio = peaks[case] / peaks["cross_entropy"]
-        print(f"| {case} | {peaks[case]:.0f} ({spread}) | {ratio:.2f}x |", flush=True)
+            peaks.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append({"case": case, "peaks_mib": peaks, "load_after": load_average()})
+        ratio = median(peaks) / median(runs[0]["peaks_mib"])
+        spread = f"{min(peaks):.0f}-{max(peaks):.0f}"
+        print(f"| {case} | {median(peaks):.0f} ({spread}) | {ratio:.2f}x |", flush=True)
+    params = {"n": a.n, "v": a.v, "repeats": a.repeats, "logits_mib": logits_mb, "omp_num_threads": 1}
+    write(a.name, prov.finish(), params, runs, derive, render)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ Cases:
 
 Peak memory: on CUDA max_memory_allocated during the timed steps minus the model + optimizer; on
 CPU the process's peak RSS minus its RSS after the warm-up step's model/optimizer allocation.
+
+Writes benchmarks/results/trainer_step.json (provenance, every timed step) and trainer_step.md (the
+table, rendered from the JSON by ``render``); ``--name`` picks another file stem.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parent)]  # _provenance, also when imported from elsewhere
+from _provenance import Provenance, conditions, default_name, load_average, median, table, write  # noqa: E402
 
 CASES = ["trainer_ce", "trl_dft", "dft", "dft_logits"]
 
@@ -76,6 +83,7 @@ def worker(case: str, a: argparse.Namespace) -> dict:
     )
 
     times: list[float] = []
+    cpu: list[float] = []
     mem: dict[str, int] = {}
 
     class Clock(TrainerCallback):
@@ -87,13 +95,14 @@ def worker(case: str, a: argparse.Namespace) -> dict:
                     mem["base"] = torch.cuda.memory_allocated()
                 else:
                     mem["base"] = _rss()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
             if state.global_step > 1:
                 times.append(time.perf_counter() - self.t0)
+                cpu.append(time.process_time() - self.c0)
 
     if case == "trainer_ce":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[Clock()])
@@ -124,7 +133,91 @@ def worker(case: str, a: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated() - mem["base"]
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - mem["base"]
-    return {"step_s": sorted(times)[len(times) // 2], "peak_extra_mb": peak / 2**20}
+    return {"steps_s": times, "cpu_s": cpu, "peak_extra_mb": peak / 2**20}
+
+
+LABELS = {
+    "trainer_ce": "`transformers.Trainer` (the model's own CE loss)",
+    "trl_dft": 'TRL `SFTTrainer(loss_type="dft")`',
+    "dft": "**`dft.DFTTrainer`** (fused head)",
+    "dft_logits": "`dft.DFTTrainer(fused_lm_head=False)` (logits path)",
+}
+
+
+def derive(result: dict) -> list[dict]:
+    """Per case, from the timed steps: median, min and max step time, and the ratios to Trainer's CE (time,
+    CPU time = user + system of the process, memory) and to TRL's DFT (memory)."""
+    ok = {r["case"]: r for r in result["runs"] if "error" not in r}
+    step = {c: median(r["steps_s"]) for c, r in ok.items()}
+    cpu = {c: median(r["cpu_s"]) for c, r in ok.items()}
+    rows = []
+    for r in result["runs"]:
+        case = r["case"]
+        if "error" in r:
+            rows.append({"case": case, "error": r["error"]})
+            continue
+        mem = r["peak_extra_mb"]
+        rows.append(
+            {
+                "case": case,
+                "step_s": step[case],
+                "min_s": min(r["steps_s"]),
+                "max_s": max(r["steps_s"]),
+                "x_trainer_ce": step[case] / step["trainer_ce"] if "trainer_ce" in ok else None,
+                "cpu_x_trainer_ce": cpu[case] / cpu["trainer_ce"] if "trainer_ce" in ok else None,
+                "peak_extra_mb": mem,
+                "mem_x_trainer_ce": mem / ok["trainer_ce"]["peak_extra_mb"] if "trainer_ce" in ok else None,
+                "mem_x_trl_dft": mem / ok["trl_dft"]["peak_extra_mb"] if "trl_dft" in ok else None,
+            }
+        )
+    return rows
+
+
+def render(result: dict) -> str:
+    def num(x: float | None, fmt: str, strong: bool) -> str:
+        if x is None:
+            return "–"
+        return f"**{x:{fmt}}**" if strong else f"{x:{fmt}}"
+
+    body = []
+    for r in result["rows"]:
+        label = LABELS.get(r["case"], r["case"])
+        if "error" in r:
+            body.append([label, f"failed: {r['error']}", "", "", "", "", "", "", ""])
+            continue
+        strong = r["case"] == "dft"
+        body.append(
+            [
+                label,
+                num(r["step_s"], ".2f", strong),
+                f"{r['min_s']:.2f}–{r['max_s']:.2f}",
+                num(r["x_trainer_ce"], ".2f", strong),
+                num(r["cpu_x_trainer_ce"], ".2f", False),
+                num(r["peak_extra_mb"], ".0f", strong),
+                num(r["mem_x_trainer_ce"], ".2f", strong),
+                num(r["mem_x_trl_dft"], ".2f", strong),
+            ]
+        )
+    p = result["params"]
+    where = "GPU" if result["provenance"]["device"]["kind"] == "cuda" else "CPU"
+    header = [
+        "case",
+        f"step (s, {where} measured)",
+        "min–max (s)",
+        "× Trainer CE",
+        "CPU time × Trainer CE",
+        "peak extra (MB)",
+        "mem × Trainer CE",
+        "mem × TRL DFT",
+    ]
+    what = (
+        f"Measured: one optimizer step of a Llama with hidden {p['hidden']}, {p['layers']} layers, V={p['vocab']}, "
+        f"seq {p['seq']}, batch {p['batch']} (first quarter of each row a masked prompt), "
+        f"{'bf16' if where == 'GPU' else 'float32'}; each case in its own process, median of {p['steps']} steps "
+        "after a warm-up step; CPU time = user + system time of the process; "
+        "peak extra = peak RSS beyond the model and optimizer state"
+    )
+    return table(header, body) + "\n" + conditions(result, what) + "\n"
 
 
 def main() -> None:
@@ -136,6 +229,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step); median reported")
     p.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    p.add_argument("--name", default=default_name(), help="results file stem under benchmarks/results/")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._worker:
@@ -147,29 +241,29 @@ def main() -> None:
         a.cases = [c for c in a.cases if c != "trl_dft"]
     import torch
 
+    prov = Provenance.start("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     print(
         f"# trainer step on {device}: Llama hidden {a.hidden}, {a.layers} layers, V={a.vocab}, "
         f"seq {a.seq}, batch {a.batch}; median of {a.steps} steps\n"
     )
-    print("| case | step (s) | x trainer_ce | peak extra (MB) | mem x trainer_ce | mem x trl_dft |")
-    print("|---|---|---|---|---|---|")
-    results = {}
+    runs = []
     for case in a.cases:
         argv = [sys.executable, __file__, "--_worker", case] + [
             x for k in ("hidden", "layers", "vocab", "seq", "batch", "steps") for x in (f"--{k}", str(getattr(a, k)))
         ]
         proc = subprocess.run(argv, capture_output=True, text=True)
+        run = {"case": case}
         if proc.returncode != 0:
-            print(f"| {case} | failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:100]} | | | | |")
-            continue
-        results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base, trl_r = results.get("trainer_ce"), results.get("trl_dft")
-    for case, r in results.items():
-        xt = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
-        mt = f"{r['peak_extra_mb'] / base['peak_extra_mb']:.2f}" if base else "-"
-        mtrl = f"{r['peak_extra_mb'] / trl_r['peak_extra_mb']:.2f}" if trl_r else "-"
-        print(f"| {case} | {r['step_s']:.2f} | {xt} | {r['peak_extra_mb']:.0f} | {mt} | {mtrl} |")
+            run["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+        else:
+            run.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        run["load_after"] = load_average()
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    params = {k: getattr(a, k) for k in ("hidden", "layers", "vocab", "seq", "batch", "steps", "cases")}
+    result = write(a.name, prov.finish(), params, runs, derive, render)
+    print(render(result))
 
 
 if __name__ == "__main__":
