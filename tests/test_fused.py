@@ -57,10 +57,11 @@ def _grads(loss, tensors):
 @pytest.mark.parametrize("head", HEAD_OPTIONS, ids=_ids)
 @pytest.mark.parametrize("weighting", WEIGHT_OPTIONS, ids=_ids)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_equals_dft_loss_on_materialised_logits_float64(gen, head, weighting, reduction):
+def test_equals_reference_on_materialised_logits_float64(gen, head, weighting, reduction):
+    """Against the naive float64 reference of tests/helpers/reference.py (log_softmax + gather, no dft code)."""
     h, w, b, y = make_head(3, 11, 16, 1003, generator=gen)
     got = dft.linear_dft_loss(h, w, y, bias=b, reduction=reduction, chunk_size=7, **head, **weighting)
-    want = dft.dft_loss(reference_logits(h, w, b, **head), y, reduction=reduction, **weighting)
+    want = ref_dft_loss(reference_logits(h, w, b, **head), y, reduction=reduction, **weighting)
     torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
     for g_got, g_want in zip(_grads(got, (h, w, b)), _grads(want, (h, w, b))):
         torch.testing.assert_close(g_got, g_want, atol=1e-9, rtol=1e-9)
@@ -199,13 +200,23 @@ def test_low_precision_within_error_budget(gen, dtype, tol):
 
 
 def test_autocast_runs_matmuls_in_autocast_dtype(gen):
+    """float32 inputs under CPU bf16 autocast: the logits and dh matmuls take bf16 operands (as F.linear would),
+    dW accumulates in float32 (CPU has no bf16 GEMM into float32); without autocast they stay float32."""
     h, w, b, y = make_head(2, 9, 16, 53, dtype=torch.float32, bias=False, generator=gen)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with _MatmulDtypes(53) as rec, torch.autocast("cpu", dtype=torch.bfloat16):
         loss = dft.linear_dft_loss(h, w, y)
-        want = dft.dft_loss(F.linear(h, w), y)
+    head = [dtypes for name, dtypes in rec.calls if name != "addmm_"]
+    dw = [dtypes for name, dtypes in rec.calls if name == "addmm_"]
+    assert len(head) >= 2 and len(dw) >= 1, rec.calls
+    assert all(dtypes == (torch.bfloat16,) * 2 for dtypes in head), rec.calls
+    assert all(dtypes == (torch.float32,) * 3 for dtypes in dw), rec.calls
+    with _MatmulDtypes(53) as rec:
+        dft.linear_dft_loss(h, w, y)
+    assert rec.calls and all(dtype == torch.float32 for _, dtypes in rec.calls for dtype in dtypes), rec.calls
     gh, gw = torch.autograd.grad(loss, (h, w))
-    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
-    torch.testing.assert_close(loss, want, atol=1e-2, rtol=1e-2)
+    assert loss.dtype == gh.dtype == gw.dtype == torch.float32
+    want = ref_dft_loss(F.linear(h.double(), w.double()), y)
+    torch.testing.assert_close(loss.double(), want.detach(), atol=1e-2, rtol=1e-2)
 
 
 def test_module_form(gen):
@@ -481,6 +492,10 @@ def test_autograd_limits_are_clear_errors():
         loss.backward()
     with pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(lambda h: linear_dft_loss(h, weight.detach(), labels))(hidden.detach())
-    loss = linear_dft_loss(hidden, weight, labels)  # unchanged weight: fine
+    hidden.grad = weight.grad = None
+    loss = linear_dft_loss(hidden, weight, labels)  # unchanged weight: fine, the gradients of this weight
     loss.backward()
-    assert hidden.grad is not None
+    h64, w64 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    want = torch.autograd.grad(ref_dft_loss(F.linear(h64, w64), labels), (h64, w64))
+    torch.testing.assert_close(hidden.grad, want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(weight.grad, want[1], atol=1e-12, rtol=1e-10)
