@@ -19,23 +19,28 @@ one kernel that reads ``z`` (``reduce``: twice, max then sums) and writes only `
 ``DFT_COMPILE_EPILOGUE`` selects: ``"auto"`` (default: compiled on CUDA, and on other devices for
 calls of at least ``2**27`` logits, e.g. 4096 tokens x 32k vocabulary, where the one-time compile
 of a few seconds pays off; eager for small calls such as unit tests), ``"1"`` (compiled wherever
-``torch.compile`` works), ``"0"`` (eager). A *compile* error (dynamo/inductor) warns once and falls
-back to eager for the rest of the process; any other error (an out-of-memory included) propagates.
+``torch.compile`` works), ``"0"`` (eager). A *compile* error (dynamo/inductor, the recompile limit included:
+all raised before the pass runs) warns once and falls back to eager for the rest of the process: the call
+that hit it starts again on the eager path's chunks ([`CompileFellBack`][dft.epilogue.CompileFellBack]), or,
+where its chunks were planned for the eager path anyway (a vocabulary shard, whose ranks must run one plan),
+the pass runs eagerly on the spot. Any other error (an out-of-memory included) propagates and is not retried.
 Shapes are compiled as dynamic; chunks of fewer than 2 rows run eagerly, so a tail chunk never
 recompiles (dynamic shapes still specialise sizes 0 and 1).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Epilogue", "TransformConsts", "epilogue_for"]
+__all__ = ["CompileFellBack", "Epilogue", "TransformConsts", "epilogue_for"]
 
 
 class TransformConsts(NamedTuple):
@@ -156,11 +161,22 @@ def _mode() -> str:
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "inductor/dynamo could not compile this" (not an error of the computation)."""
+    """The exceptions that mean "inductor/dynamo could not compile this" (not an error of the computation).
+
+    Each is raised while dynamo traces or inductor compiles, before the compiled pass runs, so nothing has been
+    written yet and the eager pass can take over. ``FailOnRecompileLimitHit`` (a plain ``Exception``) is
+    raised instead of a new graph once ``torch._dynamo.config.recompile_limit`` variants exist.
+    """
     from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, TorchRuntimeError, Unsupported
 
     errors: list[type[BaseException]] = [BackendCompilerFailed, Unsupported, InternalTorchDynamoError]
     errors.append(TorchRuntimeError)  # raised while tracing (fake tensors), before anything ran
+    try:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        errors.append(FailOnRecompileLimitHit)
+    except ImportError:  # pragma: no cover - older torch
+        pass
     try:
         from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
@@ -170,21 +186,42 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+class CompileFellBack(Exception):
+    """Raised by a compiled pass whose compilation failed (after one warning): the caller re-plans its chunks for
+    the eager epilogue and starts the call again. Nothing of the failing pass has run."""
+
+
+_INLINE_FALLBACK: contextvars.ContextVar[bool] = contextvars.ContextVar("dft_inline_fallback", default=False)
+
+
+@contextlib.contextmanager
+def inline_fallback() -> Iterator[None]:
+    """Inside: a compile failure runs the eager pass on the spot (the chunks were planned for eager passes)."""
+    token = _INLINE_FALLBACK.set(True)
+    try:
+        yield
+    finally:
+        _INLINE_FALLBACK.reset(token)
+
+
 def _guarded(compiled: Callable, eager: Callable) -> Callable:
     def run(*args: object) -> object:
         global _compile_failed
-        if not _compile_failed:
-            try:
-                return compiled(*args)
-            except _compile_errors() as e:
-                _compile_failed = True
-                warnings.warn(
-                    f"dft: compiling the fused head's epilogue failed ({type(e).__name__}: {str(e)[:200]}); "
-                    "using the eager epilogue (set DFT_COMPILE_EPILOGUE=0 to skip the attempt).",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        return eager(*args)
+        if _compile_failed:
+            return eager(*args)
+        try:
+            return compiled(*args)
+        except _compile_errors() as e:
+            _compile_failed = True
+            warnings.warn(
+                f"dft: compiling the fused head's epilogue failed ({type(e).__name__}: {str(e)[:200]}); "
+                "using the eager epilogue (set DFT_COMPILE_EPILOGUE=0 to skip the attempt).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            if _INLINE_FALLBACK.get():
+                return eager(*args)
+            raise CompileFellBack(type(e).__name__) from e
 
     return run
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor
 
-from .epilogue import EAGER, Epilogue, TransformConsts, epilogue_for
+from .epilogue import EAGER, CompileFellBack, Epilogue, TransformConsts, epilogue_for, inline_fallback
 from .labels import check_labels, supervised_index
 from .losses import check_kl
 from .options import LossOptions, Unpack, resolve_options
@@ -150,11 +151,14 @@ _ADDMM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _addmm_out_dtype(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates ``dtype`` (bf16/fp16) products
-    into a float32 ``acc`` in place here (cuBLAS on CUDA: one GEMM with beta=1, no ``[V, H]`` temporary).
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, alpha=..., out=acc)`` accumulates ``dtype``
+    (bf16/fp16) products into a float32 ``acc`` in place here (cuBLAS on CUDA: one GEMM with beta=1, no
+    ``[V, H]`` temporary).
 
-    Probed once per device and dtype with a small exact check; False on CPU (no such kernel), and never
-    probed (nor cached) under fake tensors, tracing or CUDA-graph capture.
+    Probed once per device and dtype with a small exact check in the layout of the real call (``a`` the
+    transpose of a ``[C, V]`` block, ``b`` a row slice of the hidden states, a power-of-two ``alpha``); False on
+    CPU (no such kernel), and never probed (nor cached) under fake tensors, tracing or CUDA-graph capture. Where
+    the probe fails on CUDA, the fused head warns: dW then goes through a float32 ``[V, H]`` product per chunk.
     """
     if device.type != "cuda":
         return False
@@ -162,15 +166,21 @@ def _addmm_out_dtype(device: torch.device, dtype: torch.dtype = torch.bfloat16) 
     if key not in _ADDMM_OUT_DTYPE and not real_execution(device):
         return False
     if key not in _ADDMM_OUT_DTYPE:
-        try:
-            a = torch.arange(12, device=device, dtype=dtype).reshape(3, 4) / 4
-            b = torch.arange(8, device=device, dtype=dtype).reshape(4, 2) / 2
-            acc = torch.ones(3, 2, device=device, dtype=torch.float32)
-            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=0.5, out=acc)
-            _ADDMM_OUT_DTYPE[key] = bool(torch.equal(acc, 1 + 0.5 * (a.float() @ b.float())))
-        except (RuntimeError, TypeError):
-            _ADDMM_OUT_DTYPE[key] = False
+        _ADDMM_OUT_DTYPE[key] = _probe_addmm_out_dtype(device, dtype)
     return _ADDMM_OUT_DTYPE[key]
+
+
+def _probe_addmm_out_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """The in-place float32-output GEMM on operands laid out as ``_mm_into(acc, z.t(), h[rows], inv_scale)``."""
+    try:
+        z = (torch.arange(15, device=device, dtype=torch.float32).reshape(5, 3) / 4).to(dtype)  # [C, V]
+        h = (torch.arange(14, device=device, dtype=torch.float32).reshape(7, 2) / 2).to(dtype)  # [N, H]
+        a, b = z.t(), h[1:6]  # [V, C] transposed view, [C, H] row slice
+        acc = torch.ones(3, 2, device=device, dtype=torch.float32)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=0.5, out=acc)
+        return bool(torch.equal(acc, 1 + 0.5 * (a.float() @ b.float())))
+    except (RuntimeError, TypeError):
+        return False
 
 
 DW_PATHS = {
@@ -211,19 +221,27 @@ def _mm_into(acc: Tensor, a: Tensor, b: Tensor, inv_scale: Tensor | None = None)
     if key not in _LOGGED_PATHS:
         _LOGGED_PATHS.add(key)
         logging.getLogger("dft").debug("fused head dW path on %s for %s: %s", a.device, a.dtype, DW_PATHS[path])
+        if path == "product_add":
+            warnings.warn(
+                f"dft: the in-place float32-output GEMM is not available for {a.dtype} on {a.device}: the fused "
+                f"head's dW goes through a float32 [V, H] product per chunk ({a.shape[0]} x {b.shape[1]} here), "
+                "memory beyond its chunk budget.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if path == "addmm_" and inv_scale is None:
         acc.addmm_(a, b)
     elif path == "addmm_out_dtype":
         alpha = 1.0 if inv_scale is None else float(inv_scale)
         torch.addmm(acc, a, b, out_dtype=acc.dtype, alpha=alpha, out=acc)
-    elif not a.is_cuda or path == "addmm_":
+    elif path in ("upcast_addmm_", "addmm_"):
         a_up = a.to(acc.dtype)
         acc.addmm_(a_up if inv_scale is None else a_up.mul_(inv_scale), b.to(acc.dtype))
     else:
         try:
             prod = torch.mm(a, b, out_dtype=acc.dtype)
-        except (RuntimeError, TypeError):
-            prod = torch.mm(a, b).to(acc.dtype)
+        except (RuntimeError, TypeError):  # no float32-output mm either: float32 operands (a product in the
+            prod = torch.mm(a.to(acc.dtype), b.to(acc.dtype))  # matmul dtype would round every dW entry)
         acc.add_(prod if inv_scale is None else prod.mul_(inv_scale))
 
 
@@ -251,15 +269,20 @@ def default_chunk_size(
     ep: Epilogue,
     reference: bool = False,
     transform: LogitTransform | None = None,
+    eaft: bool = False,
 ) -> int:
     """The chunk ``linear_dft_loss(chunk_size=None)`` uses for ``rows`` supervised rows: the path's bytes per
-    logit (``z`` and ASFT's ``r`` in the matmul dtype, plus the eager epilogue's float32 temporaries)
-    within [`chunk_budget_bytes`][dft.fused.chunk_budget_bytes], in equal chunks."""
+    logit (``z`` and ASFT's ``r`` in the matmul dtype, plus the eager epilogue's float32 temporaries, plus
+    EAFT's float32 copy of the transformed logits on either epilogue) within
+    [`chunk_budget_bytes`][dft.fused.chunk_budget_bytes], in equal chunks."""
     size = torch.empty((), dtype=mm_dtype).element_size()
     temps = ep.temp_bytes_per_logit
     if temps and transform is not None and transform.softcap is not None:
         temps += 4  # the tanh kept for the derivative
     per_logit = (2 if reference else 1) * (size + temps)
+    if eaft:  # _finish_rows: float(z), then transform.apply out of place (up to two more float32 blocks)
+        identity = transform is None or transform == LogitTransform()
+        per_logit += 4 if identity else 12
     return auto_chunk_size(vocab, chunk_budget_bytes(device), bytes_per_logit=per_logit, rows=rows)
 
 
@@ -441,6 +464,47 @@ def _run_chunks(
         token losses ``[n]`` (float32/64), stats ([`TokenStats`][dft.TokenStats]) or None, and ``_Grads``
             (``dh`` summed over the vocabulary group).
     """
+    n = h.shape[0]
+    sized_vocab = w.shape[0] if plan.shard is None else plan.shard.max_local  # the same on every rank
+    ep = epilogue_for(h.device, n * sized_vocab)
+    if plan.shard is not None:
+        # The ranks of a vocabulary group pair their per-chunk collectives: plan for the eager epilogue, whatever
+        # this rank's compile does, and let a compile failure run the eager pass on the spot.
+        with inline_fallback():
+            return _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, EAGER), h, w, b, coef, need, coef_nonneg)
+    try:
+        return _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, ep), h, w, b, coef, need, coef_nonneg)
+    except CompileFellBack:  # compiling failed before its pass ran: start again on the eager path's chunks
+        return _run_plan(plan, EAGER, _chunk_rows(plan, h, sized_vocab, EAGER), h, w, b, coef, need, coef_nonneg)
+
+
+def _chunk_rows(plan: _Plan, h: Tensor, sized_vocab: int, ep: Epilogue) -> int:
+    """Rows per chunk: the caller's ``chunk_size``, or the default for the epilogue ``ep`` that will run."""
+    return plan.chunk_size or default_chunk_size(
+        sized_vocab,
+        h.shape[0],
+        h.device,
+        h.dtype,
+        ep,
+        plan.reference is not None,
+        plan.transform,
+        eaft=plan.weighting.needs_logits,
+    )
+
+
+def _run_plan(
+    plan: _Plan,
+    ep: Epilogue,
+    chunk: int,
+    h: Tensor,
+    w: Tensor,
+    b: Tensor | None,
+    coef: Tensor | None,
+    need: tuple[bool, bool, bool],
+    coef_nonneg: bool,
+) -> tuple[Tensor, TokenStats | None, _Grads]:
+    """[`_run_chunks`][dft.fused._run_chunks] with its epilogue and chunk rows chosen: every buffer is this
+    call's own, so a call that falls back to eager can start again."""
     n, local_vocab = h.shape[0], w.shape[0]
     acc_dtype = compute_dtype(h.dtype)
     token_loss = torch.empty(n, dtype=acc_dtype, device=h.device)
@@ -448,17 +512,6 @@ def _run_chunks(
     grads = _Grads.zeros(h, w, tuple(x and want_grad for x in need), acc_dtype)
     stats = TokenStats.zeros(h.device) if plan.want_stats else None
     ref = plan.reference
-    sized_vocab = local_vocab if plan.shard is None else plan.shard.max_local  # the same on every rank:
-    ep = epilogue_for(h.device, n * sized_vocab)  # the same epilogue and chunks, so the collectives pair up
-    chunk = plan.chunk_size or default_chunk_size(
-        sized_vocab,
-        n,
-        h.device,
-        h.dtype,
-        ep,
-        ref is not None,
-        plan.transform,
-    )
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         h_c, y = h[rows], plan.labels[rows]
