@@ -8,10 +8,12 @@ On a GPU machine::
 
 * the in-place ``addmm(out_dtype=float32)`` probe and the dW path for bf16 and fp16 (no ``[V, H]``
   float32 temporary per chunk);
-* bf16 and fp16 fused vs the materialised path of the same dtype, against float64 (error budget);
+* bf16 and fp16 fused vs the materialised path of the same dtype, against float64 (relative-norm error budget);
 * the compiled (Triton) epilogue == the eager one, in bf16;
 * peak ``torch.cuda.max_memory_allocated`` of ``linear_dft_loss`` at a Qwen2.5-1.5B head vs what
-  ``benchmarks/roofline.py`` predicts for the same call;
+  ``benchmarks/roofline.py`` predicts for the same call (after a warm-up call);
+
+Warnings of the library (a compile failure, a dW fallback) fail these tests; ROCm is skipped.
 * one ``DFTTrainer`` step in bf16 on the fused head.
 """
 
@@ -28,7 +30,13 @@ import torch.nn.functional as F
 import dft
 from dft import epilogue, fused
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(
+        torch.version.hip is not None, reason="ROCm: hipBLAS has no in-place out_dtype GEMM checked here"
+    ),
+    pytest.mark.filterwarnings("error::RuntimeWarning"),  # a compile failure or a dW fallback fails the test itself
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,8 +70,9 @@ def test_low_precision_fused_within_the_materialised_error(dtype):
     naive = _grads(hidden, weight, labels, lambda h, w: dft.dft_loss(F.linear(h, w), labels))
     got = _grads(hidden, weight, labels, lambda h, w: dft.linear_dft_loss(h, w, labels))
     for name, e, n, g in zip(("loss", "dh", "dW"), exact, naive, got):
-        budget = (n - e).abs().max().item() + 1e-3 * e.abs().max().item()
-        assert (g - e).abs().max().item() <= budget, name
+        # relative norms: fp16's materialised gradients underflow, so a max-abs budget would be ~max|exact|
+        budget = 2 * ((n - e).norm() / e.norm()).item() + 1e-3
+        assert ((g - e).norm() / e.norm()).item() <= min(budget, 5e-2), (name, budget)
 
 
 def test_compiled_epilogue_equals_eager_in_bf16(monkeypatch):
@@ -100,7 +109,11 @@ def test_peak_memory_matches_the_roofline_model():
     original = fused.chunk_budget_bytes
     fused.chunk_budget_bytes = lambda device: budget
     try:
+        warm_h, warm_w = hidden[:256].clone().requires_grad_(), weight.clone().requires_grad_()
+        dft.linear_dft_loss(warm_h, warm_w, labels[:256], return_stats=True)[0].backward()  # cuBLAS workspaces,
+        del warm_h, warm_w  # the compile: outside the measured window
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         loss, _ = dft.linear_dft_loss(h, w, labels, return_stats=True)
