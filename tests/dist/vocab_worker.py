@@ -5,8 +5,8 @@
 Every case builds the same full head on both ranks, splits it on the vocabulary (a ``Shard(0)``
 DTensor through ``distribute_tensor``, torch's ``ColwiseParallel``, or a local block with a
 ``dft.VocabShard``), and records per rank the loss, the stats, ``dh`` and this rank's ``dW`` rows next to
-the full-logits float64 reference (``dft.dft_loss`` on ``F.linear``). V = 23 does not divide by 2 (local
-12 / 11 rows), labels hit both shards, ~25% are ignored.
+the full-logits float64 reference of ``tests/helpers/reference.py`` (log_softmax + gather on ``F.linear``, no
+dft code). V = 23 does not divide by 2 (local 12 / 11 rows), labels hit both shards, ~25% are ignored.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 import dft
 from dft import VocabShard
 from tests.dist import exit_without_teardown
+from tests.helpers.reference import ref_dft_loss, ref_stat_sums, ref_transform
 
 V, H, B, T = 23, 16, 3, 7
 
 CASES: dict[str, dict] = {
     "dtensor-mean": {},
-    "dtensor-stats-softcap": {"transform": dft.LogitTransform(logit_scale=0.7, softcap=3.0), "stats": True},
+    "dtensor-stats-softcap": {"transform": {"logit_scale": 0.7, "softcap": 3.0}, "stats": True},
     "dtensor-bias-floor": {"bias": True, "options": {"alpha": 0.5, "min_weight": 0.1}},
     "dtensor-sum": {"reduction": "sum"},
     "dtensor-none": {"reduction": "none"},
@@ -67,26 +68,28 @@ def kwargs_of(case: dict) -> dict:
     kw = dict(case.get("options", {}))
     kw["reduction"] = case.get("reduction", "mean")
     if "transform" in case:
-        kw["transform"] = case["transform"]
+        kw["transform"] = dft.LogitTransform(**case["transform"])
     if "num_items" in case:
         kw["num_items_in_batch"] = case["num_items"]
     return kw
 
 
 def reference(case: dict, d: dict) -> dict:
-    """Full logits in float64, dft.dft_loss (itself tested against log_softmax + gather)."""
+    """Full logits in float64 through the independent reference of tests/helpers/reference.py."""
     hidden, weight = (d[k].to(torch.float64, copy=True).requires_grad_() for k in ("hidden", "weight"))
     bias = d["bias"].to(torch.float64, copy=True).requires_grad_() if "bias" in d else None
-    logits = F.linear(hidden, weight, bias)
-    kw = kwargs_of(case)
-    if case.get("asft"):
-        kw |= {"ref_logits": F.linear(d["ref_hidden"].double(), d["ref_weight"].double()), "kl_coef": 0.5}
-    loss, stats = dft.dft_loss(logits, d["labels"], return_stats=True, **kw)
+    logits = ref_transform(F.linear(hidden, weight, bias), **case.get("transform", {}))
+    kw = {**case.get("options", {}), "reduction": case.get("reduction", "mean")}
+    kw["num_items_in_batch"] = case.get("num_items")
+    ref_logits = F.linear(d["ref_hidden"].double(), d["ref_weight"].double()) if case.get("asft") else None
+    if ref_logits is not None:
+        kw |= {"ref_logits": ref_logits, "kl_coef": 0.5}
+    loss = ref_dft_loss(logits, d["labels"], **kw)
     up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
     (loss * up).sum().backward()
     return {
         "loss": loss.detach(),
-        "stats": stats.pack().double() if case.get("stats") else None,
+        "stats": ref_stat_sums(logits.detach(), d["labels"], ref_logits) if case.get("stats") else None,
         "dh": hidden.grad,
         "dw": weight.grad,
         "db": None if bias is None else bias.grad,

@@ -95,6 +95,43 @@ def ref_dft_loss(
     raise ValueError(reduction)
 
 
+def ref_transform(logits, logit_scale=1.0, softcap=None, temperature=1.0):
+    """``softcap * tanh(logit_scale * z / softcap) / temperature`` (no tanh without a softcap), in float64."""
+    z = logits.double() * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def ref_stat_sums(logits, labels, ref_logits=None, ignore_index=-100):
+    """The sums of ``dft.TokenStats`` in its field order, over the supervised tokens, in float64: sum of
+    ``-log p``, sum of ``p``, argmax hits, sum of entropies, sum of ``KL(softmax(ref_logits) || softmax(logits))``
+    (0 without ``ref_logits``), the number of tokens, the number with ``p < 0.01``."""
+    z = logits.double().reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    valid = y != ignore_index
+    z, y = z[valid], y[valid]
+    logp_all = F.log_softmax(z, -1)
+    logp = logp_all[torch.arange(len(y)), y]
+    probs = logp_all.exp()
+    kl = torch.zeros((), dtype=torch.float64)
+    if ref_logits is not None:
+        logq = F.log_softmax(ref_logits.double().reshape(-1, logits.shape[-1])[valid], -1)
+        kl = (logq.exp() * (logq - logp_all)).sum()
+    p = logp.exp()
+    return torch.stack(
+        [
+            (-logp).sum(),
+            p.sum(),
+            (z.argmax(-1) == y).sum().double(),
+            -(probs * logp_all).sum(),
+            kl,
+            torch.tensor(float(len(y)), dtype=torch.float64),
+            (p < 0.01).sum().double(),
+        ]
+    )
+
+
 def ref_stats(logits, labels, ignore_index=-100):
     z = logits.double().reshape(-1, logits.shape[-1])
     y = labels.reshape(-1)
