@@ -8,7 +8,9 @@ must run on chunks planned for the eager epilogue (whose float32 temporaries the
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,28 @@ def test_eaft_bytes_are_in_the_plan():
             151936, 8192, cpu, torch.bfloat16, ep, transform=dft.LogitTransform(softcap=30.0), eaft=True
         )
         assert capped < eaft < plain, (ep.compiled, plain, eaft, capped)
+
+
+def test_vocabulary_shard_ranks_keep_one_plan(tmp_path):
+    """2 gloo ranks: one rank's compile fails, the other's does not; with validate=False both run the eager
+    path's plan (no hang), equal to the float64 reference; different chunk_size per rank is one clear error."""
+    from tests.dist.launch import run_bounded
+
+    worker = Path(__file__).parent / "dist" / "plan_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    run_bounded([*cmd, str(tmp_path)], timeout=180)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    plans = [r["fallback"]["plans"] for r in ranks]
+    assert [p[-1][1] for p in plans] == [plans[0][-1][1]] * 2  # the same rows per chunk on both ranks
+    assert plans[0] == plans[1] and len(plans[0]) == 1  # planned once, for eager passes, no restart
+    supervised = int((ranks[0]["reference"]["dh"].abs().sum(-1) > 0).sum())
+    assert plans[0][0][1] < supervised  # several chunks: several all_gathers that had to pair up
+    assert ranks[0]["fallback"]["failed"] and not ranks[1]["fallback"]["failed"]
+    ref = ranks[0]["reference"]
+    for r in ranks:
+        f = r["fallback"]
+        torch.testing.assert_close(f["loss"], ref["loss"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(f["dh"], ref["dh"], atol=1e-6, rtol=1e-5)
+        start, stop = f["rows"]
+        torch.testing.assert_close(f["dw_rows"], ref["dw"][start:stop], atol=1e-6, rtol=1e-5)
+        assert "rank 0: chunk_size=16, rank 1: chunk_size=32" in r["mismatch"]

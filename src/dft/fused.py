@@ -890,8 +890,9 @@ def _linear_dft_loss(
 ) -> Tensor | tuple[Tensor, TokenStats]:
     valid = labels != ignore_index
     num_rows = valid.numel()
-    if validate:
-        check_group(labels, hidden, weight.shape[0], shard)
+    if validate:  # before anything that could raise on one rank only: the check is a collective
+        plan_inputs = (chunk_size or 0, 0 if chunk_size else chunk_budget_bytes(hidden.device))
+        check_group(labels, hidden, weight.shape[0], shard, plan_inputs)
     index = supervised_index(  # the one host sync
         labels, ignore_index, vocab_size_of(weight, shard), check_range=validate, what="hidden"
     )

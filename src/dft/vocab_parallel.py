@@ -265,12 +265,22 @@ def all_reduce_(t: Tensor | None, shard: VocabShard | None) -> Tensor | None:
     return t
 
 
-def check_group(labels: Tensor, hidden: Tensor, local_rows: int, shard: VocabShard | None) -> None:
-    """The vocabulary group is consistent: every rank passes the same labels and hidden states, and the
-    ranks' rows ``[offset, offset + V_k)`` tile ``[0, V)`` exactly (no gap, no overlap). One tiny all_gather.
+def check_group(
+    labels: Tensor,
+    hidden: Tensor,
+    local_rows: int,
+    shard: VocabShard | None,
+    plan_inputs: tuple[int, int] = (0, 0),
+) -> None:
+    """The vocabulary group is consistent: every rank passes the same labels and hidden states, the ranks'
+    rows ``[offset, offset + V_k)`` tile ``[0, V)`` exactly (no gap, no overlap), and every rank plans the same
+    rows per chunk (its per-chunk collectives pair up only then). One tiny all_gather.
 
     Compares the label count, an order-sensitive checksum of the labels, the sum of the hidden states
-    (identical tensors reduce identically) and each rank's offset and row count.
+    (identical tensors reduce identically), each rank's offset and row count, and ``plan_inputs``: the
+    ``chunk_size`` given (0: none) and the chunk budget in bytes it is planned within (0 when given). With
+    the same supervised rows and the largest shard's width (both checked here), these fix the plan: under a
+    shard it is made for the eager epilogue, whatever each rank's compile does.
     """
     if shard is None:
         return
@@ -283,6 +293,8 @@ def check_group(labels: Tensor, hidden: Tensor, local_rows: int, shard: VocabSha
             hidden.detach().sum(dtype=torch.float64).to(flat.device),
             torch.tensor(float(shard.offset), device=flat.device, dtype=torch.float64),
             torch.tensor(float(local_rows), device=flat.device, dtype=torch.float64),
+            torch.tensor(float(plan_inputs[0]), device=flat.device, dtype=torch.float64),
+            torch.tensor(float(plan_inputs[1]), device=flat.device, dtype=torch.float64),
         ]
     )
     gathered = [torch.empty_like(key) for _ in range(shard.world_size)]
@@ -298,6 +310,16 @@ def check_group(labels: Tensor, hidden: Tensor, local_rows: int, shard: VocabSha
         raise ValueError(
             "a vocabulary-sharded head needs the same hidden states on every rank of its group; the ranks' "
             "hidden states differ (same labels). Replicate the head's input over the tensor-parallel group."
+        )
+    plans = [(int(k[5]), int(k[6])) for k in keys]
+    if any(p != plans[0] for p in plans):
+        named = ", ".join(
+            f"rank {i}: " + (f"chunk_size={c}" if c else f"chunk budget {b / 2**20:.0f} MiB")
+            for i, (c, b) in enumerate(plans)
+        )
+        raise ValueError(
+            f"the ranks of a vocabulary group must run one chunk plan (their per-chunk all_gathers pair up); got {named}. "
+            "Pass the same chunk_size on every rank."
         )
     tiles = sorted((int(k[3]), int(k[4])) for k in keys)
     end = 0
