@@ -56,10 +56,26 @@ def test_formats_and_errors():
         prepare_dataset(Dataset.from_list([{"messages": [{"role": "user", "content": "t4"}]}]), tiny_tokenizer(), 8)
 
 
-def _reference_prepare(rows, tok, max_length):
-    """The row-by-row preparation this library shipped before datasets.map (the masks must not change)."""
-    from dft.data import _encode_messages
+def _ids(rendered):
+    """apply_chat_template(tokenize=True): a list, or in transformers 5 a BatchEncoding."""
+    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
+
+def _reference_chat(messages, tok):
+    """The whole conversation rendered once; each assistant turn's tokens supervised: from the end of the
+    conversation before it with the generation prompt (the assistant header) to the end of the turn."""
+    ids = _ids(tok.apply_chat_template(messages, tokenize=True))
+    labels = [-100] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = len(_ids(tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True)))
+            end = len(_ids(tok.apply_chat_template(messages[: i + 1], tokenize=True)))
+            labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def _reference_prepare(rows, tok, max_length):
+    """Row by row, plain Python (no dft code): the masks datasets.map must give."""
     out = []
     for ex in rows:
         if "prompt" in ex:
@@ -72,7 +88,7 @@ def _reference_prepare(rows, tok, max_length):
             ids = tok(ex["text"])["input_ids"] + [tok.eos_token_id]
             labels = list(ids)
         else:
-            ids, labels = _encode_messages(ex, tok)
+            ids, labels = _reference_chat(ex["messages"], tok)
         ids, labels = ids[:max_length], labels[:max_length]
         if any(label != -100 for label in labels[1:]):
             out.append({"input_ids": ids, "labels": labels})
