@@ -17,7 +17,7 @@ import transformers
 from packaging.version import Version
 
 import dft
-from dft.distributed import _in_context_parallel
+from dft.labels import in_context_parallel as _in_context_parallel
 from tests.dist.cp_cases import build_model, rows, single_process
 from tests.dist.launch import run_bounded
 

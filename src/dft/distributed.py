@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .labels import UNSHIFTED_UNDER_CP, Batch, causal_targets, count_targets, shift_causal_labels
+from .labels import UNSHIFTED_UNDER_CP, Batch, causal_targets, count_targets, in_context_parallel, shift_causal_labels
 
 __all__ = ["global_num_items"]
 
@@ -102,7 +102,7 @@ def global_num_items(
     items = [batches] if isinstance(batches, (Tensor, Mapping)) else list(batches)
     if not items:
         raise ValueError("global_num_items needs at least one batch or labels tensor.")
-    in_cp = _in_context_parallel()
+    in_cp = in_context_parallel()
     cp_size = _accelerate_cp_size()
     if cp_size > 1 and not in_cp:
         raise ValueError(
@@ -132,25 +132,6 @@ def global_num_items(
     if grads_averaged_over_ranks:
         count = count / world
     return count.float()
-
-
-def _in_context_parallel() -> bool:
-    """Whether torch's context parallelism is on: inside ``context_parallel`` (accelerate's
-    ``maybe_context_parallel``, Trainer's CP step), or with its dispatcher enabled for sharded buffers.
-
-    Read from torch's state (private, torch 2.13): its SDPA handlers are in DTensor's dispatch table
-    exactly while CP is on. A torch without that state reads as False (no error is ever raised then).
-    """
-    cp = sys.modules.get("torch.distributed.tensor.experimental._context_parallel._attention")
-    if cp is None:  # never imported: CP never ran
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-
-        handlers = DTensor._op_dispatcher._custom_op_handlers
-        return any(op in handlers for op in cp.custom_ops)
-    except (AttributeError, TypeError):
-        return False
 
 
 def _accelerate_cp_size() -> int:

@@ -31,7 +31,6 @@ whether it gathers parameters per module; nothing else in the library checks for
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import sys
@@ -41,6 +40,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .fused import head_weight_refilled_in_place
 
 __all__ = ["ENGINES", "EngineAdapter", "detect_engine", "forward_takes", "run_model", "unwrap_model", "wrapper_chain"]
 
@@ -302,11 +303,8 @@ def run_model(
             raise RuntimeError(f"dft: expected one backbone call before the LM head, got {len(hidden)}.")
         weight, bias = module.weight, module.bias
         _check_gathered(weight)
-        token = _REFILLS_HEAD_WEIGHT.set(engine.gathers_params)
-        try:
+        with head_weight_refilled_in_place(engine.gathers_params):
             results.append(_call_head_loss(head_loss, _tied_to(hidden[0], args), weight, bias))
-        finally:
-            _REFILLS_HEAD_WEIGHT.reset(token)
 
     handles = [
         backbone.register_forward_hook(backbone_hook),
@@ -323,15 +321,6 @@ def run_model(
             f"dft: expected one LM-head call in {type(unwrap_model(model)).__name__}.forward, got {len(results)}."
         )
     return results[0], outputs
-
-
-_REFILLS_HEAD_WEIGHT: contextvars.ContextVar[bool] = contextvars.ContextVar("dft_refills_head_weight", default=False)
-
-
-def engine_refills_head_weight() -> bool:
-    """True inside a head loss under FSDP2 / ZeRO-3, which refill the gathered weight in place between the
-    forward and backward passes by design (so the fused head's in-place-change check does not apply)."""
-    return _REFILLS_HEAD_WEIGHT.get()
 
 
 def _head_loss_call(head_loss: HeadLoss, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Any:

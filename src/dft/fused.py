@@ -25,9 +25,12 @@ equal chunks within the device's budget), independent of N.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, overload
 
@@ -608,13 +611,26 @@ class _LinearDFTFunction(torch.autograd.Function):
         )
 
 
+_REFILLED_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("dft_refilled_in_place", default=False)
+
+
+@contextlib.contextmanager
+def head_weight_refilled_in_place(refilled: bool = True) -> Iterator[None]:
+    """Inside: the head weight is one an engine gathers around the head's forward and refills in place before
+    backward by design (FSDP2, ZeRO-3), so the in-place-change check of the weight does not apply. Set by
+    ``dft.engines`` around the head's loss."""
+    token = _REFILLED_IN_PLACE.set(refilled)
+    try:
+        yield
+    finally:
+        _REFILLED_IN_PLACE.reset(token)
+
+
 def _versions_of(*tensors: Tensor | None) -> list[tuple[Tensor, int]] | None:
     """The weight's (and bias's) version counters at forward time, to catch an in-place change before backward
     (e.g. ``optimizer.step()`` between them: the gradients were formed from the old values). Not for weights an
     engine gathers around the head's forward (FSDP2 / ZeRO-3 refill them in place by design)."""
-    from .engines import engine_refills_head_weight
-
-    if engine_refills_head_weight():
+    if _REFILLED_IN_PLACE.get():
         return None
     return [(t, t._version) for t in tensors if t is not None and t.is_leaf]
 

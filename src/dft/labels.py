@@ -16,6 +16,7 @@ agree with the loss for padded, packed and pre-shifted batches alike.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,9 +120,7 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("The batch has no 'labels' (or 'shift_labels'): nothing to supervise.")
-    from .distributed import _in_context_parallel  # here: dft.distributed imports this module
-
-    if _in_context_parallel():
+    if in_context_parallel():
         raise ValueError(UNSHIFTED_UNDER_CP.format(what="batch['labels']"))
     shifted = shift_causal_labels(labels, ignore_index)
     position_ids = batch.get("position_ids")
@@ -170,3 +169,22 @@ def supervised_index(
     if index.numel() > n:
         check_labels(labels, labels.shape, num_classes, ignore_index, what=what)  # raises with the first bad label
     return None if index.numel() == n else index
+
+
+def in_context_parallel() -> bool:
+    """Whether torch's context parallelism is on: inside ``context_parallel`` (accelerate's
+    ``maybe_context_parallel``, Trainer's CP step), or with its dispatcher enabled for sharded buffers.
+
+    Read from torch's state (private, torch 2.13): its SDPA handlers are in DTensor's dispatch table
+    exactly while CP is on. A torch without that state reads as False (no error is ever raised then).
+    """
+    cp = sys.modules.get("torch.distributed.tensor.experimental._context_parallel._attention")
+    if cp is None:  # never imported: CP never ran
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+
+        handlers = DTensor._op_dispatcher._custom_op_handlers
+        return any(op in handlers for op in cp.custom_ops)
+    except (AttributeError, TypeError):
+        return False
