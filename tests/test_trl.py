@@ -74,23 +74,46 @@ def test_dft_sft_config_validates(tmp_path):
     assert dft.DFTSFTConfig(output_dir=str(tmp_path), use_cpu=True).loss_type == "dft"
 
 
+def _labelled(data: Dataset) -> Dataset:
+    """The same rows for DFTTrainer: labels = input_ids outside the completion mask set to -100."""
+    rows = zip(data["input_ids"], data["completion_mask"])
+    return Dataset.from_list(
+        [
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * len(ids),
+                "labels": [t if m else -100 for t, m in zip(ids, mask)],
+            }
+            for ids, mask in rows
+        ]
+    )
+
+
+def _reference():
+    """ASFT's frozen reference: differs from the policy (KL > 0 at the first step)."""
+    ref = tiny_model("llama").eval()
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(1.5)
+    return ref
+
+
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("loss_type", ["dft", "sft", "nll", "asft", "eaft"])
 def test_dft_sft_trainer_trains_every_loss_type(tmp_path, loss_type):
     """TRL's SFTTrainer checks loss_type against its own values; DFTSFTTrainer trains each of ours, with the
-    loss it names (the same update as DFTTrainer on the same batch)."""
+    loss it names: two accumulated steps give DFTTrainer's parameters on the same pre-tokenised rows."""
     from dft.trainer import LOSS_TYPES
 
     assert loss_type in LOSS_TYPES
     model, start = tiny_model("llama"), tiny_model("llama")
-    ref = None
-    if loss_type == "asft":  # a reference that differs from the policy (KL > 0 at the first step)
-        ref = tiny_model("llama").eval()
-        with torch.no_grad():
-            ref.lm_head.weight.mul_(1.5)
-    args = dft.DFTSFTConfig(loss_type=loss_type, **_common(tmp_path))
+    common = {**_common(tmp_path), "max_steps": 2}  # 8 rows, batch 4 x 2: two epochs, reshuffled
+    args = dft.DFTSFTConfig(loss_type=loss_type, **common)
     trainer = dft.DFTSFTTrainer(
-        model=model, args=args, train_dataset=_data(), processing_class=tiny_tokenizer(), ref_model=ref
+        model=model,
+        args=args,
+        train_dataset=_data(),
+        processing_class=tiny_tokenizer(),
+        ref_model=_reference() if loss_type == "asft" else None,
     )
     assert trainer.args.loss_type == loss_type  # restored after TRL's check
     trainer.train()
@@ -103,3 +126,15 @@ def test_dft_sft_trainer_trains_every_loss_type(tmp_path, loss_type):
         assert log["loss"] < log["ce"]
     if loss_type == "asft":
         assert log["kl"] > 0
+    if loss_type in ("sft", "nll"):
+        return
+    common.pop("completion_only_loss")  # TRL's field; the labels carry the mask for DFTTrainer
+    theirs = tiny_model("llama")
+    dft.DFTTrainer(
+        model=theirs,
+        args=dft.DFTConfig(loss_type=loss_type, **common),
+        train_dataset=_labelled(_data()),
+        ref_model=_reference() if loss_type == "asft" else None,
+    ).train()
+    for (name, ours), p in zip(model.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(ours, p, atol=1e-7, rtol=1e-6, msg=name)
