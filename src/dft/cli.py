@@ -281,7 +281,7 @@ def _train_epilog() -> str:
 
 def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     """``(script, config, toy)``: the parsed flags and whether the toy recipe applies."""
-    from .trainer import DFTConfig
+    from .trainer import PRESET_IGNORES, DFTConfig
 
     config_path, argv = _split_config(argv)
     file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], DFTConfig)
@@ -308,15 +308,17 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
             )
     # first pass: the script flags decide whether the toy recipe applies
     try:
-        script = parser.parse_args_into_dataclasses(
+        script, first, _ = parser.parse_args_into_dataclasses(
             args=cpu + file_flags + argv + ["--output_dir", DEFAULT_OUTPUT_DIR], return_remaining_strings=True
-        )[0]
+        )
     except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
         raise UsageError(_one_line(e)) from None
     if script.recipe not in ("auto", "toy", "none"):
         raise UsageError(f"--recipe must be auto, toy or none; got {script.recipe!r}.")
     toy = script.recipe == "toy" or (script.recipe == "auto" and script.model is None and script.data is None)
-    defaults = [x for k, v in TOY_RECIPE.items() for x in (f"--{k}", v)] if toy else []
+    loss_type = script.loss if script.loss in PRESET_IGNORES else first.loss_type
+    recipe = {k: v for k, v in TOY_RECIPE.items() if k not in PRESET_IGNORES[loss_type]}  # e.g. sft: no CE ramp
+    defaults = [x for k, v in recipe.items() for x in (f"--{k}", v)] if toy else []
     defaults += ["--output_dir", DEFAULT_OUTPUT_DIR, *cpu]
     try:
         script, config, unknown = parser.parse_args_into_dataclasses(
@@ -332,7 +334,10 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         if script.loss not in ("dft", "sft", "asft", "eaft"):
             raise UsageError(f"--loss must be one of dft, sft, asft, eaft; got {script.loss!r}.")
         config.loss_type = script.loss
-        config.validate_dft_arguments()
+        try:
+            config.validate_dft_arguments()
+        except ValueError as e:
+            raise UsageError(_one_line(e)) from None
     if not 0.0 < script.eval_fraction < 1.0:
         raise UsageError(f"--eval_fraction must be in (0, 1), got {script.eval_fraction}.")
     _check_numbers(script, config)

@@ -15,6 +15,7 @@ back.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers import Trainer, TrainingArguments
 from .causal import causal_lm_loss
 from .labels import causal_targets, count_targets
 from .stats import TokenStats
+from .transform import LogitTransform
 from .weights import DFTWeight, beta_schedule
 
 __all__ = ["DFTArguments", "DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
@@ -47,6 +49,8 @@ class DFTArguments:
         dft_min_weight: Floor of the token weight, `w = max(w, dft_min_weight)` (the authors' pre-release code used
             0.01).
         dft_beta: Mix with cross-entropy, `w = beta * w + (1 - beta)`; the final value of the warm-up.
+        dft_p_min: Targets with `p < dft_p_min` get weight 0 (they still count in the mean).
+        dft_p_max: Targets with `p > dft_p_max` get weight 0 (they still count in the mean).
         dft_warmup_steps: Optimizer steps over which `beta` ramps linearly from 0 (CE) to `dft_beta`.
         dft_warmup_ratio: Same as a fraction of the total training steps; used when `dft_warmup_steps` is 0.
         fused_lm_head: Compute the loss from the last hidden states and the output embedding without building the
@@ -63,10 +67,14 @@ class DFTArguments:
             the base never produced has `p ~ 1/V`: plain DFT barely trains it.
     """
 
-    loss_type: str = field(default="dft", metadata={"help": "'dft' (Dynamic Fine-Tuning) or 'sft' (cross-entropy)."})
+    loss_type: str = field(
+        default="dft", metadata={"help": "'dft', 'sft' (cross-entropy; TRL's 'nll' too), 'asft' or 'eaft'."}
+    )
     dft_alpha: float = field(default=1.0, metadata={"help": "Token weight w = p ** alpha (detached)."})
     dft_min_weight: float | None = field(default=None, metadata={"help": "Floor of the token weight."})
     dft_beta: float = field(default=1.0, metadata={"help": "Mix w = beta * w + (1 - beta); 0 is CE."})
+    dft_p_min: float | None = field(default=None, metadata={"help": "Weight 0 for targets with p < p_min."})
+    dft_p_max: float | None = field(default=None, metadata={"help": "Weight 0 for targets with p > p_max."})
     dft_warmup_steps: int = field(default=0, metadata={"help": "Steps of the CE -> DFT ramp of beta."})
     dft_warmup_ratio: float = field(default=0.0, metadata={"help": "CE -> DFT ramp as a fraction of training."})
     fused_lm_head: bool = field(default=True, metadata={"help": "Fused LM-head loss (no full logits)."})
@@ -88,9 +96,19 @@ class DFTArguments:
     )
 
     def validate_dft_arguments(self) -> None:
-        """Raise ``ValueError`` naming the field for an invalid DFT option."""
+        """Raise ``ValueError`` naming the field for an invalid DFT option, or for a field the ``loss_type`` preset
+        would ignore (never silently overridden)."""
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}.")
+        ignored = [
+            name for name in PRESET_IGNORES[self.loss_type] if getattr(self, name) != WEIGHT_FIELD_DEFAULTS[name]
+        ]
+        if ignored:
+            given = ", ".join(f"{name}={getattr(self, name)!r}" for name in ignored)
+            raise ValueError(
+                f"loss_type={self.loss_type!r} ignores {given}: drop {'it' if len(ignored) == 1 else 'them'}, or pick "
+                f"the loss that uses {'it' if len(ignored) == 1 else 'them'} ({PRESET_USES_HINT[self.loss_type]})."
+            )
         self.dft_weighting()  # validates the weight options
         if not isinstance(self.dft_warmup_steps, int) or self.dft_warmup_steps < 0:
             raise ValueError(f"dft_warmup_steps must be an int >= 0, got {self.dft_warmup_steps!r}.")
@@ -119,8 +137,97 @@ class DFTArguments:
             alpha=self.dft_alpha,
             min_weight=self.dft_min_weight,
             beta=self.dft_beta if beta is None else beta,
+            p_min=self.dft_p_min,
+            p_max=self.dft_p_max,
             ce_token_ids=ce_tokens,
         )
+
+    def weight_fields_given(self) -> list[str]:
+        """The ``dft_*`` weight fields set away from their defaults (a ``weighting=`` value replaces them all)."""
+        return [name for name in WEIGHT_FIELDS if getattr(self, name) != WEIGHT_FIELD_DEFAULTS[name]]
+
+
+WEIGHT_FIELD_DEFAULTS: dict[str, Any] = {
+    "dft_alpha": 1.0,
+    "dft_min_weight": None,
+    "dft_beta": 1.0,
+    "dft_p_min": None,
+    "dft_p_max": None,
+    "dft_warmup_steps": 0,
+    "dft_warmup_ratio": 0.0,
+    "eaft_alpha": 1.0,
+    "eaft_top_k": 20,
+    "dft_ce_tokens": None,
+}
+WEIGHT_FIELDS = ("dft_alpha", "dft_min_weight", "dft_beta", "dft_p_min", "dft_p_max", "eaft_alpha", "eaft_top_k")
+_DFT_FIELDS = (
+    "dft_alpha",
+    "dft_min_weight",
+    "dft_beta",
+    "dft_p_min",
+    "dft_p_max",
+    "dft_warmup_steps",
+    "dft_warmup_ratio",
+)
+PRESET_IGNORES: dict[str, tuple[str, ...]] = {  # loss_type -> the fields its weighting does not read
+    "dft": ("eaft_alpha", "eaft_top_k"),
+    "asft": ("eaft_alpha", "eaft_top_k"),
+    "sft": (*_DFT_FIELDS, "eaft_alpha", "eaft_top_k", "dft_ce_tokens"),
+    "nll": (*_DFT_FIELDS, "eaft_alpha", "eaft_top_k", "dft_ce_tokens"),
+    "eaft": _DFT_FIELDS,
+}
+PRESET_USES_HINT = {
+    "dft": "eaft_alpha / eaft_top_k: loss_type='eaft', or DFTTrainer(weighting=DFTWeight(alpha=1, eaft_alpha=...))",
+    "asft": "eaft_alpha / eaft_top_k: loss_type='eaft'",
+    "sft": "the dft_* weight fields: loss_type='dft'; dft_beta=0 is cross-entropy too",
+    "nll": "the dft_* weight fields: loss_type='dft'",
+    "eaft": "dft_* fields: loss_type='dft', or DFTTrainer(weighting=DFTWeight(alpha=..., eaft_alpha=...))",
+}
+
+
+def check_numeric_fields(args: Any) -> None:
+    """Numeric dataclass fields given as strings (``learning_rate="1e-3"``, YAML's ``1e-3``) are parsed at
+    construction; a string that is not a number is a ``ValueError`` naming the field (not an error inside the
+    optimizer later)."""
+    import types
+    import typing
+
+    try:
+        hints = typing.get_type_hints(type(args))
+    except Exception:  # unresolvable annotations: nothing to check
+        return
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name, None)
+        if not isinstance(value, str) or f.name not in hints:
+            continue
+        hint = hints[f.name]
+        kinds = (
+            {a for a in typing.get_args(hint) if a is not type(None)}
+            if typing.get_origin(hint)
+            in (
+                typing.Union,
+                types.UnionType,
+            )
+            else {hint}
+        )
+        if not kinds or not kinds <= {int, float}:
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{f.name} must be a number, got {value!r}.") from None
+        if kinds == {int}:
+            if not number.is_integer():
+                raise ValueError(f"{f.name} must be an integer, got {value!r}.")
+            setattr(args, f.name, int(number))
+        else:
+            setattr(
+                args,
+                f.name,
+                int(number)
+                if kinds == {int, float} and number.is_integer() and "." not in value and "e" not in value.lower()
+                else number,
+            )
 
 
 def ce_token_ids(spec: str | None, tokenizer: Any = None) -> tuple[int, ...] | None:
@@ -150,11 +257,12 @@ def ce_token_ids(spec: str | None, tokenizer: Any = None) -> tuple[int, ...] | N
 @dataclass
 class DFTConfig(TrainingArguments, DFTArguments):
     """``transformers.TrainingArguments`` plus the DFT loss options of [`DFTArguments`][dft.trainer.DFTArguments]:
-    ``loss_type``, ``dft_alpha``, ``dft_min_weight``, ``dft_beta``, ``dft_warmup_steps``,
+    ``loss_type``, ``dft_alpha``, ``dft_min_weight``, ``dft_beta``, ``dft_p_min``, ``dft_p_max``, ``dft_warmup_steps``,
     ``dft_warmup_ratio``, ``fused_lm_head``, ``loss_chunk_size``, ``kl_coef``, ``eaft_alpha``,
     ``eaft_top_k``, ``dft_log_prior``, ``dft_ce_tokens``. Invalid values raise ``ValueError``."""
 
     def __post_init__(self) -> None:
+        check_numeric_fields(self)
         self.validate_dft_arguments()
         # transformers < 5 defaults to reentrant checkpointing; use the non-reentrant kind everywhere. Newer
         # transformers names the fields activation_checkpointing*: set that one (the old name warns).
@@ -369,8 +477,16 @@ class DFTTrainerMixin(_TrainerTouchPoints):
     object with the same fields; missing fields take the DFT defaults).
     """
 
-    def __init__(self, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        ref_model: nn.Module | None = None,
+        weighting: DFTWeight | None = None,
+        transform: LogitTransform | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self._dft_weighting_value, self._dft_transform = self._check_option_values(weighting, transform)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"DFTTrainer does not run under nn.DataParallel (one process, {self.args.n_gpu} GPUs visible): its "
@@ -387,6 +503,31 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._dft_ce_tokens = self._resolve_ce_tokens()
         self._check_sequence_parallel()
         self._claim_loss_kwargs()
+
+    def _check_option_values(
+        self, weighting: DFTWeight | None, transform: LogitTransform | None
+    ) -> tuple[DFTWeight | None, LogitTransform | None]:
+        """``weighting=`` / ``transform=`` values: the one documented spelling; they replace the ``dft_*`` weight
+        fields, so those next to them (or a preset that is itself a weighting) are refused, naming both."""
+        if weighting is not None and not isinstance(weighting, DFTWeight):
+            raise TypeError(f"weighting must be a dft.DFTWeight, got {type(weighting).__name__}.")
+        if transform is not None and not isinstance(transform, LogitTransform):
+            raise TypeError(f"transform must be a dft.LogitTransform, got {type(transform).__name__}.")
+        if weighting is None:
+            return None, transform
+        args = self._dft_args()
+        if args.loss_type not in ("dft", "asft"):
+            raise ValueError(
+                f"weighting={weighting!r} next to loss_type={args.loss_type!r}, itself a weighting: use "
+                "loss_type='dft' (or 'asft' for the KL anchor) with a weighting value."
+            )
+        given = args.weight_fields_given() if isinstance(self.args, DFTArguments) else []
+        if given:
+            fields = ", ".join(f"{name}={getattr(args, name)!r}" for name in given)
+            raise ValueError(f"weighting={weighting!r} replaces the dft_* weight fields; got {fields} too: give one.")
+        if weighting.ce_token_ids is not None and self._dft_option("dft_ce_tokens", None):
+            raise ValueError("weighting.ce_token_ids and dft_ce_tokens both given: give one.")
+        return weighting, transform
 
     def _resolve_ce_tokens(self) -> tuple[int, ...] | None:
         spec = self._dft_option("dft_ce_tokens", None)
@@ -430,11 +571,20 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         ratio = self._dft_option("dft_warmup_ratio", 0.0)
         if not steps and ratio:
             steps = int(ratio * max(self.state.max_steps, 1) + 0.5)
-        return beta_schedule(self.state.global_step, self._dft_option("dft_beta", 1.0), steps)
+        return beta_schedule(self.state.global_step, self.run_weighting().beta, steps)
+
+    def run_weighting(self) -> DFTWeight:
+        """The run's [`dft.DFTWeight`][dft.DFTWeight] (the warm-up's final ``beta``): the same value whether a
+        ``weighting=`` value or the ``dft_*`` fields spelled it."""
+        value = getattr(self, "_dft_weighting_value", None)
+        if value is None:
+            return self._dft_args().dft_weighting(ce_tokens=getattr(self, "_dft_ce_tokens", None))
+        tokens = getattr(self, "_dft_ce_tokens", None)
+        return value if tokens is None else dataclasses.replace(value, ce_token_ids=tokens)
 
     def dft_weighting(self) -> DFTWeight:
         """The [`dft.DFTWeight`][dft.DFTWeight] of the current step (warm-up applied)."""
-        return self._dft_args().dft_weighting(beta=self.current_dft_beta(), ce_tokens=self._dft_ce_tokens)
+        return dataclasses.replace(self.run_weighting(), beta=self.current_dft_beta())
 
     def compute_loss(
         self,
@@ -449,6 +599,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
             model,
             inputs,
             weighting,
+            transform=getattr(self, "_dft_transform", None),
             num_items_in_batch=num_items_in_batch,
             chunk_size=self._dft_option("loss_chunk_size", None),
             fused=self._dft_option("fused_lm_head", True) and not want_logits,
