@@ -142,25 +142,31 @@ def test_lora_trains_only_adapters(tmp_path):
     assert changed and all("lora_" in n for n in changed)
 
 
+def _plain_args(tmp_path, **kw) -> TrainingArguments:
+    """transformers' own TrainingArguments (no DFT fields), the settings of _args."""
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "learning_rate": 0.5,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_steps": 1,
+        "logging_steps": 1,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+    return TrainingArguments(**{**base, **kw})
+
+
 def test_compute_loss_func_with_plain_trainer(tmp_path):
     data = _dataset(8)
-    args = TrainingArguments(**{k: v for k, v in _args(tmp_path).to_dict().items() if k in ("output_dir",)})
     args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4)
-    plain_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        learning_rate=0.5,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-    )
+    plain_args = _plain_args(tmp_path)
     plain = tiny_model("llama")
     Trainer(
         model=plain, args=plain_args, train_dataset=data, compute_loss_func=functools.partial(dft.compute_loss_func)
@@ -169,6 +175,28 @@ def test_compute_loss_func_with_plain_trainer(tmp_path):
     dft.DFTTrainer(model=ours, args=args, train_dataset=data).train()
     for a, b in zip(plain.parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_mixin_on_a_plain_trainer_trains_dft(tmp_path):
+    """The documented ``class MyTrainer(dft.DFTTrainerMixin, transformers.Trainer)`` with plain
+    TrainingArguments: the DFT defaults (alpha=1), DFTTrainer's update over two accumulated steps, DFT's logs."""
+
+    class MyTrainer(dft.DFTTrainerMixin, Trainer):
+        pass
+
+    data = _dataset(8)
+    mine = tiny_model("llama")
+    trainer = MyTrainer(model=mine, args=_plain_args(tmp_path, max_steps=2), train_dataset=data)
+    trainer.train()
+    ours = tiny_model("llama")
+    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=2)
+    dft.DFTTrainer(model=ours, args=args, train_dataset=data).train()
+    for (name, a), b in zip(mine.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=name)
+    start = tiny_model("llama")
+    assert max((a - s).abs().max().item() for a, s in zip(mine.parameters(), start.parameters())) > 1e-4
+    log = trainer.state.log_history[0]
+    assert log["loss"] < 0.1 * log["ce"]  # each token scaled by its p (~1/VOCAB here): DFT, not cross-entropy
 
 
 @pytest.mark.parametrize(
