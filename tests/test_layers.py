@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dft"
 LAYERS = {
     "core": [
         "weights", "transform", "options", "reduction", "stats", "precision", "labels", "losses", "fused",
-        "epilogue", "vocab_parallel",
+        "epilogue", "vocab_parallel", "advice",
     ],
     "integrations": ["models", "engines", "causal", "distributed", "trainer", "trl_compat"],
     "tools": ["data", "prior", "sampling", "verifiers", "toy"],

@@ -129,3 +129,49 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case, match):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert __import__("re").search(match, proc.stderr), proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _train_with_warnings(tmp_path, model, tok=None, rows=None, **config):
+    import warnings
+
+    from datasets import Dataset
+
+    from dft.data import collator, prepare_dataset
+    from dft.toy import toy_tokenizer
+
+    tok = tok or toy_tokenizer()
+    rows = rows or [{"prompt": "12+7=", "completion": "19"}] * 8
+    data, _ = prepare_dataset(Dataset.from_list(rows), tok, max_length=48)
+    args = dft.DFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, report_to="none", use_cpu=True, disable_tqdm=True, **config
+    )
+    trainer = dft.DFTTrainer(model=model, args=args, train_dataset=data, data_collator=collator(tok))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    return [str(w.message) for w in caught if "step 0's batches" in str(w.message)], trainer
+
+
+def test_trainer_warns_when_the_prior_says_dft_cannot_learn(tmp_path):
+    """An untrained model (p ~ 1/V): a DFT run warns once before its first optimizer step, naming 'sft'; SFT and
+    the CE -> DFT warm-up (the remedy) do not; the rule is dft inspect's."""
+    from dft.toy import toy_model
+
+    said, trainer = _train_with_warnings(tmp_path, toy_model())
+    assert len(said) == 1 and "recommend 'sft'" in said[0] and "no prior" in said[0], said
+    assert trainer.check_prior()[0] == "sft"  # the same rule as dft inspect (dft.prior.recommend)
+    figures = {"supervised_tokens": 1, "mean_p": 0.045, "frac_below": {"0.01": 0.0}}
+    assert recommend(figures, vocab_size=23)[0] == "sft"
+    assert not _train_with_warnings(tmp_path, toy_model(), loss_type="sft")[0]
+    assert not _train_with_warnings(tmp_path, toy_model(), dft_warmup_steps=10)[0]
+
+
+def test_trainer_is_quiet_on_a_base_with_a_prior(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    base = AutoModelForCausalLM.from_pretrained(root / "examples" / "study" / "base")
+    tok = AutoTokenizer.from_pretrained(root / "examples" / "study" / "base")
+    rows = [json.loads(line) for line in (root / "src" / "dft" / "assets" / "arithmetic_train.jsonl").open()][:8]
+    said, trainer = _train_with_warnings(tmp_path, base, tok, rows)
+    assert not said and trainer.check_prior() is None

@@ -12,7 +12,7 @@ report.recommendation, report.reason, report.as_dict()   # the keys of `dft insp
 
 The pass uses the fused head (``causal_lm_loss(..., reduction="none")`` with the cross-entropy weight):
 no ``[tokens, vocab]`` logits. [`RULE`][dft.prior.RULE] holds the thresholds of the recommendation and where they
-come from (README, "Should I switch?").
+come from (docs: Choosing a loss).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .advice import RULE, recommend_loss
 from .causal import causal_lm_loss
 from .labels import causal_targets
 from .weights import DFTWeight
@@ -34,17 +35,6 @@ __all__ = ["RULE", "PriorReport", "inspect_prior", "prior_figures", "recommend"]
 QUANTILES = (0.1, 0.5, 0.9)
 THRESHOLDS = (0.001, 0.01, 0.1)
 BINS = [-8.0 + 0.5 * i for i in range(17)]  # log10 p bin edges: p from 1e-8 to 1 (lower values in the first bin)
-
-RULE = {
-    "no_prior_mean_p_x_vocab": 5.0,  # mean p < 5 / V: the model is near uniform on this data -> SFT
-    "sft_below_0.01": 0.30,  # >= 30% of the supervised tokens at p < 0.01: mostly new content -> SFT
-    "mix_below_0.01": 0.10,  # >= 10%: a real share DFT would barely train -> mix in CE (beta 0.5)
-    "floor_below_0.01": 0.01,  # >= 1%: a tail of hard tokens (noise, rare forms) -> DFT + floor 0.1
-}
-"""Thresholds on ``frac_below["0.01"]`` (the share of tokens whose DFT weight is under 0.01), set from the
-study (README "Should I switch?"): its reasoning data has 0.2% of tokens below 0.01 (DFT at parity with
-SFT), the noisy copy 1.5% (DFT + floor the significant winner), the new fact table 27% (plain DFT
--0.146 recall vs SFT, the mix at parity)."""
 
 
 @dataclass
@@ -107,23 +97,7 @@ def recommend(
 
 
 def _recommend(figures: Mapping[str, Any], vocab_size: int | None) -> tuple[str, str]:
-    if not figures["supervised_tokens"]:
-        return "sft", "no supervised token: nothing to decide on."
-    low = figures["frac_below"]["0.01"]
-    mean_p = figures["mean_p"]
-    numbers = f"mean p {mean_p:.3f}, {low:.1%} of the supervised tokens at p < 0.01"
-    if vocab_size and mean_p < RULE["no_prior_mean_p_x_vocab"] / vocab_size:
-        return (
-            "sft",
-            f"{numbers}, close to uniform (1/V = {1 / vocab_size:.3g}): no prior for DFT to build on; use SFT.",
-        )
-    if low >= RULE["sft_below_0.01"]:
-        return "sft", f"{numbers}: much of the data is new to the model and DFT would barely train it; use SFT."
-    if low >= RULE["mix_below_0.01"]:
-        return "mix", f"{numbers}: a real share is new to the model; mix DFT with cross-entropy (dft_beta 0.5)."
-    if low >= RULE["floor_below_0.01"]:
-        return "dft_floor", f"{numbers}: the model has a prior, with a tail of hard tokens; DFT with a floor (0.1)."
-    return "dft", f"{numbers}: the model already has a prior for this data; DFT fits."
+    return recommend_loss(figures["supervised_tokens"], figures["mean_p"], figures["frac_below"]["0.01"], vocab_size)
 
 
 def _histogram(logp10: Tensor, special: Tensor, p: Tensor) -> dict[str, list]:

@@ -16,14 +16,17 @@ back.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .advice import recommend_loss
 from .causal import causal_lm_loss
+from .engines import unwrap_model
 from .labels import causal_targets, count_targets
 from .stats import TokenStats
 from .transform import LogitTransform
@@ -499,7 +502,10 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
         self._dft_beta_used: float | None = None
-        self._dft_prior: TokenStats | None = None
+        self._dft_prior: TokenStats | None = None  # step 0's batches, this rank; reduced once over ranks
+        self._dft_prior_reduced: TokenStats | None = None
+        self._dft_prior_logged = False
+        self.add_callback(_PriorCheck(self))
         self._dft_ce_tokens = self._resolve_ce_tokens()
         self._check_sequence_parallel()
         self._claim_loss_kwargs()
@@ -528,6 +534,44 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         if weighting.ce_token_ids is not None and self._dft_option("dft_ce_tokens", None):
             raise ValueError("weighting.ce_token_ids and dft_ce_tokens both given: give one.")
         return weighting, transform
+
+    def _reduced_prior(self) -> TokenStats | None:
+        """Step 0's statistics (the base model's), summed over ranks once; None before step 0 ran."""
+        if self._dft_prior_reduced is None and self._dft_prior is not None:
+            packed = self.accelerator.reduce(self._dft_prior.pack(), reduction="sum")
+            self._dft_prior_reduced, self._dft_prior = TokenStats.unpack(packed), None
+        return self._dft_prior_reduced
+
+    def check_prior(self) -> tuple[str, str] | None:
+        """Before the first optimizer step: warn when the base's prior on step 0's batches says this DFT-family
+        run cannot learn the data (the rule of `dft inspect`, [`dft.prior.RULE`][dft.prior.RULE]), naming the
+        loss it recommends. Returns ``(recommendation, reason)``, or None when there is nothing to say."""
+        weighting = self.run_weighting()
+        dft_like = self._dft_option("loss_type", "dft") in ("dft", "asft") and weighting.alpha > 0
+        prior = self._reduced_prior()
+        if not dft_like or prior is None or weighting.weight_fn is not None:
+            return None
+        config = getattr(unwrap_model(self.model), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text, "vocab_size", None)
+        n = int(prior.num_tokens.item())
+        name, reason = recommend_loss(
+            n, prior.mean_p.item() if n else None, prior.frac_low_p.item() if n else None, vocab
+        )
+        ramp = self.current_dft_beta() < weighting.beta  # a CE -> DFT warm-up: the documented remedy
+        mitigated = {"mix": ramp or weighting.beta < 1 or weighting.min_weight is not None, "sft": ramp}
+        if name not in mitigated or mitigated[name]:
+            return None
+        loss = self._dft_option("loss_type", "dft")
+        warnings.warn(
+            f"dft: step 0's batches, before any update: {reason} This run trains with DFT (loss_type={loss!r}); "
+            f"`dft inspect` would recommend {name!r} (loss_type='sft' / --loss sft"
+            + (", or dft_beta=0.5 / --dft_beta 0.5" if name == "mix" else "")
+            + ").",
+            UserWarning,
+            stacklevel=2,
+        )
+        return name, reason
 
     def _resolve_ce_tokens(self) -> tuple[int, ...] | None:
         spec = self._dft_option("dft_ce_tokens", None)
@@ -610,7 +654,7 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         if mode == "train" and self._dft_option("loss_type", "dft") in ("dft", "asft"):
             self._dft_beta_used = weighting.beta
         self._dft_stats[mode] = TokenStats.accumulate(self._dft_stats.get(mode), out.stats)
-        if mode == "train" and self.state.global_step == 0 and self._dft_option("dft_log_prior", True):
+        if mode == "train" and self.state.global_step == 0 and self._dft_prior_reduced is None:
             self._dft_prior = TokenStats.accumulate(self._dft_prior, out.stats)  # before any update: the base
         if out.aux_loss is not None:
             new = torch.stack([out.aux_loss.float(), torch.ones((), device=out.aux_loss.device)])
@@ -646,14 +690,27 @@ class DFTTrainerMixin(_TrainerTouchPoints):
                 total, count = self.accelerator.reduce(aux, reduction="sum").tolist()
                 logs[f"{prefix}aux_loss"] = total / max(count, 1.0)
                 self._dft_aux[mode] = None
-        if "loss" in logs and self._dft_prior is not None and self.state.global_step > 0:
-            prior = TokenStats.unpack(self.accelerator.reduce(self._dft_prior.pack(), reduction="sum"))
-            logs["prior/mean_p"] = prior.mean_p.item()
-            logs["prior/frac_below_0.01"] = prior.frac_low_p.item()
-            self._dft_prior = None
+        if "loss" in logs and self.state.global_step > 0 and self._dft_option("dft_log_prior", True):
+            prior = self._reduced_prior()
+            if prior is not None and not self._dft_prior_logged:
+                logs["prior/mean_p"] = prior.mean_p.item()
+                logs["prior/frac_below_0.01"] = prior.frac_low_p.item()
+                self._dft_prior_logged = True
         if "loss" in logs and self._dft_beta_used is not None:
             logs["dft_beta"] = self._dft_beta_used  # the beta of the last step the logged loss covers
         super().log(logs, *args, **kwargs)
+
+
+class _PriorCheck(TrainerCallback):
+    """Calls [`DFTTrainerMixin.check_prior`][dft.trainer.DFTTrainerMixin.check_prior] before the first optimizer
+    step (every rank: the statistics are reduced over them)."""
+
+    def __init__(self, trainer: DFTTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == 0:
+            self.trainer.check_prior()
 
 
 class DFTTrainer(DFTTrainerMixin, Trainer):
