@@ -6,7 +6,8 @@ Each page's ```python / ```bash blocks run in order, as a reader follows the pag
 own (offline, CPU), which holds what the pages assume of the reader: ``examples/`` and ``src/`` of this checkout,
 and (except on the getting-started page, which makes them itself) ``my-model/`` (the study's pretrained base
 with a chat template), ``train.jsonl``, ``test.jsonl``, ``prompts.jsonl`` and ``chat.jsonl``. ```json blocks
-parse. A block that cannot run here is marked by ``<!-- not run: REASON -->`` on the line above its fence.
+parse. A block that cannot run here is marked by ``<!-- not run: REASON -->`` on the line above its fence. A line
+ending in ``# -> TEXT`` says what it prints: the block's output must contain TEXT.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CHAT_TEMPLATE = (
 )
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", flags=re.S | re.M)
 NOT_RUN = re.compile(r"<!-- not run: (.+?) -->\s*$")
+PRINTS = re.compile(r"#\s*->\s*(.+?)\s*$", flags=re.M)
 
 
 @dataclass
@@ -110,6 +112,8 @@ def _run(block: Block, cwd: Path) -> None:
     assert proc.returncode == 0, (
         f"{block} ({block.lang}) failed:\n{block.code}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     )
+    for expected in PRINTS.findall(block.code):
+        assert expected in proc.stdout, f"{block}: the page says it prints {expected!r}; it printed:\n{proc.stdout}"
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=_page_id)
@@ -134,6 +138,12 @@ def test_every_block_runs_or_says_why():
             pytest.fail(f"{block}: use ```bash / ```python / ```json (those run), not ```{block.lang}")
         if block.not_run is not None:
             assert block.lang in RUN and len(block.not_run) >= 10, f"{block}: say why it does not run"
+
+
+def test_printed_outputs_are_checked():
+    """The pages say what their blocks print (``# -> TEXT``), and the runner compares it."""
+    said = [m for b in ALL if b.lang in RUN and not b.not_run for m in PRINTS.findall(b.code)]
+    assert len(said) >= 6
 
 
 def test_readme_is_two_screens_and_links_into_the_docs():
