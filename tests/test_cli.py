@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
+STUDY_BASE = Path(__file__).resolve().parents[1] / "examples" / "study" / "base"  # a trained 0.6 M Llama
 TINY = [
     "--max_steps",
     "4",
@@ -264,14 +265,95 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, case, match):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, no usage dump
 
 
-@pytest.mark.parametrize(("loss", "logged"), [("asft", "kl"), ("eaft", "ce")])
-def test_variant_losses_from_the_command_line(tmp_path, loss, logged):
-    out = tmp_path / loss
-    args = ("--loss", loss, "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "3", "--max_eval_examples", "1")
-    proc = dft_cli("train", "--output_dir", out, *args, "--kl_coef", "0.2", "--disable_tqdm", "true")
+def test_asft_from_the_command_line(tmp_path):
+    out = tmp_path / "asft"
+    args = ("--loss", "asft", "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "3", "--max_eval_examples")
+    proc = dft_cli("train", "--output_dir", out, *args, "1", "--kl_coef", "0.2", "--disable_tqdm", "true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads((out / "metrics.json").read_text())["log_history"]
-    assert any(logged in h for h in history)
+    assert any("kl" in h for h in history)
+
+
+def _reference_sums(model_dir: Path, rows: list[dict], **weighting) -> tuple[float, float, int]:
+    """(sum of the float64 reference loss, sum of the token CE, number of targets) of ``rows`` as dft train
+    prepares them, each row through the model on its own (no padding, no packing)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dft.data import prepare_dataset
+    from tests.helpers.reference import ref_dft_loss
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prepared, _ = prepare_dataset(Dataset.from_list(rows), AutoTokenizer.from_pretrained(model_dir), 128)
+    loss = ce = 0.0
+    count = 0
+    for row in prepared:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        labels = torch.tensor(row["labels"][1:])
+        loss += ref_dft_loss(logits, labels, reduction="sum", **weighting).item()
+        ce += ref_dft_loss(logits, labels, reduction="sum", alpha=0.0).item()
+        count += int((labels != -100).sum())
+    return loss, ce, count
+
+
+def test_eaft_from_the_command_line_trains_eaft(tmp_path, toy_model_dir, capsys):
+    """--loss eaft: the first step's loss (one batch of every training row) is EAFT's, CE x (top-20 entropy /
+    ln 20), of the starting model: ~0.5% below its CE here, 20x above DFT's. --eval_data: all of --data trains."""
+    from dft.toy import arithmetic_examples
+
+    rows = arithmetic_examples(6, seed=3)
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    held_out = _write_jsonl(tmp_path / "e.jsonl", arithmetic_examples(3, seed=4))
+    out = tmp_path / "eaft"
+    code, stdout, err = run_cli(capsys, "train", "--model", toy_model_dir, "--data", data, "--eval_data", held_out,
+                                "--loss", "eaft", "--max_steps", "1", "--logging_steps", "1", "--per_device_train_"
+                                "batch_size", "8", "--max_eval_examples", "1", "--save_strategy", "no",
+                                "--disable_tqdm", "true", "--output_dir", out)  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert "split: 6 train / 3 eval examples (--eval_data)" in stdout
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["eval_data"] == str(held_out.resolve()) and run_config["eval_fraction"] is None
+    log = next(h for h in json.loads((out / "metrics.json").read_text())["log_history"] if "loss" in h)
+    eaft, ce, count = _reference_sums(toy_model_dir, rows, alpha=0.0, eaft_alpha=1.0, eaft_top_k=20)
+    assert log["ce"] == pytest.approx(ce / count, rel=1e-4)
+    assert log["loss"] == pytest.approx(eaft / count, rel=1e-4)
+    assert abs(eaft - ce) / ce > 20 * 1e-4  # the check tells EAFT from cross-entropy (and from DFT)
+
+
+def test_train_flags_recipe_packing_lora(tmp_path, capsys):
+    """One run on the study's trained base (its predictions depend on the context, unlike a fresh model's):
+    --recipe toy on a user's model and data (the recipe's lr, schedule, CE -> DFT warm-up); --packing (one row,
+    no padding: the input tokens counted are the rows' own, and the packed batch's CE is the rows' CE on their
+    own: no row sees another); --lora_alpha / --lora_dropout in the adapter's config."""
+    pytest.importorskip("peft")
+    from transformers import AutoTokenizer
+
+    from dft.data import prepare_dataset
+    from dft.toy import arithmetic_examples
+
+    rows = arithmetic_examples(6, seed=3)  # 28 to 45 tokens: padding would add tokens
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    held_out = _write_jsonl(tmp_path / "e.jsonl", arithmetic_examples(2, seed=4))
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--model", STUDY_BASE, "--data", data, "--eval_data", held_out,
+                                "--recipe", "toy", "--packing", "true", "--lora_r", "4", "--lora_alpha", "8",
+                                "--lora_dropout", "0.25", "--max_steps", "1", "--logging_steps", "1",
+                                "--per_device_train_batch_size", "8", "--include_num_input_tokens_seen", "true",
+                                "--max_eval_examples", "1", "--disable_tqdm", "true", "--output_dir", out)  # fmt: skip
+    assert code == 0, err[-3000:]
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["recipe"] == "toy" and run_config["learning_rate"] == 3e-3
+    assert run_config["lr_scheduler_type"] == "cosine" and run_config["dft_warmup_ratio"] == 0.25
+    assert run_config["packing"] is True
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8, 0.25)
+    log = next(h for h in json.loads((out / "metrics.json").read_text())["log_history"] if "loss" in h)
+    _, ce, count = _reference_sums(STUDY_BASE, rows)  # LoRA's B starts at 0: the starting model's CE
+    assert log["ce"] == pytest.approx(ce / count, rel=1e-3)
+    prepared, _ = prepare_dataset(Dataset.from_list(rows), AutoTokenizer.from_pretrained(STUDY_BASE), 128)
+    lengths = [len(r["input_ids"]) for r in prepared]
+    assert log["num_input_tokens_seen"] == sum(lengths) < len(lengths) * max(lengths)
 
 
 def test_bare_command_prints_usage_and_writes_nothing(tmp_path):
