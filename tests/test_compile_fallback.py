@@ -43,6 +43,7 @@ def forced(monkeypatch):
     monkeypatch.setenv("DFT_COMPILE_EPILOGUE", "1")
     monkeypatch.setattr(epilogue, "_compiled", None)
     monkeypatch.setattr(epilogue, "_compile_failed", False)
+    monkeypatch.setattr(fused, "_COMPILED_VARIANTS", set())
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -116,6 +117,11 @@ def test_compile_failure_reruns_the_call_on_the_eager_plan(forced, monkeypatch, 
     monkeypatch.setattr(fused, "epilogue_for", lambda *a: _failing_compiled(tried) if not tried else epilogue.EAGER)
     monkeypatch.setattr(fused, "chunk_budget_bytes", lambda device: 2**20)  # eager: several chunks here
     h, w, y = _head(200, 16, 1003, torch.float32)
+    blocks = []  # rows of each [C, V] block the passes saw
+    real_reduce = fused._reduce_chunk
+    monkeypatch.setattr(
+        fused, "_reduce_chunk", lambda plan, p, z, *a: blocks.append(z.shape[0]) or real_reduce(plan, p, z, *a)
+    )
     with pytest.warns(RuntimeWarning, match="compiling the fused head's epilogue failed"):
         out = _run(h, w, y)
     compiled_rows = fused.default_chunk_size(1003, int((y != -100).sum()), h.device, h.dtype, _failing_compiled([]))
@@ -123,6 +129,7 @@ def test_compile_failure_reruns_the_call_on_the_eager_plan(forced, monkeypatch, 
     assert compiled_rows > eager_rows
     assert plans[:2] == [(True, compiled_rows), (False, eager_rows)], plans
     assert len(tried) == 1  # the failing pass never ran
+    assert max(blocks) <= eager_rows  # not even the failed attempt held a block larger than the eager plan's
     exact = ref_dft_loss(F.linear(h.detach().double(), w.detach().double()), y)
     torch.testing.assert_close(out[0], exact, atol=1e-6, rtol=1e-5)
     monkeypatch.setattr(fused, "epilogue_for", lambda *a: epilogue.EAGER)

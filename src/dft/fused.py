@@ -475,10 +475,25 @@ def _run_chunks(
         # this rank's compile does, and let a compile failure run the eager pass on the spot.
         with inline_fallback():
             return _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, EAGER), h, w, b, coef, need, coef_nonneg)
-    try:
+    if not ep.compiled:
         return _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, ep), h, w, b, coef, need, coef_nonneg)
-    except CompileFellBack:  # compiling failed before its pass ran: start again on the eager path's chunks
-        return _run_plan(plan, EAGER, _chunk_rows(plan, h, sized_vocab, EAGER), h, w, b, coef, need, coef_nonneg)
+    eager_rows = _chunk_rows(plan, h, sized_vocab, EAGER)
+    variant = (h.dtype, plan.want_stats, plan.transform, plan.reference is None, coef is None, coef_nonneg,
+               plan.weighting.needs_logits, torch.is_autocast_enabled())  # fmt: skip
+    # Until this variant's passes have compiled once, the first chunk is one the eager epilogue could run: a
+    # compile failure there costs no more memory than the eager path, and the call starts again on its plan.
+    first = None if variant in _COMPILED_VARIANTS else eager_rows
+    try:
+        out = _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, ep), h, w, b, coef, need, coef_nonneg, first)
+    except CompileFellBack:  # compiling failed before its pass ran
+        out = None  # leave the except block first: its traceback holds the failed attempt's buffers
+    if out is None:  # start again on the eager path's chunks
+        return _run_plan(plan, EAGER, eager_rows, h, w, b, coef, need, coef_nonneg)
+    _COMPILED_VARIANTS.add(variant)
+    return out
+
+
+_COMPILED_VARIANTS: set[tuple] = set()  # the call variants whose compiled passes have run in this process
 
 
 def _chunk_rows(plan: _Plan, h: Tensor, sized_vocab: int, ep: Epilogue) -> int:
@@ -505,9 +520,10 @@ def _run_plan(
     coef: Tensor | None,
     need: tuple[bool, bool, bool],
     coef_nonneg: bool,
+    first: int | None = None,
 ) -> tuple[Tensor, TokenStats | None, _Grads]:
-    """[`_run_chunks`][dft.fused._run_chunks] with its epilogue and chunk rows chosen: every buffer is this
-    call's own, so a call that falls back to eager can start again."""
+    """[`_run_chunks`][dft.fused._run_chunks] with its epilogue and chunk rows chosen (``first``: a smaller first
+    chunk): every buffer is this call's own, so a call that falls back to eager can start again."""
     n, local_vocab = h.shape[0], w.shape[0]
     acc_dtype = compute_dtype(h.dtype)
     token_loss = torch.empty(n, dtype=acc_dtype, device=h.device)
@@ -515,8 +531,9 @@ def _run_plan(
     grads = _Grads.zeros(h, w, tuple(x and want_grad for x in need), acc_dtype)
     stats = TokenStats.zeros(h.device) if plan.want_stats else None
     ref = plan.reference
-    for start in range(0, n, chunk):
-        rows = slice(start, min(start + chunk, n))
+    starts = [0, *range(first, n, chunk)] if first is not None and first < min(chunk, n) else range(0, n, chunk)
+    for i, start in enumerate(starts):
+        rows = slice(start, min(starts[i + 1] if i + 1 < len(starts) else start + chunk, n))
         h_c, y = h[rows], plan.labels[rows]
         pass_ = ep if h_c.shape[0] >= 2 else EAGER  # dynamic shapes specialise 0/1 rows: never recompile a tail
         z = r = None  # free the previous chunk's blocks before this chunk's are allocated
