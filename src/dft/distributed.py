@@ -16,10 +16,15 @@ is ``N / R``: then ``sum_rank(grad_rank) / R`` is exactly ``grad(sum of all toke
 
 Context parallelism (accelerate ``ParallelismConfig(cp_size=...)``, torch's ``context_parallel``)
 needs its own order of sharding and counting: see [`global_num_items`][dft.distributed.global_num_items].
+
+Which process this is (its rank, the job's size, whether it is the main one) is answered here once, for the
+command line and [`dft.sampling`][dft.sampling]: ``rank_and_world_size``, ``is_main_process``,
+``join_launcher_group``.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Mapping
 
@@ -29,7 +34,7 @@ from torch import Tensor
 
 from .labels import UNSHIFTED_UNDER_CP, Batch, causal_targets, count_targets, in_context_parallel, shift_causal_labels
 
-__all__ = ["global_num_items"]
+__all__ = ["global_num_items", "is_main_process", "join_launcher_group", "rank_and_world_size"]
 
 
 def global_num_items(
@@ -145,3 +150,42 @@ def _accelerate_cp_size() -> int:
         return int(getattr(config, "cp_size", 1) or 1)
     except (TypeError, ValueError):
         return 1
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default
+
+
+def rank_and_world_size(*, launcher: bool = True) -> tuple[int, int]:
+    """``(global rank, world size)`` of this process: torch.distributed's when a process group is initialised;
+    otherwise, with ``launcher=True``, what torchrun / accelerate launch / mpirun set (``RANK``, ``WORLD_SIZE``),
+    so that every process knows its place before any group exists; ``(0, 1)`` for a plain run (and, with
+    ``launcher=False``, for any process without a group: nothing to gather from)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if not launcher:
+        return 0, 1
+    return _env_int("RANK", 0), max(_env_int("WORLD_SIZE", 1), 1)
+
+
+def is_main_process() -> bool:
+    """The process that prints and writes (global rank 0; the only one of a plain run)."""
+    return rank_and_world_size()[0] == 0
+
+
+def join_launcher_group() -> tuple[int, int, torch.device]:
+    """``(rank, world_size, device)``: joins the process group the launcher's environment describes when there
+    is one and none is initialised yet (torchrun / accelerate launch set ``WORLD_SIZE``, ``LOCAL_RANK``): NCCL on
+    GPUs, gloo on CPU. A plain run stays one process on ``cuda:0`` or the CPU."""
+    world = max(_env_int("WORLD_SIZE", 1), 1)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", _env_int("LOCAL_RANK", 0)) if cuda else torch.device("cpu")
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = rank_and_world_size(launcher=False)
+    return rank, world, device

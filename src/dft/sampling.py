@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .distributed import rank_and_world_size
 from .verifiers import Verifier, VerifierError, load_verifier, needs_reference, reward_of
 
 __all__ = [
@@ -221,14 +222,6 @@ def _batch_seed(seed: int, batch: int) -> int:
     return int(hashlib.sha256(f"{seed}:{batch}".encode()).hexdigest()[:15], 16)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def generate(
     model: Any,
     tokenizer: Any,
@@ -257,7 +250,7 @@ def generate(
         num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, batch_size=batch_size,
     )  # fmt: skip
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world_size(launcher=False)  # a group to gather over, or one process
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature else {}
