@@ -518,7 +518,7 @@ def test_eval_writes_predictions_next_to_a_local_model(tmp_path, toy_model_dir):
 def test_existing_read_only_output_dir_is_caught_by_the_probe(tmp_path, monkeypatch):
     """An output dir that exists but refuses files (a read-only mount; chmod does not stop root, who runs
     these tests): the probe file's PermissionError becomes the one-line usage error, before any training."""
-    from dft import cli
+    from dft.cli import _parsing as cli
 
     def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -546,7 +546,7 @@ def run_cli(capsys, *args):
 @pytest.fixture
 def no_loading(monkeypatch):
     """Make any model load fail loudly: a check that must come first is seen to come first."""
-    from dft import cli
+    from dft.cli import _loading as cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
@@ -618,7 +618,7 @@ def test_torchrun_on_cpu_without_use_cpu_is_one_job_and_its_lora_outputs_load(tm
     """No accelerator, no --use_cpu: the launcher's processes are one gloo DDP job (said once), not two jobs
     writing one folder; its LoRA run, merged on the main process, loads in dft eval as a model and as an
     adapter, with the same scores."""
-    from dft.cli import _has_accelerator
+    from dft.cli._processes import _has_accelerator
     from tests.dist.launch import run_bounded
 
     if _has_accelerator():
@@ -662,7 +662,7 @@ def test_torchrun_bad_input_is_one_line(tmp_path):
 
 
 def test_use_cpu_false_under_a_launcher_without_accelerator_is_refused(tmp_path, capsys, monkeypatch, no_loading):
-    from dft import cli
+    from dft.cli import _train_args as cli
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(cli, "_has_accelerator", lambda: False)
@@ -692,7 +692,7 @@ def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
     pytest.importorskip("peft")
     import warnings
 
-    from dft import cli
+    from dft.cli import TrainScriptArguments, _loading
 
     data = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 1+1=?\n", "completion": "A: 2\n"}] * 8)
     out = tmp_path / "user"
@@ -715,13 +715,13 @@ def test_lora_output_loads_in_eval_and_inspect(tmp_path, toy_model_dir, capsys):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
     toy = tmp_path / "toy"  # what `dft train --lora_r 4` (no --model) writes, without its 2000-row training
-    script = cli.TrainScriptArguments(lora_r=4)
+    script = TrainScriptArguments(lora_r=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cli._apply_lora(cli._toy_model(), script).save_pretrained(toy)
+        _loading._apply_lora(_loading._toy_model(), script).save_pretrained(toy)
     assert not [w for w in caught if issubclass(w.category, FutureWarning)]  # peft's is_gradient_checkpointing
     __import__("dft.toy").toy.toy_tokenizer().save_pretrained(toy)
-    (toy / "run_config.json").write_text(json.dumps({"model": cli.TOY_MODEL}))
+    (toy / "run_config.json").write_text(json.dumps({"model": _loading.TOY_MODEL}))
     assert not json.loads((toy / "adapter_config.json").read_text())["base_model_name_or_path"]  # None; peft < 0.13: ''
     merged = tmp_path / "merged"  # `dft train --lora_r 4 --merge_lora true`: the adapter moved to adapter/
     (merged / "adapter").mkdir(parents=True)
@@ -796,7 +796,7 @@ def test_resume_with_other_settings_is_refused(finished_run, tmp_path, capsys, n
 
 def test_resume_with_overwrite_takes_the_new_settings(finished_run, tmp_path, capsys, monkeypatch):
     """--overwrite passes the settings guard (the architecture guard stays): the run then loads."""
-    from dft import cli
+    from dft.cli import _loading as cli
 
     def stop(*args, **kwargs):
         raise cli.UsageError("reached the model load")
@@ -879,7 +879,7 @@ def test_gradient_checkpointing_flag_warns_nothing(tmp_path):
     current name: neither it nor the kwargs DFTConfig fills in warns (FutureWarning)."""
     import warnings
 
-    from dft.cli import parse_train_args
+    from dft.cli._train_args import parse_train_args
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -121,8 +121,7 @@ def doc_flags(section: str) -> dict[str, str]:
 def test_help_parser_reads_every_flag():
     """The parser finds the flags the commands are built from (so that a broken parser fails here)."""
     _launch()  # the help processes run while this one imports
-    from dft.cli import EvalScriptArguments, InspectScriptArguments, TrainScriptArguments
-    from dft.sample_cli import SampleScriptArguments
+    from dft.cli import EvalScriptArguments, InspectScriptArguments, SampleScriptArguments, TrainScriptArguments
     from dft.trainer import DFTArguments
 
     built_from = {
@@ -180,7 +179,7 @@ def test_doc_defaults_are_the_help_defaults(command):
 
 
 def test_train_links_training_arguments_and_lists_the_toy_recipe():
-    from dft.cli import TOY_RECIPE
+    from dft.cli._train_args import TOY_RECIPE
 
     train = doc_sections()["train"]
     assert TRAINING_ARGUMENTS in train

@@ -1,7 +1,8 @@
 """The package's layers import one way: core -> integrations -> tools -> cli (an import-linter style contract).
 
 Every ``from .x import`` / ``import dft.x`` in ``src/dft`` counts, at module level or inside a function (a lazy
-import is still a dependency). A module may import its own layer or the layers below it, never above.
+import is still a dependency). A module may import its own layer or the layers below it, never above; no two
+modules import each other, directly or around a circle; the CLI is a package of small modules.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ LAYERS = {
     ],
     "integrations": ["models", "engines", "causal", "distributed", "trainer", "trl_compat"],
     "tools": ["data", "prior", "sampling", "verifiers", "toy"],
-    "cli": ["cli", "sample_cli", "evaluation", "reporting"],
+    "cli": ["cli"],  # the package: cli (its __init__: main, dispatch), cli.train, cli.eval, cli._parsing, ...
 }  # fmt: skip
 ORDER = list(LAYERS)
 FACADE = {"__init__", "__main__", "_version", "__version__"}  # the package root re-exports; __main__ runs the CLI
@@ -76,6 +77,79 @@ def test_imports_go_down_the_layers(module):
         layer = _layer(target)
         assert layer is not None, f"{module} imports {target}, which has no layer"
         assert ORDER.index(layer) <= mine, f"{module} ({ORDER[mine]}) imports {target} ({layer}): upward"
+
+
+def _graph() -> dict[str, set[str]]:
+    """``{module: the modules it imports}`` over ``src/dft`` (an imported name is resolved to its module)."""
+
+    def module_of(target: str) -> str | None:
+        parts = target.split(".")
+        return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in MODULES), None)
+
+    graph = {}
+    for module, path in MODULES.items():
+        if module in FACADE:
+            continue
+        graph[module] = {m for t in _imports(path) if (m := module_of(t)) not in (None, module, *FACADE)}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One import circle per strongly connected group of modules (Tarjan), each as a closed path."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_no_import_circle():
+    """No module imports, at module level or lazily, a module that imports it back (directly or around a
+    circle); the package root (the facade re-exporting the API) is left out."""
+    circles = _cycles(_graph())
+    assert not circles, f"import circles among src/dft modules: {circles}"
+
+
+def test_the_circle_check_can_fail():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+CLI_MAX_LINES = 400
+
+
+def test_cli_modules_are_small():
+    """The CLI is one small module per command plus its shared private modules, none over 400 lines."""
+    cli = sorted((SRC / "cli").glob("*.py"))
+    assert {p.stem for p in cli} >= {"__init__", "train", "eval", "inspect", "sample"}
+    long = {p.name: n for p in cli if (n := len(p.read_text().splitlines())) > CLI_MAX_LINES}
+    assert not long, f"CLI modules over {CLI_MAX_LINES} lines: {long}"
 
 
 def test_the_contract_can_fail(tmp_path, monkeypatch):

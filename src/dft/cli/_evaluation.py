@@ -1,11 +1,12 @@
-"""Evaluation of a trained causal LM: exact match of greedy answers, token statistics of a dataset."""
+"""Evaluation of a trained causal LM (``dft train``'s last step, ``dft eval``): exact match of greedy answers,
+token statistics of a dataset."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from .stats import TokenStats
+from ..stats import TokenStats
 
 __all__ = ["ExactMatch", "exact_match", "token_ce"]
 
@@ -113,8 +114,8 @@ def token_ce(model: Any, tokenizer: Any, prepared: Any, batch_size: int) -> dict
     """Mean token CE / p / accuracy / entropy over a prepared dataset (fused head, no logits)."""
     import torch
 
-    from .causal import causal_lm_loss
-    from .data import collator
+    from ..causal import causal_lm_loss
+    from ..data import collator
 
     collate = collator(tokenizer)
     stats = None
@@ -125,3 +126,28 @@ def token_ce(model: Any, tokenizer: Any, prepared: Any, batch_size: int) -> dict
             out = causal_lm_loss(model, {k: v.to(model.device) for k, v in batch.items()}, alpha=0.0)
             stats = TokenStats.accumulate(stats, out.stats)
     return stats.as_dict()
+
+
+def _exact_match_on_ranks(trainer: Any, tokenizer: Any, raw: Any, limit: int) -> Any:
+    """Exact match once per job: the rows spread over the ranks when each holds the whole model (DDP,
+    ZeRO-1/2), the same rows on every rank, kept in step, when the engine gathers parameters per module
+    (FSDP2, ZeRO-3, tensor parallel)."""
+    from ..engines import detect_engine
+
+    args = trainer.args
+    if args.world_size == 1:
+        return exact_match(trainer.model, tokenizer, raw, limit)
+    whole = detect_engine(trainer.model_wrapped).name in ("plain", "ddp", "deepspeed")
+    if whole:
+        return exact_match(trainer.model, tokenizer, raw, limit, rank=args.process_index, world_size=args.world_size)
+    return exact_match(trainer.model, tokenizer, raw, limit, synced_gpus=True)
+
+
+def _exact_match_metrics(match: Any) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "eval_exact_match": match.score,
+        "eval_exact_match_examples": len(match.predictions),
+    }
+    if match.note:
+        metrics["eval_exact_match_note"] = match.note
+    return metrics

@@ -14,25 +14,15 @@ share of the batches and the main process verifies and writes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .cli import (
-    TrainScriptArguments,
-    UsageError,
-    _exit_without_gloo_teardown,
-    _is_main,
-    _load_model_and_tokenizer,
-    _one_line,
-    _parser,
-    _quiet_progress_bars,
-    check_writable,
-    parse_command,
-    say,
-)
+from ..distributed import join_launcher_group
+from . import _loading
+from ._loading import ModelSource
+from ._parsing import UsageError, _one_line, _parser, check_writable, parse_command
+from ._processes import _exit_without_gloo_teardown, _is_main, _quiet_progress_bars, say
 
 __all__ = ["SampleScriptArguments", "run_sample"]
 
@@ -76,25 +66,6 @@ class SampleScriptArguments:
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar."})
 
 
-def _distributed() -> tuple[int, int, Any]:
-    """``(rank, world_size, device)``: a process group from the launcher's environment when there is one
-    (torchrun / accelerate launch set WORLD_SIZE), NCCL on GPUs, gloo on CPU."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, device
-
-
 def _fresh(out: Path, overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -113,9 +84,9 @@ def parse_sample_args(argv: list[str]) -> SampleScriptArguments:
 
 
 def run_sample(argv: list[str]) -> int:
-    from . import sampling
-    from .data import DataError, load_local_dataset
-    from .verifiers import VerifierError
+    from .. import sampling
+    from ..data import DataError, load_local_dataset
+    from ..verifiers import VerifierError
 
     args = parse_sample_args(argv)
     out = Path(args.output_dir)
@@ -149,7 +120,7 @@ def run_sample(argv: list[str]) -> int:
         message = _one_line(e)
         named = message.split(" ", 1)[0] in {*options, "threshold"}  # "num_samples must be >= 1, got 0."
         raise UsageError(f"--{message}" if named else message) from None
-    script = TrainScriptArguments(
+    script = ModelSource(
         model=args.model,
         torch_dtype=args.torch_dtype,
         attn_implementation=args.attn_implementation,
@@ -157,12 +128,12 @@ def run_sample(argv: list[str]) -> int:
     )
     if not _is_main():
         _quiet_progress_bars()
-    model, tokenizer = _load_model_and_tokenizer(script)
+    model, tokenizer = _loading._load_model_and_tokenizer(script)
     try:
         sampling.check_chat_template(prompts, tokenizer)
     except DataError as e:
         raise DataError(f"{args.data}: {e}") from None
-    rank, world, device = _distributed()
+    rank, world, device = join_launcher_group()
     model.to(device)
     say(
         f"sampling {args.num_samples} x {len(prompts)} prompts at temperature {args.temperature:g} "
@@ -201,5 +172,5 @@ def run_sample(argv: list[str]) -> int:
         + (f"; {summary['unfinished']} cut at --max_new_tokens (never accepted)" if summary["unfinished"] else "")
     )
     say(f"wrote {out}/samples.jsonl, accepted.jsonl ({summary['accepted']} rows for dft train --data), summary.json")
-    _exit_without_gloo_teardown()  # gloo: leave without the teardown that can abort a rank (cli.py)
+    _exit_without_gloo_teardown()  # gloo: leave without the teardown that can abort a rank (_processes.py)
     return 0
