@@ -156,6 +156,13 @@ def test_readme_is_two_screens_and_links_into_the_docs():
         assert (ROOT / link).exists(), link
 
 
+def test_readme_headline_table_is_the_benchmarks():
+    """The README's table is the committed benchmarks/results/trainer_step.md (rendered from its JSON)."""
+    table = [line for line in (ROOT / "benchmarks/results/trainer_step.md").read_text().splitlines() if line[:1] == "|"]
+    readme = README.read_text()
+    assert len(table) >= 4 and all(line in readme for line in table)
+
+
 def test_the_docs_tell_the_present():
     """History ("was N", "the first version", issue numbers) belongs in CHANGELOG.md only."""
     history = re.compile(
