@@ -23,7 +23,7 @@ _LAZY = {
     "DFTConfig": "trainer",
     "DFTTrainer": "trainer",
     "DFTTrainerMixin": "trainer",
-    "DFTArguments": "trainer",
+    "DFTArguments": "arguments",
     "DFTSFTConfig": "trl_compat",
     "DFTSFTTrainer": "trl_compat",
     "global_num_items": "distributed",

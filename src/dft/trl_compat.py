@@ -32,7 +32,7 @@ __all__ = ["DFTSFTConfig", "DFTSFTTrainer"]
 
 @dataclass
 class DFTSFTConfig(DFTArguments, SFTConfig):
-    """``trl.SFTConfig`` plus the DFT loss options of [`dft.DFTArguments`][dft.trainer.DFTArguments] (``loss_type``
+    """``trl.SFTConfig`` plus the DFT loss options of [`dft.DFTArguments`][dft.arguments.DFTArguments] (``loss_type``
     defaults to "dft")."""
 
     def __post_init__(self) -> None:
@@ -69,7 +69,7 @@ class _TrlSeesItsOwnLoss(SFTTrainer):
 
 class DFTSFTTrainer(DFTTrainerMixin, _TrlSeesItsOwnLoss):
     """``trl.SFTTrainer`` whose loss is [`dft.causal_lm_loss`][dft.causal_lm_loss] (fused head, exact normalisation);
-    every ``loss_type`` of [`dft.DFTArguments`][dft.trainer.DFTArguments] (``"dft"``, ``"sft"``/``"nll"``, ``"asft"``,
+    every ``loss_type`` of [`dft.DFTArguments`][dft.arguments.DFTArguments] (``"dft"``, ``"sft"``/``"nll"``, ``"asft"``,
     ``"eaft"``).
 
     TRL's data handling is kept as it is, its masking defaults included, so the supervised tokens can differ

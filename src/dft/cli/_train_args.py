@@ -1,5 +1,6 @@
 """``dft train``'s flags: ``TrainScriptArguments`` plus [`dft.DFTConfig`][dft.trainer.DFTConfig]'s, the toy
-recipe, and every check of their values that needs no model and no data."""
+recipe, and every check of their values that needs no model and no data, made before Trainer, datasets,
+DeepSpeed or accelerate's state are imported or set up."""
 
 from __future__ import annotations
 
@@ -109,14 +110,42 @@ def _train_epilog() -> str:
     )
 
 
-def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
-    """``(script, config, toy)``: the parsed flags and whether the toy recipe applies."""
-    from ..trainer import PRESET_IGNORES, DFTConfig
+def _flags_class() -> type:
+    """``DFTConfig``'s fields (TrainingArguments' and [`DFTArguments`][dft.arguments.DFTArguments]', in the same
+    order) with only the DFT checks in ``__post_init__``: parsing into it sets nothing up (no device, no process
+    group, no DeepSpeed) and imports neither Trainer nor datasets, so bad flags are refused before that."""
+    from transformers import TrainingArguments
 
+    from ..arguments import DFTArguments, check_numeric_fields
+
+    @dataclass
+    class TrainFlags(TrainingArguments, DFTArguments):
+        def __post_init__(self) -> None:
+            check_numeric_fields(self)
+            self.validate_dft_arguments()
+
+    return TrainFlags
+
+
+def _parse(parser: Any, args: list[str]) -> tuple[Any, Any, list[str]]:
+    try:
+        return parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
+        raise UsageError(_one_line(e)) from None
+
+
+def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
+    """``(script, config, toy)``: the parsed flags and whether the toy recipe applies.
+
+    The flags are parsed and checked first into ``TrainFlags`` (no Trainer, datasets, accelerate state or
+    DeepSpeed imported or set up), then once more into the real ``DFTConfig``."""
+    from ..arguments import PRESET_IGNORES
+
+    flags_class = _flags_class()
     config_path, argv = _split_config(argv)
-    file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], DFTConfig)
-    argv = _renamed_flags(argv, DFTConfig)
-    parser = _parser((TrainScriptArguments, DFTConfig), "dft train", _train_epilog())
+    file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], flags_class)
+    argv = _renamed_flags(argv, flags_class)
+    parser = _parser((TrainScriptArguments, flags_class), "dft train", _train_epilog())
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         raise SystemExit(0)
@@ -137,12 +166,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
                 "job over gloo, as with --use_cpu true)."
             )
     # first pass: the script flags decide whether the toy recipe applies
-    try:
-        script, first, _ = parser.parse_args_into_dataclasses(
-            args=cpu + file_flags + argv + ["--output_dir", DEFAULT_OUTPUT_DIR], return_remaining_strings=True
-        )
-    except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
-        raise UsageError(_one_line(e)) from None
+    script, first, _ = _parse(parser, cpu + file_flags + argv + ["--output_dir", DEFAULT_OUTPUT_DIR])
     if script.recipe not in ("auto", "toy", "none"):
         raise UsageError(f"--recipe must be auto, toy or none; got {script.recipe!r}.")
     toy = script.recipe == "toy" or (script.recipe == "auto" and script.model is None and script.data is None)
@@ -150,12 +174,7 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     recipe = {k: v for k, v in TOY_RECIPE.items() if k not in PRESET_IGNORES[loss_type]}  # e.g. sft: no CE ramp
     defaults = [x for k, v in recipe.items() for x in (f"--{k}", v)] if toy else []
     defaults += ["--output_dir", DEFAULT_OUTPUT_DIR, *cpu]
-    try:
-        script, config, unknown = parser.parse_args_into_dataclasses(
-            args=defaults + file_flags + argv, return_remaining_strings=True
-        )
-    except (ValueError, ImportError) as e:  # DFTConfig / TrainingArguments validation
-        raise UsageError(_one_line(e)) from None
+    script, flags, unknown = _parse(parser, defaults + file_flags + argv)
     if unknown:
         raise UsageError(
             f"unknown flag(s) {unknown}{_did_you_mean(parser, unknown)}; see 'dft train --help' for the flags."
@@ -163,18 +182,24 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     if script.loss is not None:
         if script.loss not in ("dft", "sft", "asft", "eaft"):
             raise UsageError(f"--loss must be one of dft, sft, asft, eaft; got {script.loss!r}.")
-        config.loss_type = script.loss
+        flags.loss_type = script.loss
         try:
-            config.validate_dft_arguments()
+            flags.validate_dft_arguments()
         except ValueError as e:
             raise UsageError(_one_line(e)) from None
     if not 0.0 < script.eval_fraction < 1.0:
         raise UsageError(f"--eval_fraction must be in (0, 1), got {script.eval_fraction}.")
-    _check_numbers(script, config)
-    _check_reporting(config)
-    _check_packages(script, config)
+    _check_numbers(script, flags)
+    _check_reporting(flags)
+    _check_packages(script, flags)
     if script.merge_lora and script.lora_r <= 0:
         raise UsageError("--merge_lora true needs --lora_r > 0: there is no adapter to merge.")
+    # every flag is good: the real DFTConfig (TrainingArguments' own checks; it sets up the device)
+    from ..trainer import DFTConfig
+
+    script, config, _ = _parse(_parser((TrainScriptArguments, DFTConfig), "dft train"), defaults + file_flags + argv)
+    if script.loss is not None:
+        config.loss_type = script.loss
     _refuse_every_sample(script.data)
     script.given_flags = given  # which flags the user set (the rest may be adapted to the run's length)
     script.cpu_ddp = cpu_ddp  # use_cpu was set for the launcher's processes (said in the start line)
@@ -243,7 +268,8 @@ def _check_reporting(config: Any) -> None:
     """``--report_to X`` for an integration that is not installed: one line now, not a traceback later."""
     from transformers.integrations import get_available_reporting_integrations
 
-    wanted = [r for r in (config.report_to or []) if r not in ("none", "all")]
+    given = [config.report_to] if isinstance(config.report_to, str) else config.report_to or []  # as parsed
+    wanted = [r for r in given if r not in ("none", "all")]
     missing = sorted(set(wanted) - set(get_available_reporting_integrations()))
     if missing:
         raise UsageError(

@@ -37,8 +37,6 @@ class EvalScriptArguments:
 
 
 def run_eval(argv: list[str]) -> int:
-    from ..data import load_local_dataset
-
     parser = _parser((EvalScriptArguments,), "dft eval")
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
@@ -52,6 +50,8 @@ def run_eval(argv: list[str]) -> int:
         args.output_dir = str(Path(args.model) / "eval")
     if args.output_dir:
         check_writable(Path(args.output_dir))
+    from ..data import load_local_dataset  # the flags are good: now the heavy parts
+
     script = ModelSource(model=args.model, trust_remote_code=args.trust_remote_code)
     model, tokenizer = _loading._load_model_and_tokenizer(script)
     if args.data:

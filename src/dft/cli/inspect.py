@@ -33,13 +33,6 @@ class InspectScriptArguments:
 
 def run_inspect(argv: list[str]) -> int:
     """``dft inspect``: the base model's p on the supervised tokens, and whether DFT fits (dft.prior)."""
-    import torch
-
-    from ..data import collator, load_local_dataset
-    from ..prior import inspect_prior
-    from ..trainer import ce_token_ids
-    from ._reporting import plot_prior
-
     parser = _parser((InspectScriptArguments,), "dft inspect")
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
@@ -51,6 +44,13 @@ def run_inspect(argv: list[str]) -> int:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     out = Path(args.output_dir)
     check_writable(out)
+    import torch  # the flags are good: now the heavy parts
+
+    from ..arguments import ce_token_ids
+    from ..data import collator, load_local_dataset
+    from ..prior import inspect_prior
+    from ._reporting import plot_prior
+
     script = ModelSource(model=args.model, torch_dtype=args.torch_dtype, trust_remote_code=args.trust_remote_code)
     model, tokenizer = _loading._load_model_and_tokenizer(script)
     raw = load_local_dataset(args.data or _asset("arithmetic_train.jsonl"))

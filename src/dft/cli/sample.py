@@ -84,11 +84,11 @@ def parse_sample_args(argv: list[str]) -> SampleScriptArguments:
 
 
 def run_sample(argv: list[str]) -> int:
-    from .. import sampling
+    args = parse_sample_args(argv)
+    from .. import sampling  # the flags are good: now the heavy parts
     from ..data import DataError, load_local_dataset
     from ..verifiers import VerifierError
 
-    args = parse_sample_args(argv)
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {out} is a file, not a folder.")
