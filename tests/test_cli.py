@@ -930,3 +930,16 @@ def test_mistyped_flag_is_one_line(tmp_path, capsys, command):
 def test_eval_needs_at_least_one_example(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", "--model", tmp_path, "--max_eval_examples", "0")
     assert code == 2 and "--max_eval_examples must be >= 1, got 0" in _one_error_line(err)
+
+
+def test_eval_table_names_the_exact_match_cap(tmp_path, toy_model_dir, capsys):
+    """The two counts of the eval table say what they count: exact match is capped by --max_eval_examples,
+    the token metrics cover every row (eval_results.json keeps the bare names)."""
+    data = _arithmetic_jsonl(tmp_path / "d.jsonl", n=5)
+    code, out, err = run_cli(capsys, "eval", "--model", toy_model_dir, "--data", data, "--max_eval_examples", "2",
+                             "--max_new_tokens", "2", "--output_dir", tmp_path / "ev")  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert re.search(r"^eval_exact_match_examples \(capped by --max_eval_examples=2\) +2$", out, re.M), out
+    assert re.search(r"^num_examples \(every row, for the token metrics\) +5$", out, re.M), out
+    result = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
+    assert result["eval_exact_match_examples"] == 2 and result["num_examples"] == 5

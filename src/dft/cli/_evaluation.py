@@ -143,6 +143,15 @@ def _exact_match_on_ranks(trainer: Any, tokenizer: Any, raw: Any, limit: int) ->
     return exact_match(trainer.model, tokenizer, raw, limit, synced_gpus=True)
 
 
+def _table_notes(limit: int) -> dict[str, str]:
+    """What the console table says next to the two counts: exact match scores at most the first ``limit`` rows
+    (those with a reference answer), the token metrics every row."""
+    return {
+        "eval_exact_match_examples": f"capped by --max_eval_examples={limit}",
+        "num_examples": "every row, for the token metrics",
+    }
+
+
 def _exact_match_metrics(match: Any) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "eval_exact_match": match.score,

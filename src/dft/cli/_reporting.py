@@ -82,9 +82,12 @@ def plot_prior(path: Path, report: dict[str, Any], title: str | None = None) -> 
     return path
 
 
-def format_table(metrics: dict[str, Any]) -> str:
-    width = max(len(k) for k in metrics)
+def format_table(metrics: dict[str, Any], notes: dict[str, str] | None = None) -> str:
+    """The console table: one row per metric, ``notes`` said in parentheses after a metric's name."""
+    labels = {k: f"{k} ({notes[k]})" if notes and k in notes else k for k in metrics}
+    width = max(len(label) for label in labels.values())
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
     for k, v in metrics.items():
-        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+        label = labels[k]
+        lines.append(f"{label:<{width}}  {v:.4f}" if isinstance(v, float) else f"{label:<{width}}  {v}")
     return "\n".join(lines)

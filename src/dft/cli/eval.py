@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _loading
-from ._evaluation import _exact_match_metrics, exact_match, token_ce
+from ._evaluation import _exact_match_metrics, _table_notes, exact_match, token_ce
 from ._loading import SHIPPED_TRAIN, ModelSource, _asset, _prepare, _run_record, _where
 from ._parsing import UsageError, _parser, check_writable, parse_command
 from ._processes import _single_process
@@ -72,7 +72,8 @@ def run_eval(argv: list[str]) -> int:
     match = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
     metrics.update(_exact_match_metrics(match))
     metrics["num_examples"] = len(prepared)
-    print(format_table({k: v for k, v in metrics.items() if k != "eval_exact_match_note"}))
+    table = {k: v for k, v in metrics.items() if k != "eval_exact_match_note"}
+    print(format_table(table, _table_notes(args.max_eval_examples)))
     if match.note:
         print(f"exact match: {match.note}")
     metrics.update(model=_where(args.model), data=source)

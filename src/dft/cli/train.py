@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _loading
-from ._evaluation import _exact_match_metrics, _exact_match_on_ranks
+from ._evaluation import _exact_match_metrics, _exact_match_on_ranks, _table_notes
 from ._loading import TOY_MODEL, _apply_lora, _asset, _peft_quietly, _prepare, _toy_model, _where
 from ._parsing import Interrupted, UsageError, _one_line, check_writable
 from ._processes import _exit_without_gloo_teardown, _is_main, _quiet_progress_bars, _wait_for_everyone, say
@@ -133,7 +133,8 @@ def run_train(argv: list[str]) -> int:
                 shutil.rmtree(staging, ignore_errors=True)
             _wait_for_everyone(config)  # the others leave once every file is in place
     if main:
-        print("\n" + format_table({k: v for k, v in metrics.items() if k.startswith("eval_")}))
+        table = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+        print("\n" + format_table(table, _table_notes(script.max_eval_examples)))
         if match.note:
             print(f"exact match: {match.note}")
         print(f"\nwrote {out}/: {written}, run_config.json, metrics.json, metrics.csv, training.png", flush=True)
