@@ -11,7 +11,9 @@ allocates, beyond its inputs) and the top costs.
 What is modeled, and how:
 * The library runs as it does on CUDA: the default chunk policy for an 80 GB device
   (``dft.fused.budget_for_memory``), the compiled epilogue (``temp_bytes_per_logit = 0``) and the
-  in-place bf16 -> float32 dW GEMM (``torch.addmm(acc, a, b, out_dtype=float32, out=acc)``).
+  in-place bf16 -> float32 dW GEMM (``torch.addmm(acc, a, b, out_dtype=float32, out=acc)``), in the steady
+  state of a training run: the call's compiled passes have run before (a process's first call of a variant
+  runs an eager-sized first chunk, modeled away here).
 * The compiled epilogue passes (``dft.epilogue.reduce``, ``ref_reduce``, ``grad_``) are priced as one
   fused kernel each, as inductor emits them: it reads its ``[C, V]`` inputs (``reduce``: twice, a max
   loop then a sum loop; ``ref_reduce``: ``r`` twice and ``z`` once) and writes its outputs; the
@@ -221,23 +223,38 @@ def _modeled_epilogue(recorder: Recorder) -> epilogue.Epilogue:
     )
 
 
+class _Everything(set):
+    """A set that holds every call variant: the steady state, where this variant's compiled passes have run."""
+
+    def __contains__(self, item: object) -> bool:
+        return True
+
+
 @contextlib.contextmanager
 def _as_on_h100(recorder: Recorder) -> Iterator[None]:
-    """The library's CUDA choices on CPU tensors: chunk budget, compiled epilogue, in-place dW GEMM."""
+    """The library's CUDA choices on CPU tensors, in the steady state: chunk budget, compiled epilogue (its passes
+    already compiled, so no eager-sized first chunk), in-place dW GEMM."""
     saved = (fused.chunk_budget_bytes, fused.epilogue_for, fused._addmm_out_dtype, fused.default_chunk_size)
+    saved_variants = getattr(fused, "_COMPILED_VARIANTS", None)
 
     def chunk_size(*args: object, **kw: object) -> int:
-        recorder.chunks.append(saved[3](*args, **kw))
-        return recorder.chunks[-1]
+        rows = saved[3](*args, **kw)
+        if getattr(args[4], "compiled", False):  # the compiled plan's chunks (not the eager fallback's)
+            recorder.chunks.append(rows)
+        return rows
 
     fused.chunk_budget_bytes = lambda device: fused.budget_for_memory(H100_MEMORY)
     fused.epilogue_for = lambda device, num_logits: _modeled_epilogue(recorder)
     fused._addmm_out_dtype = lambda device, dtype=None: True
     fused.default_chunk_size = chunk_size
+    if saved_variants is not None:
+        fused._COMPILED_VARIANTS = _Everything()
     try:
         yield
     finally:
         fused.chunk_budget_bytes, fused.epilogue_for, fused._addmm_out_dtype, fused.default_chunk_size = saved
+        if saved_variants is not None:
+            fused._COMPILED_VARIANTS = saved_variants
 
 
 def model_case(model: str, variant: str, masked: bool, n: int = 8192, row_len: int = 1024) -> dict:
