@@ -21,7 +21,7 @@ calls of at least ``2**27`` logits, e.g. 4096 tokens x 32k vocabulary, where the
 of a few seconds pays off; eager for small calls such as unit tests), ``"1"`` (compiled wherever
 ``torch.compile`` works), ``"0"`` (eager). A *compile* error (dynamo/inductor, the recompile limit included:
 all raised before the pass runs) warns once and falls back to eager for the rest of the process: the call
-that hit it starts again on the eager path's chunks ([`CompileFellBack`][dft.epilogue.CompileFellBack]), or,
+that hit it starts again on the eager path's chunks (`CompileFellBack`), or,
 where its chunks were planned for the eager path anyway (a vocabulary shard, whose ranks must run one plan),
 the pass runs eagerly on the spot. Any other error (an out-of-memory included) propagates and is not retried.
 Shapes are compiled as dynamic; chunks of fewer than 2 rows run eagerly, so a tail chunk never
