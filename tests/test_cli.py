@@ -943,3 +943,27 @@ def test_eval_table_names_the_exact_match_cap(tmp_path, toy_model_dir, capsys):
     assert re.search(r"^num_examples \(every row, for the token metrics\) +5$", out, re.M), out
     result = json.loads((tmp_path / "ev" / "eval_results.json").read_text())
     assert result["eval_exact_match_examples"] == 2 and result["num_examples"] == 5
+
+
+def test_eval_without_data_scores_the_runs_held_out_split(tmp_path, toy_model_dir, capsys):
+    """dft train writes its held-out rows (eval_split.jsonl); dft eval --model OUT without --data scores exactly
+    those, and says so; a folder without them gets the shipped test split."""
+    rows = [json.loads(line) for line in _arithmetic_jsonl(tmp_path / "d.jsonl", n=40).read_text().splitlines()]
+    out = tmp_path / "run"
+    short = ["--max_steps", "1", "--max_eval_examples", "1", "--save_strategy", "no", "--disable_tqdm", "true"]
+    code, stdout, err = run_cli(capsys, "train", "--model", toy_model_dir, "--data", tmp_path / "d.jsonl",
+                                "--eval_fraction", "0.1", "--seed", "3", "--output_dir", out, *short)  # fmt: skip
+    assert code == 0, err[-3000:]
+    assert "eval_split.jsonl" in stdout.strip().splitlines()[-1]  # the wrote line
+    held_out = [json.loads(line) for line in (out / "eval_split.jsonl").read_text().splitlines()]
+    record = json.loads((out / "run_config.json").read_text())
+    assert len(held_out) == record["eval_examples"] == 4 and all(r in rows for r in held_out)
+    code, stdout, err = run_cli(capsys, "eval", "--model", out, "--max_eval_examples", "1", "--max_new_tokens", "2")
+    assert code == 0, err[-3000:]
+    assert f"eval data: the held-out split of the dft train run in {out} (eval_split.jsonl: 10% of --data held out " \
+        "(seed 3); --data FILE scores other data)" in stdout  # fmt: skip
+    result = json.loads((out / "eval" / "eval_results.json").read_text())
+    assert result["num_examples"] == 4 and result["data"] == str((out / "eval_split.jsonl").resolve())
+    code, stdout, err = run_cli(capsys, "eval", "--model", toy_model_dir, "--max_eval_examples", "1",
+                                "--max_new_tokens", "2", "--output_dir", tmp_path / "ev")  # fmt: skip
+    assert code == 0 and "eval data: the shipped arithmetic test split" in stdout, err[-3000:]

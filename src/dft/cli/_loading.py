@@ -43,6 +43,11 @@ TOY_MODEL = "built-in tiny Llama (dft.toy)"
 RUN_RECORD = "dft_run.json"
 """Written into every checkpoint: the run's settings, which a resumed run must match."""
 
+EVAL_SPLIT = "eval_split.jsonl"
+"""Written by ``dft train`` next to the model: the rows of its held-out split (``--eval_data``, or the
+``--eval_fraction`` of ``--data`` it held out), which ``dft eval --model OUT`` scores without ``--data``. A run on
+the shipped data has none: its held-out split is the shipped test split."""
+
 
 def _toy_model() -> Any:
     from ..toy import toy_model
@@ -52,6 +57,15 @@ def _toy_model() -> Any:
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _recorded_eval_split(folder: Path) -> Path | None:
+    """The held-out rows ``dft train`` wrote with the model in ``folder`` (for the ``adapter/`` of a
+    ``--merge_lora`` run: in the folder above), or None."""
+    for place in (folder, folder.parent) if folder.name == "adapter" else (folder,):
+        if (place / EVAL_SPLIT).is_file():
+            return place / EVAL_SPLIT
+    return None
 
 
 def _run_record(folder: Path) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import _loading
 from ._evaluation import _exact_match_metrics, _table_notes, exact_match, token_ce
-from ._loading import SHIPPED_TRAIN, ModelSource, _asset, _prepare, _run_record, _where
+from ._loading import SHIPPED_TRAIN, ModelSource, _asset, _prepare, _recorded_eval_split, _run_record, _where
 from ._parsing import UsageError, _parser, check_writable, parse_command
 from ._processes import _single_process
 from ._reporting import format_table
@@ -21,7 +21,11 @@ __all__ = ["EvalScriptArguments", "run_eval"]
 class EvalScriptArguments:
     model: str = field(metadata={"help": "Model folder (with its tokenizer), e.g. a `dft train` output_dir."})
     data: str | None = field(
-        default=None, metadata={"help": "Data file or save_to_disk folder. Default: the shipped arithmetic test split."}
+        default=None,
+        metadata={
+            "help": "Data file or save_to_disk folder. Default: the held-out split the model's dft train run wrote "
+            "(MODEL/eval_split.jsonl), else the shipped arithmetic test split."
+        },
     )
     max_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
     max_eval_examples: int = field(default=100, metadata={"help": "Examples for the exact match (as dft train)."})
@@ -54,11 +58,22 @@ def run_eval(argv: list[str]) -> int:
 
     script = ModelSource(model=args.model, trust_remote_code=args.trust_remote_code)
     model, tokenizer = _loading._load_model_and_tokenizer(script)
+    split = _recorded_eval_split(Path(args.model)) if not args.data and Path(args.model).is_dir() else None
     if args.data:
-        source = _where(args.data)
+        data = source = _where(args.data)
         print(f"eval data: {source}", flush=True)
+    elif split is not None:  # the held-out rows its dft train run wrote
+        data = source = str(split.resolve())
+        record = _run_record(split.parent) or {}
+        how = record.get("eval_split") or "its held-out rows"
+        how = f"--eval_data {record.get('eval_data')}" if how == "--eval_data" and record.get("eval_data") else how
+        print(
+            f"eval data: the held-out split of the dft train run in {args.model} ({split.name}: {how}; --data FILE "
+            "scores other data)",
+            flush=True,
+        )
     else:
-        source = "shipped arithmetic_test.jsonl"
+        data, source = _asset("arithmetic_test.jsonl"), "shipped arithmetic_test.jsonl"
         trained_on = (_run_record(Path(args.model)) or {}).get("data") if Path(args.model).is_dir() else None
         hint = f"; {args.model} was trained on {trained_on}" if trained_on and trained_on != SHIPPED_TRAIN else ""
         print(
@@ -66,7 +81,7 @@ def run_eval(argv: list[str]) -> int:
             f"own{hint})",
             flush=True,
         )
-    raw = load_local_dataset(args.data or _asset("arithmetic_test.jsonl"))
+    raw = load_local_dataset(data)
     prepared = _prepare(raw, tokenizer, args.max_length, "eval")
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in token_ce(model, tokenizer, prepared, args.batch_size).items()}
     match = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)

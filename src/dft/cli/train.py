@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _loading
 from ._evaluation import _exact_match_metrics, _exact_match_on_ranks, _table_notes
-from ._loading import TOY_MODEL, _apply_lora, _asset, _peft_quietly, _prepare, _toy_model, _where
+from ._loading import EVAL_SPLIT, TOY_MODEL, _apply_lora, _asset, _peft_quietly, _prepare, _toy_model, _where
 from ._parsing import Interrupted, UsageError, _one_line, check_writable
 from ._processes import _exit_without_gloo_teardown, _is_main, _quiet_progress_bars, _wait_for_everyone, say
 from ._reporting import format_table, plot_history, write_metrics
@@ -123,6 +123,11 @@ def run_train(argv: list[str]) -> int:
             trainer.save_model(str(staging))  # every rank (sharded engines gather); Trainer writes on the main one
             if main:
                 written = _finish_model(staging, script, tokenizer)
+                if how != SHIPPED_SPLIT:  # the held-out rows, for dft eval --model OUT without --data
+                    eval_raw.to_json(str(staging / EVAL_SPLIT), lines=True, force_ascii=False)
+                    written += f", {EVAL_SPLIT}"
+                else:
+                    (out / EVAL_SPLIT).unlink(missing_ok=True)  # a split left by an earlier run in this folder
                 (staging / "run_config.json").write_text(json.dumps(_run_config(script, config, toy, sizes), indent=1))
                 title = f"{config.loss_type}, lr {config.learning_rate:g}"
                 plot_history(staging, trainer.state.log_history, title=title)
@@ -142,6 +147,9 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
+SHIPPED_SPLIT = "the shipped test split"
+
+
 def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, str]:
     """``(train_set, eval_raw, eval_set, how the eval split was made)``."""
     from ..data import load_local_dataset
@@ -149,7 +157,7 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
     train_raw = load_local_dataset(script.data or _asset("arithmetic_train.jsonl"))
     if script.eval_data or script.data is None:
         eval_raw = load_local_dataset(script.eval_data or _asset("arithmetic_test.jsonl"))
-        how = "--eval_data" if script.eval_data else "the shipped test split"
+        how = "--eval_data" if script.eval_data else SHIPPED_SPLIT
     else:
         if len(train_raw) < 2:
             raise UsageError(
