@@ -967,3 +967,36 @@ def test_eval_without_data_scores_the_runs_held_out_split(tmp_path, toy_model_di
     code, stdout, err = run_cli(capsys, "eval", "--model", toy_model_dir, "--max_eval_examples", "1",
                                 "--max_new_tokens", "2", "--output_dir", tmp_path / "ev")  # fmt: skip
     assert code == 0 and "eval data: the shipped arithmetic test split" in stdout, err[-3000:]
+
+
+def test_the_clis_own_settings_do_not_warn(tmp_path, toy_model_dir, capsys, monkeypatch):
+    """torch's pin_memory UserWarning (Trainer's DataLoader on a machine without an accelerator) is hidden
+    around Trainer's loops only: another warning raised inside them still reaches the user."""
+    import warnings
+
+    from dft.trainer import DFTTrainer
+
+    train = DFTTrainer.train
+
+    def train_and_warn(self, *args, **kwargs):
+        warnings.warn("a warning of the user's own", UserWarning, stacklevel=1)
+        warnings.warn(
+            "'pin_memory' argument is set as true but no accelerator is found, then ...", UserWarning, stacklevel=1
+        )
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(DFTTrainer, "train", train_and_warn)
+    data = _arithmetic_jsonl(tmp_path / "d.jsonl", n=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "train", "--model", toy_model_dir, "--data", data, "--output_dir",
+                               tmp_path / "o", "--max_steps", "1", "--max_eval_examples", "1", "--save_strategy",
+                               "no", "--disable_tqdm", "true")  # fmt: skip
+    assert code == 0, err[-3000:]
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "pin_memory" in m], messages
+    assert "a warning of the user's own" in messages
+    with warnings.catch_warnings(record=True) as caught:  # outside the CLI's calls the filter is gone
+        warnings.simplefilter("always")
+        warnings.warn("'pin_memory' argument is set as true but no accelerator is found", UserWarning, stacklevel=1)
+    assert len(caught) == 1
