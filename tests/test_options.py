@@ -8,16 +8,9 @@ import torch
 from datasets import Dataset
 
 import dft
-from tests.helpers.tiny_models import VOCAB, tiny_model
+from tests.helpers.tiny_models import tiny_model, uneven_dataset
 
-
-def _dataset(n: int = 8, seq: int = 10) -> Dataset:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
-    labels = ids.clone()
-    for i in range(n):
-        labels[i, : 1 + (i * 3) % (seq - 1)] = -100
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
+_dataset = uneven_dataset
 
 
 def _args(tmp_path, **kw) -> dft.DFTConfig:

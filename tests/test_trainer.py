@@ -9,16 +9,9 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 import dft
 from dft.models import find_causal_lm_parts
-from tests.helpers.tiny_models import VOCAB, tiny_model, token_batch
+from tests.helpers.tiny_models import VOCAB, tiny_model, token_batch, uneven_dataset
 
-
-def _dataset(n: int = 8, seq: int = 10, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
-    labels = ids.clone()
-    for i in range(n):  # uneven numbers of supervised tokens per example
-        labels[i, : 1 + (i * 3) % (seq - 1)] = -100
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
+_dataset = uneven_dataset
 
 
 def _args(tmp_path, **kw) -> dft.DFTConfig:

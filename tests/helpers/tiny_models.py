@@ -63,3 +63,15 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def uneven_dataset(n: int = 8, seq: int = 10, seed: int = 0):
+    """A pre-tokenised ``datasets.Dataset`` of ``n`` rows whose prompts (label -100) have uneven lengths."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+    labels = ids.clone()
+    for i in range(n):  # uneven numbers of supervised tokens per example
+        labels[i, : 1 + (i * 3) % (seq - 1)] = -100
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
