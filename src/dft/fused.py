@@ -923,7 +923,7 @@ def _linear_dft_loss(
 ) -> Tensor | tuple[Tensor, TokenStats]:
     valid = labels != ignore_index
     num_rows = valid.numel()
-    if validate:  # before anything that could raise on one rank only: the check is a collective
+    if validate and shard is not None:  # before anything that could raise on one rank only: a collective
         plan_inputs = (chunk_size or 0, 0 if chunk_size else chunk_budget_bytes(hidden.device))
         check_group(labels, hidden, weight.shape[0], shard, plan_inputs)
     index = supervised_index(  # the one host sync
