@@ -475,21 +475,22 @@ def _run_chunks(
         # this rank's compile does, and let a compile failure run the eager pass on the spot.
         with inline_fallback():
             return _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, EAGER), h, w, b, coef, need, coef_nonneg)
-    if not ep.compiled:
-        return _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, ep), h, w, b, coef, need, coef_nonneg)
     eager_rows = _chunk_rows(plan, h, sized_vocab, EAGER)
-    variant = (h.dtype, plan.want_stats, plan.transform, plan.reference is None, coef is None, coef_nonneg,
-               plan.weighting.needs_logits, torch.is_autocast_enabled())  # fmt: skip
-    # Until this variant's passes have compiled once, the first chunk is one the eager epilogue could run: a
-    # compile failure there costs no more memory than the eager path, and the call starts again on its plan.
-    first = None if variant in _COMPILED_VARIANTS else eager_rows
+    variant = first = None
+    if ep.compiled:
+        variant = (h.dtype, plan.want_stats, plan.transform, plan.reference is None, coef is None, coef_nonneg,
+                   plan.weighting.needs_logits, torch.is_autocast_enabled())  # fmt: skip
+        # Until this variant's passes have compiled once, the first chunk is one the eager epilogue could run: a
+        # compile failure there costs no more memory than the eager path, and the call starts again on its plan.
+        first = None if variant in _COMPILED_VARIANTS else eager_rows
     try:
         out = _run_plan(plan, ep, _chunk_rows(plan, h, sized_vocab, ep), h, w, b, coef, need, coef_nonneg, first)
     except CompileFellBack:  # compiling failed before its pass ran
         out = None  # leave the except block first: its traceback holds the failed attempt's buffers
     if out is None:  # start again on the eager path's chunks
         return _run_plan(plan, EAGER, eager_rows, h, w, b, coef, need, coef_nonneg)
-    _COMPILED_VARIANTS.add(variant)
+    if variant is not None:
+        _COMPILED_VARIANTS.add(variant)
     return out
 
 
