@@ -32,7 +32,8 @@ def _head(n, hidden, vocab, dtype, seed=0):
 
 def _run(h, w, y, **kw):
     h.grad = w.grad = None
-    loss = dft.linear_dft_loss(h, w, y, **kw)
+    out = dft.linear_dft_loss(h, w, y, **kw)
+    loss = out[0] if isinstance(out, tuple) else out  # return_stats=True: (loss, stats)
     loss.backward()
     return loss.detach().double(), h.grad.double(), w.grad.double()
 
@@ -66,7 +67,6 @@ def plans(monkeypatch):
 def test_recompile_limit_falls_back_to_eager(forced, monkeypatch):
     """With recompile_limit = 1, four calls that need new graphs (dtype, stats, softcap, autocast) give the eager
     results, with one warning; the compiled first call really compiled."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     h32, w32, y = _head(24, 16, 257, torch.float32)
     calls = [
         (h32, w32, {}, None),
@@ -76,19 +76,18 @@ def test_recompile_limit_falls_back_to_eager(forced, monkeypatch):
         (h32, w32, {}, torch.bfloat16),  # autocast state
     ]
     got = []
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, torch._dynamo.config.patch(recompile_limit=1):
         warnings.simplefilter("always")
         for h, w, kw, autocast in calls:
             with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                out = _run(h, w, y, **{k: v for k, v in kw.items() if k != "return_stats"})
-            got.append(out)
+                got.append(_run(h, w, y, **kw))
     fell_back = [w for w in caught if "compiling the fused head's epilogue failed" in str(w.message)]
     assert len(fell_back) == 1 and "RecompileLimit" in str(fell_back[0].message)
     assert epilogue._compile_failed
     monkeypatch.setenv("DFT_COMPILE_EPILOGUE", "0")
     for (h, w, kw, autocast), out in zip(calls, got):
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-            eager = _run(h, w, y, **{k: v for k, v in kw.items() if k != "return_stats"})
+            eager = _run(h, w, y, **kw)
         for a, b in zip(out, eager):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
