@@ -103,16 +103,22 @@ def ref_transform(logits, logit_scale=1.0, softcap=None, temperature=1.0):
     return z / temperature
 
 
-def ref_stat_sums(logits, labels, ref_logits=None, ignore_index=-100):
-    """The sums of ``dft.TokenStats`` in its field order, over the supervised tokens, in float64: sum of
-    ``-log p``, sum of ``p``, argmax hits, sum of entropies, sum of ``KL(softmax(ref_logits) || softmax(logits))``
-    (0 without ``ref_logits``), the number of tokens, the number with ``p < 0.01``."""
+def _supervised(logits, labels, ignore_index):
+    """The supervised rows in float64: ``z [n, V]``, ``y [n]``, the mask over all tokens, ``log_softmax(z)`` and
+    the targets' log-probabilities ``[n]``."""
     z = logits.double().reshape(-1, logits.shape[-1])
     y = labels.reshape(-1)
     valid = y != ignore_index
     z, y = z[valid], y[valid]
     logp_all = F.log_softmax(z, -1)
-    logp = logp_all[torch.arange(len(y)), y]
+    return z, y, valid, logp_all, logp_all[torch.arange(len(y)), y]
+
+
+def ref_stat_sums(logits, labels, ref_logits=None, ignore_index=-100):
+    """The sums of ``dft.TokenStats`` in its field order, over the supervised tokens, in float64: sum of
+    ``-log p``, sum of ``p``, argmax hits, sum of entropies, sum of ``KL(softmax(ref_logits) || softmax(logits))``
+    (0 without ``ref_logits``), the number of tokens, the number with ``p < 0.01``."""
+    z, y, valid, logp_all, logp = _supervised(logits, labels, ignore_index)
     probs = logp_all.exp()
     kl = torch.zeros((), dtype=torch.float64)
     if ref_logits is not None:
@@ -133,12 +139,7 @@ def ref_stat_sums(logits, labels, ref_logits=None, ignore_index=-100):
 
 
 def ref_stats(logits, labels, ignore_index=-100):
-    z = logits.double().reshape(-1, logits.shape[-1])
-    y = labels.reshape(-1)
-    valid = y != ignore_index
-    z, y = z[valid], y[valid]
-    logp_all = F.log_softmax(z, -1)
-    logp = logp_all[torch.arange(len(y)), y]
+    z, y, valid, logp_all, logp = _supervised(logits, labels, ignore_index)
     probs = logp_all.exp()
     entropy = -(probs * logp_all).sum(-1)
     n = max(len(y), 1)
