@@ -57,6 +57,33 @@ def test_asft_fused_equals_materialised(gen, reduction, chunk_size):
         torch.testing.assert_close(a, r)
 
 
+def test_asft_reference_value_equals_flat_keywords(gen):
+    """dft.Reference(hidden, weight, bias, transform) is the four flat ref_* keywords as one value."""
+    (h, w, b), y, (rh, rw, rb) = _head(gen)
+    rt = dft.LogitTransform(logit_scale=0.8)
+    flat = dft.linear_dft_loss(h, w, y, ref_hidden=rh, ref_weight=rw, ref_bias=rb, ref_transform=rt, kl_coef=0.25)
+    value = dft.linear_dft_loss(h, w, y, reference=dft.Reference(rh, rw, rb, rt), kl_coef=0.25)
+    naive = ref_dft_loss(F.linear(h, w), y, ref_logits=rt.apply(F.linear(rh, rw, rb)), kl_coef=0.25)
+    assert value.item() == flat.item()
+    torch.testing.assert_close(value, naive)
+    for a, r in zip(_grads(value, [h, w]), _grads(naive, [h, w])):
+        torch.testing.assert_close(a, r)
+    without = dft.linear_dft_loss(h, w, y, reference=dft.Reference(rh, rw), kl_coef=0.25)  # no bias: differs
+    assert not torch.allclose(without, value)
+
+
+def test_asft_reference_given_twice_or_half_is_refused(gen):
+    (h, w, b), y, (rh, rw, rb) = _head(gen)
+    with pytest.raises(ValueError, match=r"either reference=dft.Reference\(...\) or \['ref_bias'\]"):
+        dft.linear_dft_loss(h, w, y, reference=dft.Reference(rh, rw), ref_bias=rb, kl_coef=0.1)
+    with pytest.raises(TypeError, match="reference must be a dft.Reference, got tuple"):
+        dft.linear_dft_loss(h, w, y, reference=(rh, rw), kl_coef=0.1)
+    with pytest.raises(ValueError, match="without ref_hidden and ref_weight"):
+        dft.linear_dft_loss(h, w, y, ref_bias=rb)
+    with pytest.raises(ValueError, match="needs the reference model's reference"):
+        dft.linear_dft_loss(h, w, y, kl_coef=0.1)
+
+
 @pytest.mark.parametrize("path", ["materialised", "fused"])
 @pytest.mark.parametrize(
     "options", [{"alpha": 0.0, "eaft_alpha": 1.0}, {"alpha": 1.0, "eaft_alpha": 0.5, "eaft_top_k": 5}]

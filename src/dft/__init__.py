@@ -10,7 +10,7 @@ from typing import Any
 
 from ._version import __version__
 from .causal import CausalLMLossOutput, causal_lm_loss
-from .fused import LinearDFTLoss, linear_dft_loss
+from .fused import LinearDFTLoss, Reference, linear_dft_loss
 from .labels import causal_targets, shift_causal_labels
 from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, token_stats
 from .prior import PriorReport, inspect_prior
@@ -43,6 +43,7 @@ __all__ = [
     "LinearDFTLoss",
     "LogitTransform",
     "PriorReport",
+    "Reference",
     "TokenStats",
     "VocabShard",
     "beta_schedule",

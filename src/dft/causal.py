@@ -12,18 +12,18 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .engines import EngineAdapter, detect_engine, forward_takes, run_model, tie_to_outputs, unwrap_model, wrapper_chain
-from .fused import linear_dft_loss
+from .fused import Reference, fused_head_loss
 from .labels import causal_targets, sequence_ids
-from .losses import check_kl, dft_loss, logits_of
+from .losses import check_kl, logits_loss, logits_of
 from .models import CausalLMParts, inspect_causal_lm
-from .options import LossOptions, Unpack, resolve_options
+from .options import LossCall, LossOptions, Unpack, resolve_options
 from .reduction import Reduction
 from .stats import TokenStats
 from .transform import LogitTransform
@@ -122,43 +122,24 @@ def causal_lm_loss(
     """
     weighting, transform = resolve_options(weighting, transform, dict(options))
     check_kl(kl_coef, True, "")
+    call = LossCall(
+        weighting,
+        transform,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        return_stats=True,
+        kl_coef=kl_coef,
+        sequence_ids=sequence_ids(inputs) if reduction == "sequence" else None,  # packed rows: per sequence
+    )
     targets = causal_targets(inputs, ignore_index)
     model_inputs = {k: v for k, v in inputs.items() if k not in _LOSS_KEYS}
-    common = {
-        "ignore_index": ignore_index,
-        "reduction": reduction,
-        "num_items_in_batch": num_items_in_batch,
-        "return_stats": True,
-        "sequence_ids": sequence_ids(inputs) if reduction == "sequence" else None,  # packed rows: per sequence
-    }
-    route = _route(model, fused, ref_model, kl_coef, transform)
+    route = _route(model, fused, ref_model, kl_coef, transform)  # decided once: engine, parts, reference, path
     if route.parts is None:
         if fused:
             _warn_logits_path(model, route.reason)
-        return _logits_path(model, model_inputs, targets, route.reference, weighting, transform, kl_coef, common)
-    model_transform = route.parts.transform.then(transform)
-    ref_kwargs = {} if route.reference is None else _reference_head(route, model_inputs, kl_coef)
-    copy_weight = route.engine.gathers_params and reduction == "none"  # its backward recomputes after the release
-
-    def head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, TokenStats]:
-        if copy_weight:
-            weight = _GatheredCopy.apply(weight)
-        return linear_dft_loss(
-            hidden,
-            weight,
-            targets,
-            weighting,
-            bias=bias,
-            transform=model_transform,
-            chunk_size=chunk_size,
-            **ref_kwargs,
-            **common,
-        )
-
-    (loss, stats), outputs = run_model(
-        model, route.parts.backbone, route.parts.head, model_inputs, head_loss, route.engine
-    )
-    return _output(tie_to_outputs(loss, outputs, route.engine), stats, True, model, outputs)
+        return _logits_path(model, model_inputs, targets, route, call)
+    return _fused_path(model, model_inputs, targets, route, call, chunk_size)
 
 
 @dataclass
@@ -191,26 +172,42 @@ def _route(
     return _Route(parts, reason, engine, reference, ref_parts)
 
 
-def _logits_path(
+def _fused_path(
     model: nn.Module,
     model_inputs: dict[str, Any],
     targets: Tensor,
-    reference: _ReferenceRunner | None,
-    weighting: DFTWeight,
-    transform: LogitTransform | None,
-    kl_coef: float,
-    common: dict[str, Any],
+    route: _Route,
+    call: LossCall,
+    chunk_size: int | None,
 ) -> CausalLMLossOutput:
-    """Phase 2a: the whole model, full logits, [`dft.dft_loss`][dft.dft_loss] (the model's own head, hooks and
+    """Phase 2a: the backbone inside the engine's scope, then the fused head on its hidden states."""
+    call = replace(call, transform=route.parts.transform.then(call.transform))
+    reference = None if route.reference is None else _reference_head(route, model_inputs)
+    copy_weight = route.engine.gathers_params and call.reduction == "none"  # its backward recomputes after the release
+
+    def head_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, TokenStats]:
+        if copy_weight:
+            weight = _GatheredCopy.apply(weight)
+        return fused_head_loss(hidden, weight, bias, targets, call, chunk_size, reference)
+
+    (loss, stats), outputs = run_model(
+        model, route.parts.backbone, route.parts.head, model_inputs, head_loss, route.engine
+    )
+    return _output(tie_to_outputs(loss, outputs, route.engine), stats, True, model, outputs)
+
+
+def _logits_path(
+    model: nn.Module, model_inputs: dict[str, Any], targets: Tensor, route: _Route, call: LossCall
+) -> CausalLMLossOutput:
+    """Phase 2b: the whole model, full logits, [`dft.dft_loss`][dft.dft_loss] (the model's own head, hooks and
     all)."""
     ref_logits = None
-    if reference is not None:
+    if route.reference is not None:
+        reference = route.reference
         with torch.no_grad(), reference.context():
             ref_logits = logits_of(reference.model(**_no_cache(reference.model, model_inputs))).detach()
     outputs = model(**_no_cache(model, model_inputs))
-    loss, stats = dft_loss(
-        logits_of(outputs), targets, weighting, transform=transform, ref_logits=ref_logits, kl_coef=kl_coef, **common
-    )
+    loss, stats = logits_loss(logits_of(outputs), targets, call, ref_logits)
     return _output(loss, stats, False, model, outputs)
 
 
@@ -222,8 +219,8 @@ def _no_cache(model: nn.Module, model_inputs: dict[str, Any]) -> dict[str, Any]:
     return {**model_inputs, "use_cache": False}
 
 
-def _reference_head(route: _Route, model_inputs: dict[str, Any], kl_coef: float) -> dict[str, Any]:
-    """Phase 2b (ASFT): the frozen reference's hidden states and head, read inside its own forward."""
+def _reference_head(route: _Route, model_inputs: dict[str, Any]) -> Reference:
+    """ASFT: the frozen reference's hidden states and head, read inside its own forward."""
     reference, ref_parts = route.reference, route.ref_parts
     ref_engine = detect_engine(reference.model)
     with torch.no_grad(), reference.context():
@@ -235,13 +232,7 @@ def _reference_head(route: _Route, model_inputs: dict[str, Any], kl_coef: float)
             functools.partial(_frozen_head, copy=ref_engine.gathers_params),
             ref_engine,
         )
-    return {
-        "ref_hidden": ref_hidden,
-        "ref_weight": ref_weight,
-        "ref_bias": ref_bias,
-        "ref_transform": ref_parts.transform,
-        "kl_coef": kl_coef,
-    }
+    return Reference(ref_hidden, ref_weight, ref_bias, ref_parts.transform)
 
 
 class _GatheredCopy(torch.autograd.Function):

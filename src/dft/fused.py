@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import warnings
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ from torch import Tensor
 from .epilogue import EAGER, CompileFellBack, Epilogue, TransformConsts, epilogue_for, inline_fallback
 from .labels import check_labels, supervised_index
 from .losses import check_kl
-from .options import LossOptions, Unpack, resolve_options
+from .options import LossCall, LossOptions, Unpack, resolve_options
 from .precision import compute_dtype, matmul_dtype, real_execution
 from .reduction import Reduction, check_reduction, reduction_coefficients
 from .stats import TokenStats, token_stats_from_rows
@@ -61,6 +60,7 @@ from .weights import DFTWeight
 __all__ = [
     "DW_PATHS",
     "LinearDFTLoss",
+    "Reference",
     "auto_chunk_size",
     "budget_for_memory",
     "chunk_budget_bytes",
@@ -117,14 +117,43 @@ def auto_chunk_size(
 
 
 @dataclass(frozen=True)
+class Reference:
+    """ASFT's frozen reference head for [`dft.linear_dft_loss`][dft.linear_dft_loss]: its logits are
+    ``transform(hidden @ weight.T + bias)``, built one chunk at a time and never as ``[N, V]``; no gradient.
+
+    Attributes:
+        hidden: ``[..., H_ref]`` the reference model's final hidden states (same leading shape as the policy's).
+        weight: ``[V, H_ref]`` its output embedding.
+        bias: ``[V]`` its head bias, or None.
+        transform: its [`dft.LogitTransform`][dft.LogitTransform] (None: the policy's ``transform``).
+
+    Examples:
+        >>> ref = dft.Reference(ref_hidden, ref_model.lm_head.weight)
+        >>> dft.linear_dft_loss(hidden, weight, labels, reference=ref, kl_coef=0.1)
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+    transform: LogitTransform | None = None
+
+
+@dataclass(frozen=True)
 class _Reference:
     """ASFT's frozen reference head, rows already gathered: logits ``transform(h @ w.T + b)``, no gradient."""
 
-    h: Tensor  # [n, H_ref] supervised rows, mm dtype
+    h: Tensor  # [n, H_ref] supervised rows, mm dtype (before rows(): [..., H_ref] as given)
     w: Tensor  # [V, H_ref]
     b: Tensor | None
     transform: LogitTransform
     kl_coef: float
+
+    def rows(self, index: Tensor | None, num_rows: int, mm: torch.dtype) -> _Reference:
+        """The supervised rows (``index`` of the flattened tokens; None: all), detached, in the matmul dtype."""
+        h = self.h.detach().reshape(num_rows, self.h.shape[-1])
+        h = h if index is None else h.index_select(0, index)
+        b = None if self.b is None else self.b.detach().to(mm)
+        return _Reference(h.to(mm), self.w.detach().to(mm), b, self.transform, self.kl_coef)
 
     def logits(self, rows: slice) -> Tensor:
         """The reference logits of ``rows`` before the transform: ``[C, V]`` in the matmul dtype."""
@@ -749,6 +778,7 @@ def linear_dft_loss(
     kl_coef: float = 0.0,
     vocab_shard: VocabShard | None = None,
     sequence_ids: Tensor | None = None,
+    reference: Reference | None = None,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
@@ -783,6 +813,8 @@ def linear_dft_loss(
             budget ([`dft.fused.chunk_budget_bytes`][dft.fused.chunk_budget_bytes]: 1/64 of a GPU's memory,
             256 MiB on CPU).
         return_stats: also return [`dft.TokenStats`][dft.TokenStats], computed inside the same chunks.
+        reference: ASFT's frozen reference head as one value, [`dft.Reference`][dft.Reference]``(hidden, weight,
+            bias, transform)``; the same as the four flat ``ref_*`` keywords below (give one form, not both).
         ref_hidden: ASFT's frozen reference head: ``ref_hidden [..., H_ref]`` (same leading shape as
             ``hidden``), with ``ref_weight`` and ``ref_bias``; no gradient. Per chunk one extra matmul gives
             the reference logits; neither ``[N, V]`` matrix is built.
@@ -817,32 +849,34 @@ def linear_dft_loss(
     ([`dft.dft_loss`][dft.dft_loss] supports both). A ``weight`` changed in place between forward and backward
     (``optimizer.step()`` first) is detected from its version counter instead of giving the old weight's gradients.
     """
+    weighting, transform = resolve_options(weighting, transform, options)
+    call = LossCall(
+        weighting, transform, ignore_index, reduction, num_items_in_batch, validate, return_stats, kl_coef, sequence_ids
+    )
+    reference = _reference_value(reference, ref_hidden, ref_weight, ref_bias, ref_transform)
+    return fused_head_loss(hidden, weight, bias, labels, call, chunk_size, reference, vocab_shard)
+
+
+def fused_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor,
+    call: LossCall,
+    chunk_size: int | None = None,
+    reference: Reference | None = None,
+    vocab_shard: VocabShard | None = None,
+) -> Tensor | tuple[Tensor, TokenStats]:
+    """[`linear_dft_loss`][dft.linear_dft_loss] with its options already resolved into one
+    [`LossCall`][dft.options.LossCall] (what [`dft.causal_lm_loss`][dft.causal_lm_loss] hands down)."""
     _validate_head(hidden, weight, bias)
     _refuse_functorch(hidden, weight)
-    check_labels(labels, hidden.shape[:-1], weight.shape[0], ignore_index, check_range=False, what="hidden")
-    check_reduction(reduction, labels.shape, num_items_in_batch)
+    check_labels(labels, hidden.shape[:-1], weight.shape[0], call.ignore_index, check_range=False, what="hidden")
+    check_reduction(call.reduction, labels.shape, call.num_items_in_batch)
     _check_chunk_size(chunk_size)
-    weighting, transform = resolve_options(weighting, transform, options)
-    ref_transform = transform if ref_transform is None else ref_transform
     hidden, weight, bias, shard = localize_head(hidden, weight, bias, vocab_shard)
-    reference = _check_reference(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef, shard)
-    return _linear_dft_loss(
-        hidden,
-        weight,
-        labels,
-        bias,
-        weighting,
-        transform,
-        ignore_index,
-        reduction,
-        num_items_in_batch,
-        chunk_size,
-        return_stats,
-        reference,
-        validate,
-        shard,
-        sequence_ids,
-    )
+    checked = _check_reference(hidden, weight, reference, call.transform, call.kl_coef, shard)
+    return _linear_dft_loss(hidden, weight, bias, labels, call, _Head(chunk_size, checked, shard))
 
 
 def _refuse_functorch(*tensors: Tensor) -> None:
@@ -854,33 +888,52 @@ def _refuse_functorch(*tensors: Tensor) -> None:
         )
 
 
-def _check_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    ref_hidden: object,
-    ref_weight: object,
-    ref_bias: object,
-    ref_transform: object,
-    kl_coef: object,
-    shard: VocabShard | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None:
-    check_kl(kl_coef, ref_hidden is not None and ref_weight is not None, "ref_hidden and ref_weight")
+def _reference_value(
+    reference: object, ref_hidden: object, ref_weight: object, ref_bias: object, ref_transform: object
+) -> Reference | None:
+    """The one [`Reference`][dft.Reference] of a call, from ``reference=`` or the flat ``ref_*`` keywords."""
+    flat = {"ref_hidden": ref_hidden, "ref_weight": ref_weight, "ref_bias": ref_bias, "ref_transform": ref_transform}
+    given = sorted(k for k, v in flat.items() if v is not None)
+    if reference is not None:
+        if not isinstance(reference, Reference):
+            raise TypeError(f"reference must be a dft.Reference, got {type(reference).__name__}.")
+        if given:
+            raise ValueError(f"pass either reference=dft.Reference(...) or {given}, not both.")
+        return reference
     if ref_hidden is None and ref_weight is None:
+        if given:
+            raise ValueError(f"{given} given without ref_hidden and ref_weight (ASFT needs both).")
         return None
     if ref_hidden is None or ref_weight is None:
         raise ValueError("ASFT needs both ref_hidden and ref_weight (and ref_bias if the reference head has one).")
-    _validate_head(ref_hidden, ref_weight, ref_bias, prefix="ref_")
+    return Reference(ref_hidden, ref_weight, ref_bias, ref_transform)  # type: ignore[arg-type]
+
+
+def _check_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    reference: Reference | None,
+    transform: LogitTransform,
+    kl_coef: object,
+    shard: VocabShard | None = None,
+) -> _Reference | None:
+    """The reference checked against the policy's head (and cut to its vocabulary shard); rows not yet gathered."""
+    check_kl(kl_coef, reference is not None, "reference (ref_hidden and ref_weight)")
+    if reference is None:
+        return None
+    _validate_head(reference.hidden, reference.weight, reference.bias, prefix="ref_")
     ref_hidden, ref_weight, ref_bias = _reference_rows_of_shard(
-        ref_hidden, ref_weight, ref_bias, shard, weight.shape[0]
+        reference.hidden, reference.weight, reference.bias, shard, weight.shape[0]
     )
     if ref_hidden.shape[:-1] != hidden.shape[:-1] or ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"ref_hidden {tuple(ref_hidden.shape)} / ref_weight {tuple(ref_weight.shape)} must match hidden "
             f"{tuple(hidden.shape[:-1])} + (H_ref,) and the vocabulary size {weight.shape[0]}."
         )
+    ref_transform = transform if reference.transform is None else reference.transform
     if not isinstance(ref_transform, LogitTransform):
         raise TypeError(f"ref_transform must be a dft.LogitTransform, got {type(ref_transform).__name__}.")
-    return ref_hidden, ref_weight, ref_bias, ref_transform, float(kl_coef)
+    return _Reference(ref_hidden, ref_weight, ref_bias, ref_transform, float(kl_coef))
 
 
 def _reference_rows_of_shard(
@@ -905,69 +958,56 @@ def _reference_rows_of_shard(
     return ref_hidden, ref_weight, ref_bias
 
 
+@dataclass(frozen=True)
+class _Head:
+    """What the fused head needs beyond [`LossCall`][dft.options.LossCall]: its chunking, ASFT's reference (rows not yet
+    gathered) and the vocabulary shard."""
+
+    chunk_size: int | None = None
+    reference: _Reference | None = None
+    shard: VocabShard | None = None
+
+
 def _linear_dft_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    bias: Tensor | None,
-    weighting: DFTWeight,
-    transform: LogitTransform,
-    ignore_index: int,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-    chunk_size: int | None,
-    return_stats: bool,
-    reference: tuple[Tensor, Tensor, Tensor | None, LogitTransform, float] | None = None,
-    validate: bool = True,
-    shard: VocabShard | None = None,
-    sequence_ids: Tensor | None = None,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, call: LossCall, head: _Head
 ) -> Tensor | tuple[Tensor, TokenStats]:
-    valid = labels != ignore_index
+    """Compact the supervised rows, form the [`_Plan`][dft.fused._Plan] once, run the autograd function."""
+    shard, chunk_size = head.shard, head.chunk_size
+    valid = labels != call.ignore_index
     num_rows = valid.numel()
-    if validate and shard is not None:  # before anything that could raise on one rank only: a collective
+    if call.validate and shard is not None:  # before anything that could raise on one rank only: a collective
         plan_inputs = (chunk_size or 0, 0 if chunk_size else chunk_budget_bytes(hidden.device))
         check_group(labels, hidden, weight.shape[0], shard, plan_inputs)
     index = supervised_index(  # the one host sync
-        labels, ignore_index, vocab_size_of(weight, shard), check_range=validate, what="hidden"
+        labels, call.ignore_index, vocab_size_of(weight, shard), check_range=call.validate, what="hidden"
     )
     flat_labels = labels.reshape(-1)
     sup_labels = flat_labels if index is None else flat_labels.index_select(0, index)
     coef = None
-    if reduction != "none":
+    if call.reduction != "none":
         coef = reduction_coefficients(
-            valid, reduction, num_items_in_batch, compute_dtype(hidden.dtype), sequence_ids
+            valid, call.reduction, call.num_items_in_batch, compute_dtype(hidden.dtype), call.sequence_ids
         ).reshape(-1)
         coef = coef if index is None else coef.index_select(0, index)
+    mm = matmul_dtype(hidden)
     plan = _Plan(
-        weighting=weighting,
-        transform=transform,
+        weighting=call.weighting,
+        transform=call.transform,
         labels=sup_labels,
         index=index,
         coef=coef,
         num_rows=num_rows,
         chunk_size=chunk_size,
-        mm_dtype=matmul_dtype(hidden),
-        want_stats=return_stats,
+        mm_dtype=mm,
+        want_stats=call.return_stats,
         grad_enabled=torch.is_grad_enabled(),
         shard=shard,
+        reference=None if head.reference is None else head.reference.rows(index, num_rows, mm),
     )
-    if reference is not None:
-        ref_hidden, ref_weight, ref_bias, ref_transform, kl_coef = reference
-        mm = plan.mm_dtype
-        ref_rows = ref_hidden.detach().reshape(num_rows, ref_hidden.shape[-1])
-        ref_rows = ref_rows if index is None else ref_rows.index_select(0, index)
-        ref = _Reference(
-            h=ref_rows.to(mm),
-            w=ref_weight.detach().to(mm),
-            b=None if ref_bias is None else ref_bias.detach().to(mm),
-            transform=ref_transform,
-            kl_coef=float(kl_coef),
-        )
-        plan = dataclasses.replace(plan, reference=ref)
     loss, packed = _LinearDFTFunction.apply(hidden.reshape(num_rows, hidden.shape[-1]), weight, bias, plan)
-    if reduction == "none":
+    if call.reduction == "none":
         loss = loss.reshape(labels.shape)
-    if not return_stats:
+    if not call.return_stats:
         return loss
     return loss, TokenStats.unpack(packed)
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .labels import check_labels, shift_causal_labels
-from .options import LossOptions, Unpack, resolve_options
+from .options import LossCall, LossOptions, Unpack, resolve_options
 from .precision import compute_dtype
 from .reduction import Reduction, check_reduction, reduction_coefficients
 from .stats import TokenStats, token_stats_from_rows
@@ -53,22 +53,15 @@ def _check_logits(logits: object) -> None:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}.")
 
 
-def _dft_loss(
-    logits: Tensor,
-    labels: Tensor,
-    weight: DFTWeight,
-    transform: LogitTransform,
-    ignore_index: int,
-    reduction: str,
-    num_items_in_batch: int | Tensor | None,
-    validate: bool,
-    return_stats: bool,
-    ref_logits: Tensor | None = None,
-    kl_coef: float = 0.0,
-    sequence_ids: Tensor | None = None,
+def logits_loss(
+    logits: Tensor, labels: Tensor, call: LossCall, ref_logits: Tensor | None = None
 ) -> Tensor | tuple[Tensor, TokenStats]:
+    """[`dft_loss`][dft.dft_loss] with its options already resolved into one [`LossCall`][dft.options.LossCall]
+    (what [`dft.causal_lm_loss`][dft.causal_lm_loss] hands down)."""
+    ignore_index, reduction, num_items_in_batch = call.ignore_index, call.reduction, call.num_items_in_batch
+    kl_coef, weight, transform = call.kl_coef, call.weighting, call.transform
     _check_logits(logits)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, check_range=validate)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, check_range=call.validate)
     check_reduction(reduction, labels.shape, num_items_in_batch)
     check_kl(kl_coef, ref_logits is not None, "ref_logits")
     if ref_logits is not None:
@@ -99,10 +92,10 @@ def _dft_loss(
         loss = token_loss
     else:
         coef = reduction_coefficients(
-            valid, reduction, num_items_in_batch, dtype=token_loss.dtype, sequence_ids=sequence_ids
+            valid, reduction, num_items_in_batch, dtype=token_loss.dtype, sequence_ids=call.sequence_ids
         )
         loss = (coef * token_loss).sum()
-    if not return_stats:
+    if not call.return_stats:
         return loss
     stats = _chunked_stats(z, lse, target_logp, safe, valid, kl)
     return loss, stats
@@ -261,20 +254,10 @@ def dft_loss(
         >>> dft.dft_loss(logits.view(-1, 50), labels.view(-1))  # replaces F.cross_entropy(...)
     """
     weighting, transform = resolve_options(weighting, transform, options)
-    return _dft_loss(
-        logits,
-        labels,
-        weighting,
-        transform,
-        ignore_index,
-        reduction,
-        num_items_in_batch,
-        validate,
-        return_stats,
-        ref_logits=ref_logits,
-        kl_coef=kl_coef,
-        sequence_ids=sequence_ids,
+    call = LossCall(
+        weighting, transform, ignore_index, reduction, num_items_in_batch, validate, return_stats, kl_coef, sequence_ids
     )
+    return logits_loss(logits, labels, call, ref_logits)
 
 
 def token_stats(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, validate: bool = True) -> TokenStats:
@@ -290,9 +273,8 @@ def token_stats(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, val
         [`dft.TokenStats`][dft.TokenStats] with sums over supervised tokens; ``.as_dict()`` gives the means.
     """
     with torch.no_grad():
-        _, stats = _dft_loss(
-            logits, labels, DFTWeight(alpha=0.0), LogitTransform(), ignore_index, "sum", None, validate, True
-        )
+        call = LossCall(DFTWeight(alpha=0.0), LogitTransform(), ignore_index, "sum", None, validate, return_stats=True)
+        _, stats = logits_loss(logits, labels, call)
     return stats
 
 
@@ -399,17 +381,10 @@ class DFTLoss(nn.Module):
         self.validate = validate
 
     def forward(self, logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
-        return _dft_loss(
-            logits,
-            labels,
-            self.weighting,
-            self.transform,
-            self.ignore_index,
-            self.reduction,
-            num_items_in_batch,
-            self.validate,
-            False,
+        call = LossCall(
+            self.weighting, self.transform, self.ignore_index, self.reduction, num_items_in_batch, self.validate
         )
+        return logits_loss(logits, labels, call)
 
     def extra_repr(self) -> str:
         return f"{self.weighting}, {self.transform}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

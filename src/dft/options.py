@@ -9,7 +9,10 @@ the flat form into the objects; below it every layer passes the objects through 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor
 
 from .transform import TRANSFORM_OPTION_NAMES, LogitTransform, TransformOptions
 from .weights import WEIGHT_OPTION_NAMES, DFTWeight, WeightOptions
@@ -19,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     from typing_extensions import Unpack
 
-__all__ = ["LossOptions", "Unpack", "resolve_options"]
+__all__ = ["LossCall", "LossOptions", "Unpack", "resolve_options"]
 
 
 class LossOptions(WeightOptions, TransformOptions, total=False):
@@ -40,3 +43,22 @@ def resolve_options(
     weight_options = {k: v for k, v in options.items() if k in WEIGHT_OPTION_NAMES}
     transform_options = {k: v for k, v in options.items() if k in TRANSFORM_OPTION_NAMES}
     return DFTWeight.resolve(weighting, weight_options), LogitTransform.resolve(transform, transform_options)
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """One loss call's options, resolved and checked once by the public function and handed down as one value.
+
+    Both paths take it: [`dft.dft_loss`][dft.dft_loss] (logits) and [`dft.linear_dft_loss`][dft.linear_dft_loss]
+    (fused head); each field is the public keyword of the same name.
+    """
+
+    weighting: DFTWeight
+    transform: LogitTransform
+    ignore_index: int = -100
+    reduction: str = "mean"
+    num_items_in_batch: int | Tensor | None = None
+    validate: bool = True
+    return_stats: bool = False
+    kl_coef: float = 0.0
+    sequence_ids: Tensor | None = None
