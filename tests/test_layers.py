@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dft"
 LAYERS = {
     "core": [
         "weights", "transform", "options", "reduction", "stats", "precision", "labels", "losses", "fused",
-        "epilogue", "vocab_parallel", "advice",
+        "epilogue", "vocab_parallel", "advice", "nft",
     ],
     "integrations": ["models", "engines", "causal", "distributed", "arguments", "trainer", "trl_compat"],
     "tools": ["data", "prior", "sampling", "verifiers", "toy"],

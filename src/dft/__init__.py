@@ -13,6 +13,7 @@ from .causal import CausalLMLossOutput, causal_lm_loss
 from .fused import LinearDFTLoss, Reference, linear_dft_loss
 from .labels import causal_targets, shift_causal_labels
 from .losses import DFTLoss, causal_dft_loss, compute_loss_func, dft_loss, token_stats
+from .nft import NFTWeight
 from .prior import PriorReport, inspect_prior
 from .stats import TokenStats
 from .transform import LogitTransform
@@ -42,6 +43,7 @@ __all__ = [
     "DFTWeight",
     "LinearDFTLoss",
     "LogitTransform",
+    "NFTWeight",
     "PriorReport",
     "Reference",
     "TokenStats",

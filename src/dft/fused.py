@@ -39,9 +39,10 @@ from torch import Tensor
 from .epilogue import EAGER, CompileFellBack, Epilogue, TransformConsts, epilogue_for, inline_fallback
 from .labels import check_labels, supervised_index
 from .losses import check_kl
+from .nft import NFTInputs
 from .options import LossCall, LossOptions, Unpack, resolve_options
 from .precision import compute_dtype, matmul_dtype, real_execution
-from .reduction import Reduction, check_reduction, reduction_coefficients
+from .reduction import Reduction, check_reduction, reduction_coefficients, weighted_labels
 from .stats import TokenStats, token_stats_from_rows
 from .transform import LogitTransform
 from .vocab_parallel import (
@@ -177,6 +178,8 @@ class _Plan:
     grad_enabled: bool  # grad mode at call time: no gradient work under torch.no_grad()
     reference: _Reference | None = None  # ASFT
     shard: VocabShard | None = None  # a vocabulary-sharded head (tensor parallel): dft.vocab_parallel
+    nft: NFTInputs | None = None  # NFT's [n] per-row inputs (compacted)
+    signed: bool = False  # a weight may be negative: the coefficients are not folded into the exponential
 
 
 _ADDMM_OUT_DTYPE: dict[tuple[str, torch.dtype], bool] = {}
@@ -395,7 +398,7 @@ def _reduce_chunk(
     return RowPartials(m, s, u_y, amax, t, ref), th_y
 
 
-def _finish_rows(plan: _Plan, part: RowPartials, z: Tensor, y: Tensor, acc_dtype: torch.dtype) -> _Rows:
+def _finish_rows(plan: _Plan, part: RowPartials, z: Tensor, y: Tensor, acc_dtype: torch.dtype, rows: slice) -> _Rows:
     """Phase 3: from the whole row's values, the log-probability, the weight, the loss and ASFT's KL."""
     log_s = part.s.log()
     lse = part.m + log_s
@@ -405,7 +408,11 @@ def _finish_rows(plan: _Plan, part: RowPartials, z: Tensor, y: Tensor, acc_dtype
         u_full = gather_topk(plan.transform.apply(z.to(acc_dtype)), plan.weighting.eaft_top_k, plan.shard)
     wt = plan.weighting(logp, u_full, y)
     del u_full
-    loss = -(wt * logp)
+    if plan.nft is None:
+        loss = -(wt * logp)
+    else:  # NFT: its signed weight (times the weighting's) for the gradient, its own token value for the loss
+        w_nft, value = plan.nft.terms(logp, rows)
+        wt, loss = wt * w_nft, wt * value
     kl = r_lse = r_s = r_uy = None
     if part.ref is not None:  # ASFT: + kl_coef * KL(q || p), q = softmax(r_u)
         ref = part.ref
@@ -561,6 +568,8 @@ def _run_plan(
     grads = _Grads.zeros(h, w, tuple(x and want_grad for x in need), acc_dtype)
     stats = TokenStats.zeros(h.device) if plan.want_stats else None
     ref = plan.reference
+    if plan.nft is not None:
+        plan.nft.tally.reset_()  # this pass's sums only (a restart or a recomputing backward runs it again)
     starts = [0, *range(first, n, chunk)] if first is not None and first < min(chunk, n) else range(0, n, chunk)
     for i, start in enumerate(starts):
         rows = slice(start, min(starts[i + 1] if i + 1 < len(starts) else start + chunk, n))
@@ -572,7 +581,7 @@ def _run_plan(
         target = _Target.of(y, plan.shard, local_vocab)
         part, th_y = _reduce_chunk(plan, pass_, z, r, target, acc_dtype, stats is not None)
         whole = combine(part, plan.shard)  # phase 2: the full row's values on every rank
-        row = _finish_rows(plan, whole, z, y, acc_dtype)
+        row = _finish_rows(plan, whole, z, y, acc_dtype, rows)
         token_loss[rows] = row.loss
         if stats is not None:
             entropy = whole.s.log() - whole.t / whole.s
@@ -609,7 +618,7 @@ class _LinearDFTFunction(torch.autograd.Function):
         w = weight.to(plan.mm_dtype)
         b = None if bias is None else bias.to(plan.mm_dtype)
         token_loss, stats, (dh, dw, db) = _run_chunks(
-            plan, h, w, b, plan.coef if grad_in_forward else None, need, coef_nonneg=plan.weighting.is_nonnegative
+            plan, h, w, b, plan.coef if grad_in_forward else None, need, coef_nonneg=not plan.signed
         )
         packed = _pack_stats(stats, token_loss)
         ctx.mark_non_differentiable(packed)
@@ -779,6 +788,8 @@ def linear_dft_loss(
     vocab_shard: VocabShard | None = None,
     sequence_ids: Tensor | None = None,
     reference: Reference | None = None,
+    token_weights: Tensor | None = None,
+    nft: NFTInputs | None = None,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """DFT loss of a linear LM head without materialising the ``[N, V]`` logits.
@@ -833,6 +844,11 @@ def linear_dft_loss(
             over the group. Passing a local shard
             *without* ``vocab_shard`` is a softmax over that shard only: labels beyond it raise, but
             labels that all fall inside it cannot be told from a smaller vocabulary.
+        token_weights: ``[...]`` per-token data weights (labels' shape, floats ``>= 0``): ``w > 0`` multiplies the
+            token's loss, ``0`` leaves the token unsupervised and uncounted (the mean counts the supervised tokens).
+        nft: NFT's per-token inputs, [`dft.nft.NFTInputs`][dft.nft.NFTInputs] (``pi_old``'s log-probabilities, the
+            prompts' acceptance rates, the verdicts): the loss becomes NFT's (see [`dft.nft`][dft.nft]), times the
+            ``weighting``'s weight (default with ``nft``: cross-entropy's 1).
         **options: flat keywords instead of ``weighting``/``transform``: ``alpha``, ``min_weight``,
             ``beta``, ``p_min``, ``p_max``, ``weight_fn``, ``logit_scale``, ``softcap``, ``temperature``.
 
@@ -849,9 +865,19 @@ def linear_dft_loss(
     ([`dft.dft_loss`][dft.dft_loss] supports both). A ``weight`` changed in place between forward and backward
     (``optimizer.step()`` first) is detected from its version counter instead of giving the old weight's gradients.
     """
-    weighting, transform = resolve_options(weighting, transform, options)
+    weighting, transform = resolve_options(weighting, transform, options, nft)
     call = LossCall(
-        weighting, transform, ignore_index, reduction, num_items_in_batch, validate, return_stats, kl_coef, sequence_ids
+        weighting,
+        transform,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        validate,
+        return_stats,
+        kl_coef,
+        sequence_ids,
+        token_weights,
+        nft,
     )
     reference = _reference_value(reference, ref_hidden, ref_weight, ref_bias, ref_transform)
     return fused_head_loss(hidden, weight, bias, labels, call, chunk_size, reference, vocab_shard)
@@ -973,6 +999,10 @@ def _linear_dft_loss(
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """Compact the supervised rows, form the [`_Plan`][dft.fused._Plan] once, run the autograd function."""
     shard, chunk_size = head.shard, head.chunk_size
+    if call.token_weights is not None:
+        labels = weighted_labels(labels, call.token_weights, call.ignore_index, call.validate)
+    if call.nft is not None:
+        call.nft.check(labels.shape)
     valid = labels != call.ignore_index
     num_rows = valid.numel()
     if call.validate and shard is not None:  # before anything that could raise on one rank only: a collective
@@ -986,7 +1016,12 @@ def _linear_dft_loss(
     coef = None
     if call.reduction != "none":
         coef = reduction_coefficients(
-            valid, call.reduction, call.num_items_in_batch, compute_dtype(hidden.dtype), call.sequence_ids
+            valid,
+            call.reduction,
+            call.num_items_in_batch,
+            compute_dtype(hidden.dtype),
+            call.sequence_ids,
+            call.token_weights,
         ).reshape(-1)
         coef = coef if index is None else coef.index_select(0, index)
     mm = matmul_dtype(hidden)
@@ -1003,10 +1038,14 @@ def _linear_dft_loss(
         grad_enabled=torch.is_grad_enabled(),
         shard=shard,
         reference=None if head.reference is None else head.reference.rows(index, num_rows, mm),
+        nft=None if call.nft is None else call.nft.rows(index),
+        signed=call.signed,
     )
     loss, packed = _LinearDFTFunction.apply(hidden.reshape(num_rows, hidden.shape[-1]), weight, bias, plan)
     if call.reduction == "none":
         loss = loss.reshape(labels.shape)
+        if call.token_weights is not None:
+            loss = loss * call.token_weights.to(loss.dtype)
     if not call.return_stats:
         return loss
     return loss, TokenStats.unpack(packed)

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from .labels import check_labels, shift_causal_labels
+from .nft import NFTInputs
 from .options import LossCall, LossOptions, Unpack, resolve_options
 from .precision import compute_dtype
-from .reduction import Reduction, check_reduction, reduction_coefficients
+from .reduction import Reduction, check_reduction, reduction_coefficients, weighted_labels
 from .stats import TokenStats, token_stats_from_rows
 from .transform import LogitTransform
 from .weights import DFTWeight
@@ -64,6 +65,11 @@ def logits_loss(
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index, check_range=call.validate)
     check_reduction(reduction, labels.shape, num_items_in_batch)
     check_kl(kl_coef, ref_logits is not None, "ref_logits")
+    if call.token_weights is not None:
+        labels = weighted_labels(labels, call.token_weights, ignore_index, call.validate)
+    if call.nft is not None:
+        call.nft.check(labels.shape)
+        call.nft.tally.reset_()
     if ref_logits is not None:
         _check_logits(ref_logits)
         if ref_logits.shape != logits.shape:
@@ -81,6 +87,8 @@ def logits_loss(
         target_logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - lse
     w = weight(target_logp.detach(), z.detach() if weight.needs_logits else None, safe)
     token_loss = -(w * target_logp)
+    if call.nft is not None:  # NFT: its signed weight in the gradient, its own value in the loss
+        token_loss = _nft_token_loss(call.nft, target_logp, w, valid)
     kl = None
     if ref_logits is not None:  # ASFT: KL(q_ref || p) over the whole vocabulary, reference detached
         logq = torch.log_softmax(ref_logits.detach().to(z.dtype), dim=-1)
@@ -89,16 +97,29 @@ def logits_loss(
             token_loss = token_loss + kl_coef * kl
     token_loss = torch.where(valid, token_loss, torch.zeros((), dtype=z.dtype, device=z.device))
     if reduction == "none":
-        loss = token_loss
+        loss = token_loss if call.token_weights is None else token_loss * call.token_weights.to(token_loss.dtype)
     else:
         coef = reduction_coefficients(
-            valid, reduction, num_items_in_batch, dtype=token_loss.dtype, sequence_ids=call.sequence_ids
+            valid, reduction, num_items_in_batch, token_loss.dtype, call.sequence_ids, call.token_weights
         )
         loss = (coef * token_loss).sum()
     if not call.return_stats:
         return loss
     stats = _chunked_stats(z, lse, target_logp, safe, valid, kl)
     return loss, stats
+
+
+def _nft_token_loss(nft: NFTInputs, target_logp: Tensor, base: Tensor, valid: Tensor) -> Tensor:
+    """``value + (-w log p) - sg(-w log p)``: NFT's token value, with the gradient ``-w grad log p``
+    (``w`` = NFT's signed weight times the base weighting's)."""
+    mask = valid.reshape(-1)
+    logp = target_logp.reshape(-1)[mask]
+    w, value = nft.rows(None).terms(logp, mask)
+    w, value = w * base.reshape(-1)[mask], value * base.reshape(-1)[mask].detach()
+    surrogate = -(w * logp)
+    full = torch.zeros_like(target_logp).reshape(-1)
+    full = full.masked_scatter(mask, surrogate + (value - surrogate).detach())
+    return full.reshape(target_logp.shape)
 
 
 _STATS_CHUNK_BYTES = 64 * 2**20
@@ -203,6 +224,8 @@ def dft_loss(
     ref_logits: Tensor | None = None,
     kl_coef: float = 0.0,
     sequence_ids: Tensor | None = None,
+    token_weights: Tensor | None = None,
+    nft: NFTInputs | None = None,
     **options: Unpack[LossOptions],
 ) -> Tensor | tuple[Tensor, TokenStats]:
     """Dynamic Fine-Tuning loss on logits: a drop-in for ``F.cross_entropy``.
@@ -241,6 +264,11 @@ def dft_loss(
         sequence_ids: ``[...]`` (labels' shape) for ``reduction="sequence"`` on padding-free packed rows:
             which sequence each token belongs to ([`dft.labels.sequence_ids`][dft.labels.sequence_ids]); None:
             one per row.
+        token_weights: ``[...]`` per-token data weights (labels' shape, floats ``>= 0``): ``w > 0`` multiplies the
+            token's loss, ``0`` leaves the token unsupervised and uncounted (the mean counts the supervised tokens).
+        nft: NFT's per-token inputs, [`dft.nft.NFTInputs`][dft.nft.NFTInputs] (``pi_old``'s log-probabilities, the
+            prompts' acceptance rates, the verdicts): the loss becomes NFT's (see [`dft.nft`][dft.nft]), times the
+            ``weighting``'s weight (default with ``nft``: cross-entropy's 1).
         **options: the same as flat keywords instead of ``weighting``/``transform``: ``alpha``,
             ``min_weight``, ``beta``, ``p_min``, ``p_max``, ``weight_fn`` ([`dft.DFTWeight`][dft.DFTWeight]) and
             ``logit_scale``, ``softcap``, ``temperature`` ([`dft.LogitTransform`][dft.LogitTransform]).
@@ -253,9 +281,19 @@ def dft_loss(
         >>> logits, labels = torch.randn(4, 10, 50), torch.randint(0, 50, (4, 10))
         >>> dft.dft_loss(logits.view(-1, 50), labels.view(-1))  # replaces F.cross_entropy(...)
     """
-    weighting, transform = resolve_options(weighting, transform, options)
+    weighting, transform = resolve_options(weighting, transform, options, nft)
     call = LossCall(
-        weighting, transform, ignore_index, reduction, num_items_in_batch, validate, return_stats, kl_coef, sequence_ids
+        weighting,
+        transform,
+        ignore_index,
+        reduction,
+        num_items_in_batch,
+        validate,
+        return_stats,
+        kl_coef,
+        sequence_ids,
+        token_weights,
+        nft,
     )
     return logits_loss(logits, labels, call, ref_logits)
 

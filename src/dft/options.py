@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .nft import NFTInputs
 from .transform import TRANSFORM_OPTION_NAMES, LogitTransform, TransformOptions
 from .weights import WEIGHT_OPTION_NAMES, DFTWeight, WeightOptions
 
@@ -31,9 +32,11 @@ class LossOptions(WeightOptions, TransformOptions, total=False):
 
 
 def resolve_options(
-    weighting: DFTWeight | None, transform: LogitTransform | None, options: dict[str, Any]
+    weighting: DFTWeight | None, transform: LogitTransform | None, options: dict[str, Any], nft: object = None
 ) -> tuple[DFTWeight, LogitTransform]:
-    """``(DFTWeight, LogitTransform)`` from objects and/or flat options; unknown names raise ``TypeError``."""
+    """``(DFTWeight, LogitTransform)`` from objects and/or flat options; unknown names raise ``TypeError``.
+
+    With ``nft`` given and no weight option, the weighting is cross-entropy's (NFT's own weights apply alone)."""
     unknown = set(options) - WEIGHT_OPTION_NAMES - TRANSFORM_OPTION_NAMES
     if unknown:
         raise TypeError(
@@ -41,6 +44,8 @@ def resolve_options(
             f"logit options are {sorted(TRANSFORM_OPTION_NAMES)}."
         )
     weight_options = {k: v for k, v in options.items() if k in WEIGHT_OPTION_NAMES}
+    if nft is not None and weighting is None and not weight_options:
+        weighting = DFTWeight(alpha=0.0)
     transform_options = {k: v for k, v in options.items() if k in TRANSFORM_OPTION_NAMES}
     return DFTWeight.resolve(weighting, weight_options), LogitTransform.resolve(transform, transform_options)
 
@@ -62,3 +67,10 @@ class LossCall:
     return_stats: bool = False
     kl_coef: float = 0.0
     sequence_ids: Tensor | None = None
+    token_weights: Tensor | None = None
+    nft: NFTInputs | None = None
+
+    @property
+    def signed(self) -> bool:
+        """Whether a token's weight may be negative (a ``weight_fn``, NFT's rejected tokens)."""
+        return self.nft is not None or not self.weighting.is_nonnegative

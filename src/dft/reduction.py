@@ -50,6 +50,24 @@ def check_reduction(reduction: str, labels_shape: torch.Size, num_items_in_batch
         raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}.")
 
 
+def weighted_labels(labels: Tensor, token_weights: object, ignore_index: int, validate: bool = True) -> Tensor:
+    """Check per-token data weights and return ``labels`` with ``ignore_index`` where the weight is 0.
+
+    ``token_weights``: ``[...]`` floats of the labels' shape, finite and ``>= 0`` (checked when ``validate``: one
+    host sync). A token of weight 0 is not supervised and not counted; ``w > 0`` multiplies its loss.
+    """
+    if not isinstance(token_weights, Tensor) or not token_weights.is_floating_point():
+        got = f"{token_weights.dtype} tensor" if isinstance(token_weights, Tensor) else type(token_weights).__name__
+        raise TypeError(f"token_weights must be a float tensor of the labels' shape, got {got}.")
+    if token_weights.shape != labels.shape:
+        raise ValueError(
+            f"token_weights must have the labels' shape {tuple(labels.shape)}, got {tuple(token_weights.shape)}."
+        )
+    if validate and bool(((token_weights < 0) | ~token_weights.isfinite()).any()):
+        raise ValueError("token_weights must be finite and >= 0 (0: not supervised, w > 0: multiplies the loss).")
+    return labels.masked_fill(token_weights.to(labels.device) == 0, ignore_index)
+
+
 def _denominator(count: Tensor, num_items_in_batch: int | Tensor | None, dtype: torch.dtype) -> Tensor | float:
     if num_items_in_batch is None:
         n = count.to(dtype)
@@ -68,6 +86,7 @@ def reduction_coefficients(
     num_items_in_batch: int | Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     sequence_ids: Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Per-token coefficients of a scalar reduction.
 
@@ -80,10 +99,23 @@ def reduction_coefficients(
         sequence_ids: ``[..., T]`` for ``"sequence"`` on padding-free packed rows: the id of the sequence
             each position belongs to (unique over the batch, e.g. [`dft.labels.sequence_ids`][dft.labels.sequence_ids]);
             None: each row (last dimension) is one sequence.
+        token_weights: ``[..., T]`` per-token data weights multiplying the coefficients (the counts are of the
+            valid tokens, whatever their weight; see [`weighted_labels`][dft.reduction.weighted_labels]).
 
     Returns:
         ``[..., T]`` coefficients ``c`` with ``loss = (c * token_loss).sum()``; 0 where not valid.
     """
+    coef = _coefficients(valid, reduction, num_items_in_batch, dtype, sequence_ids)
+    return coef if token_weights is None else coef * torch.where(valid, token_weights.to(dtype), 0.0)
+
+
+def _coefficients(
+    valid: Tensor,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    dtype: torch.dtype,
+    sequence_ids: Tensor | None,
+) -> Tensor:
     mask = valid.to(dtype)
     if reduction == "sum":
         return mask

@@ -164,3 +164,30 @@ def make_batch(shape, vocab, *, ignore_frac=0.2, dtype=torch.float64, scale=2.0,
     mask = torch.rand(shape, generator=generator) < ignore_frac
     labels[mask] = -100
     return logits.to(dtype), labels
+
+
+def ref_nft_loss(logits, labels, old_logp, rhat, accepted, *, neg_weight=1.0, clamp_negative=1.0, max_log_ratio=10.0,
+                 rhat_min=0.02, rhat_max=0.98, dft_positive=False, token_weights=None, ignore_index=-100):  # fmt: skip
+    """NFT as the official code (NVlabs/NFT dp_actor.py, token ratios) writes it, in float64 with autograd:
+    ``R = exp(clamp(log pi - log pi_old, max=10))``; accepted ``-log R``; rejected ``-log st((1 - r R) / (1 - r))``
+    with ``st(x) = x + (clamp(x, min=eps) - x).detach()``; both times ``(1 - r)``; a token mean over the supervised
+    tokens (data weights multiply, weight-0 tokens are not counted)."""
+    valid = labels != ignore_index
+    if token_weights is not None:
+        valid = valid & (token_weights != 0)
+    logp_all = F.log_softmax(logits.double(), dim=-1)
+    logp = logp_all.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    log_ratio = torch.clamp(logp - old_logp.double(), max=max_log_ratio)
+    ratio = log_ratio.exp()
+    r = rhat.double().clamp(rhat_min, rhat_max)
+    pos_loss = -log_ratio
+    if dft_positive:
+        pos_loss = pos_loss * logp.detach().exp()
+    x = (1 - r * ratio) / (1 - r)
+    st = x + (torch.clamp(x, min=clamp_negative) - x).detach()
+    neg_loss = -neg_weight * torch.log(st)
+    token = (1 - r) * torch.where(accepted.bool(), pos_loss, neg_loss)
+    if token_weights is not None:
+        token = token * token_weights.double()
+    token = torch.where(valid, token, torch.zeros_like(token))
+    return token.sum() / valid.sum().clamp_min(1)
