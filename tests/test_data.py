@@ -212,3 +212,238 @@ def test_summary_counts_rows_that_truncation_emptied():
     _, report = prepare_dataset(Dataset.from_list(chats), tok, max_length=16)
     assert (report.dropped, report.dropped_by_truncation) == (1, 0)  # no assistant turn: not truncation's doing
     assert "lost every target" not in report.summary("train")
+
+
+# Weights in the data, samples.jsonl's token ids and row columns, the collator's float columns.
+
+CHAT_ROWS = [
+    {"role": "user", "content": "t10 t11"},
+    {"role": "assistant", "content": "t20 t21"},
+    {"role": "user", "content": "t12"},
+    {"role": "assistant", "content": "t22"},
+]
+CHAT_IDS = [4, 10, 11, 5, 20, 21, 1, 4, 12, 5, 22, 1]  # eos is 1
+CHAT_LABELS = [-100, -100, -100, -100, 20, 21, 1, -100, -100, -100, 22, 1]
+
+
+def _weighted_turns(first, second):
+    turns = [dict(m) for m in CHAT_ROWS]
+    turns[1]["weight"], turns[3]["weight"] = first, second
+    return turns
+
+
+def test_chat_turn_weights_mask_zero_turns_and_weight_the_rest():
+    tok = _tok()
+    rows = [
+        {"messages": _weighted_turns(0, 2.5)},
+        {"messages": CHAT_ROWS},  # no weight: 1 on every assistant token
+        {"messages": _weighted_turns(0, 0)},  # no target left: dropped, counted
+    ]
+    ds, report = prepare_dataset(Dataset.from_list(rows), tok, max_length=64)
+    assert ds.column_names == ["input_ids", "labels", "loss_weights"]
+    assert ds[0]["input_ids"] == ds[1]["input_ids"] == CHAT_IDS
+    assert ds[0]["labels"] == [-100] * 10 + [22, 1]
+    assert ds[0]["loss_weights"] == [0.0] * 10 + [2.5, 2.5]
+    assert ds[1]["labels"] == CHAT_LABELS  # as the same row in data without weights
+    assert ds[1]["loss_weights"] == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    assert (report.kept, report.dropped, report.dropped_by_weight, report.supervised_tokens) == (2, 1, 1, 7)
+    assert "dropped 1 with no supervised token left (1 of them with weight 0 on every target)" in report.summary("t")
+    unweighted, _ = prepare_dataset(Dataset.from_list([{"messages": CHAT_ROWS}]), tok, max_length=64)
+    assert unweighted.column_names == ["input_ids", "labels"] and unweighted[0]["labels"] == CHAT_LABELS
+
+
+def test_weights_of_one_leave_no_weight_column():
+    """A weight field whose kept supervised tokens all weigh 1 (weights 0 and 1 only): the labels say it all."""
+    tok = _tok()
+    ds, _ = prepare_dataset(Dataset.from_list([{"messages": _weighted_turns(0, 1)}]), tok, max_length=64)
+    assert ds.column_names == ["input_ids", "labels"] and ds[0]["labels"] == [-100] * 10 + [22, 1]
+    rows = [{"text": "t7", "weight": 1.0}, {"text": "t8 t9", "weight": None}]
+    ds, _ = prepare_dataset(Dataset.from_list(rows), tok, max_length=64)
+    assert ds.column_names == ["input_ids", "labels"]
+
+
+def test_row_weights_for_prompt_completion_and_text():
+    tok = _tok()
+    rows = [
+        {"prompt": "t7 t8", "completion": "t9", "weight": 2.5},
+        {"prompt": "t7", "completion": "t9", "weight": None},
+        {"prompt": "t7", "completion": "t9 t10", "weight": 0.0},
+    ]
+    ds, report = prepare_dataset(Dataset.from_list(rows), tok, max_length=16)
+    assert [r["labels"] for r in ds] == [[-100, -100, 9, 1], [-100, 9, 1]]
+    assert [r["loss_weights"] for r in ds] == [[0.0, 0.0, 2.5, 2.5], [0.0, 1.0, 1.0]]
+    assert (report.kept, report.dropped_by_weight, report.dropped_by_truncation) == (2, 1, 0)
+    texts = [{"text": "t7 t8", "weight": 0.5}, {"text": "t9", "weight": 3}]
+    ds, _ = prepare_dataset(Dataset.from_list(texts), tok, max_length=16)
+    assert [r["labels"] for r in ds] == [[7, 8, 1], [9, 1]]
+    assert [r["loss_weights"] for r in ds] == [[0.5, 0.5, 0.5], [3.0, 3.0]]
+    ds, _ = prepare_dataset(Dataset.from_list(texts), tok, max_length=2)  # truncated alike
+    assert [r["loss_weights"] for r in ds] == [[0.5, 0.5], [3.0, 3.0]]
+    with pytest.raises(DataError, match=r"every example \(1\) has weight 0 on every target"):
+        prepare_dataset(Dataset.from_list([{"text": "t7 t8", "weight": 0}]), tok, 16)
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([{"text": "t7", "weight": 1.0}, {"text": "t8", "weight": -1.0}], r"row 2: 'weight' must be a number >= 0"),
+        ([{"prompt": "t7", "completion": "t8", "weight": "abc"}], r"row 1: 'weight' must be .*got 'abc'"),
+        ([{"text": "t7", "weight": True}], r"row 1: 'weight' must be .*got True"),
+        ([{"text": "t7", "weight": 1.0}, {"text": "t8", "weight": float("nan")}], r"row 2: 'weight' .*got nan"),
+        (
+            [{"messages": CHAT_ROWS}, {"messages": [{"role": "user", "content": "t7", "weight": 1.0}, CHAT_ROWS[1]]}],
+            r"row 2: messages\[0\] \(user\) has a 'weight': only assistant turns",
+        ),
+        ([{"messages": _weighted_turns(1.0, -0.5)}], r"row 1: messages\[3\] 'weight' must be a number >= 0"),
+        ([{"messages": CHAT_ROWS, "weight": 2.0}], r"row 1: a 'weight' on a messages row: put it on the assistant"),
+    ],
+    ids=["negative", "string", "bool", "nan", "user_turn", "negative_turn", "messages_row"],
+)
+def test_bad_weights_name_the_row(rows, match):
+    with pytest.raises(DataError, match=match):
+        prepare_dataset(Dataset.from_list(rows), _tok(), 16)
+
+
+def test_jsonl_weights_are_typed_whichever_rows_carry_them(tmp_path):
+    """Weights that appear after the first 1000 rows, ints then floats, on some turns only: one float type
+    (Arrow would otherwise clash, or leave the field out); a bad one names the line."""
+    import json
+
+    from dft.data import load_local_dataset
+
+    pc = tmp_path / "pc.jsonl"
+    rows = [{"prompt": "t7", "completion": "t8"}] * 1200 + [{"prompt": "t7", "completion": "t8", "weight": 2}]
+    pc.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[-1], "weight": 0.5}]))
+    ds = load_local_dataset(pc)
+    assert ds["weight"][0] == 1.0 and ds["weight"][-2:] == [2.0, 0.5]
+    turn = {"role": "assistant", "content": "t8"}
+    chat = [{"messages": [{"role": "user", "content": "t7"}, turn]}] * 1200
+    chat += [{"messages": [{"role": "user", "content": "t7"}, {**turn, "weight": 0}]}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    assert load_local_dataset(path)[-1]["messages"][1] == {"role": "assistant", "content": "t8", "weight": 0.0}
+    assert "weight" not in load_local_dataset(path, prompts_only=True)[-1]["messages"][1]  # not for sampling
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in [chat[0], {"messages": _weighted_turns(0, 2.5)}]))
+    ds, _ = prepare_dataset(load_local_dataset(small), _tok(), 64)
+    assert ds[1]["loss_weights"] == [0.0] * 10 + [2.5, 2.5] and ds[0]["loss_weights"] == [0, 0, 0, 1.0, 1.0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "t7"}\n{"text": "t8", "weight": "abc"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: 'weight' must be a number >= 0"):
+        load_local_dataset(bad)
+
+
+def _sample_row(prompt_ids, completion_ids, accepted, prompt_index, **extra):
+    return {"prompt": "t7", "completion": "t9", "prompt_ids": prompt_ids, "completion_ids": completion_ids,
+            "accepted": accepted, "prompt_index": prompt_index, **extra}  # fmt: skip
+
+
+def test_sampled_token_ids_are_used_as_they_are_and_row_columns_kept():
+    tok = _tok()
+    rows = [
+        _sample_row([3, 7], [9, 10, 1], True, 0),  # finished: ends with the stop id
+        _sample_row([3, 7], [9, 10], False, 0),  # cut by max_new_tokens: no EOS added
+        _sample_row(None, None, True, 1),  # text only: tokenised, EOS appended
+    ]
+    ds, report = prepare_dataset(Dataset.from_list(rows), tok, max_length=16)
+    assert ds.column_names == ["input_ids", "labels", "accepted", "prompt_index"]
+    assert ds["input_ids"] == [[3, 7, 9, 10, 1], [3, 7, 9, 10], [7, 9, 1]]
+    assert ds["labels"] == [[-100, -100, 9, 10, 1], [-100, -100, 9, 10], [-100, 9, 1]]
+    assert ds["accepted"] == [1, 0, 1] and ds["prompt_index"] == [0, 0, 1]
+    assert (report.sampled_ids, report.examples_in) == (2, 3)
+    ds, report = prepare_dataset(Dataset.from_list(rows[:2]), tok, max_length=3)  # truncated like other rows
+    assert ds["input_ids"] == [[3, 7, 9], [3, 7, 9]] and report.truncated == 2
+    chat = [{"role": "user", "content": "t7"}]  # a chat prompt: its ids stand for it
+    ds, _ = prepare_dataset(Dataset.from_list([_sample_row([4, 7, 5], [9, 1], 1, 0, prompt=chat)]), tok, 16)
+    assert ds[0]["input_ids"] == [4, 7, 5, 9, 1] and ds[0]["labels"] == [-100, -100, -100, 9, 1]
+    weighted, _ = prepare_dataset(Dataset.from_list([_sample_row([3], [9, 1], 1, 0, weight=0.5)]), tok, 16)
+    assert weighted[0]["loss_weights"] == [0.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        (_sample_row([3], [9], 2, 0), r"row 1: 'accepted' must be true/false or 0/1, got 2"),
+        (_sample_row([3], [9], True, -1), r"row 1: 'prompt_index' must be an integer >= 0, got -1"),
+        (_sample_row([3], [-9], True, 0), r"row 1: 'completion_ids' must be a list of token ids"),
+    ],
+)
+def test_bad_sample_rows_name_the_row(row, match):
+    with pytest.raises(DataError, match=match):
+        prepare_dataset(Dataset.from_list([row]), _tok(), 16)
+
+
+FEATURES = [
+    {"input_ids": [7, 8, 9], "labels": [-100, 8, 9], "loss_weights": [0.0, 2.5, 0.5], "accepted": 1,
+     "prompt_index": 0, "nft_rhat": 0.25},
+    {"input_ids": [4, 5], "labels": [-100, 5], "loss_weights": [0.0, 1.0], "accepted": 0, "prompt_index": 1,
+     "nft_rhat": 0.5},
+]  # fmt: skip
+
+
+def _plain(features):
+    return [{k: f[k] for k in ("input_ids", "labels")} for f in features]
+
+
+def test_collator_pads_float_columns_aligned_with_labels():
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from dft.data import ROW_COLUMNS, TOKEN_COLUMNS, collator
+
+    assert TOKEN_COLUMNS == ("loss_weights",) and ROW_COLUMNS == ("accepted", "nft_rhat")
+    tok = _tok()
+    batch = collator(tok)(FEATURES)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "loss_weights", "accepted", "nft_rhat"}
+    assert batch["labels"].tolist() == [[-100, 8, 9], [-100, 5, -100]]
+    for key in ("loss_weights", "accepted", "nft_rhat"):
+        assert batch[key].dtype == torch.float32 and batch[key].shape == batch["labels"].shape
+    assert batch["loss_weights"].tolist() == [[0.0, 2.5, 0.5], [0.0, 1.0, 0.0]]
+    assert batch["accepted"].tolist() == [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert batch["nft_rhat"].tolist() == [[0.25, 0.25, 0.25], [0.5, 0.5, 0.0]]
+    plain = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True)(_plain(FEATURES))
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batch[key], plain[key])
+    without = collator(tok)(_plain(FEATURES))  # no float columns: transformers' batch as it is
+    assert set(without) == set(plain) and all(torch.equal(without[k], plain[k]) for k in plain)
+    assert collator(tok).tokenizer is tok  # Trainer saves it when given no processing_class
+    tok.padding_side = "left"  # aligned with the labels whichever side pads
+    left = collator(tok)(FEATURES)
+    assert left["labels"].tolist() == [[-100, 8, 9], [-100, -100, 5]]
+    assert left["loss_weights"].tolist() == [[0.0, 2.5, 0.5], [0.0, 0.0, 1.0]]
+    assert left["nft_rhat"].tolist() == [[0.25, 0.25, 0.25], [0.0, 0.5, 0.5]]
+
+
+def test_collator_packs_float_columns_like_labels():
+    import torch
+    from transformers import DataCollatorWithFlattening
+
+    from dft.data import collator
+
+    batch = collator(_tok(), packing=True)(FEATURES)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "loss_weights", "accepted", "nft_rhat"}
+    assert batch["labels"].tolist() == [[-100, 8, 9, -100, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["loss_weights"].tolist() == [[0.0, 2.5, 0.5, 0.0, 1.0]]
+    assert batch["accepted"].tolist() == [[1.0, 1.0, 1.0, 0.0, 0.0]]
+    assert batch["nft_rhat"].tolist() == [[0.25, 0.25, 0.25, 0.5, 0.5]]
+    assert batch["nft_rhat"].dtype == torch.float32
+    plain = DataCollatorWithFlattening(return_position_ids=True)(_plain(FEATURES))
+    without = collator(_tok(), packing=True)(_plain(FEATURES))
+    assert set(without) == set(plain) and all(torch.equal(without[k], plain[k]) for k in plain)
+
+
+def test_collator_on_prepared_rows():
+    """The prepared dataset's rows go through the collator as they are (accepted from samples.jsonl, nft_rhat
+    added to the dataset)."""
+    from dft.data import collator
+
+    rows = [_sample_row([3, 7], [9, 10, 1], True, 0, weight=2.0), _sample_row([3], [9], False, 0, weight=1.0)]
+    ds, _ = prepare_dataset(Dataset.from_list(rows), _tok(), 16)
+    ds = ds.add_column("nft_rhat", [0.5, 0.5])
+    batch = collator(_tok())([ds[i] for i in range(len(ds))])
+    assert "prompt_index" not in batch
+    assert batch["labels"].tolist() == [[-100, -100, 9, 10, 1], [-100, 9, -100, -100, -100]]
+    assert batch["loss_weights"].tolist() == [[0, 0, 2, 2, 2], [0, 1, 0, 0, 0]]
+    assert batch["accepted"].tolist() == [[1] * 5, [0, 0, 0, 0, 0]]
+    assert batch["nft_rhat"].tolist() == [[0.5] * 5, [0.5, 0.5, 0, 0, 0]]

@@ -8,12 +8,20 @@ Formats (detected from the columns):
 
 Every example becomes ``input_ids`` and ``labels`` (``-100`` where not supervised), truncated to
 ``max_length``. Examples left with no supervised token are dropped and counted.
+
+Weights in the data: an assistant turn's ``"weight"`` (``messages``, OpenAI's fine-tuning format) or a row's
+``"weight"`` (``prompt_completion``, ``text``), a number ``>= 0``: ``0`` leaves those tokens unsupervised
+(``labels`` ``-100``), ``w > 0`` weights their loss by ``w`` (the ``loss_weights`` column); no ``"weight"`` is 1.
+
+Rows of ``dft sample``'s ``samples.jsonl``: ``prompt_ids`` + ``completion_ids`` (both present) are used as they
+are (no EOS appended, no re-tokenisation); ``accepted`` and ``prompt_index`` are kept as columns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +31,8 @@ from typing import Any
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 __all__ = [
+    "ROW_COLUMNS",
+    "TOKEN_COLUMNS",
     "DataError",
     "PrepReport",
     "check_row",
@@ -34,6 +44,18 @@ __all__ = [
 ]
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+TOKEN_COLUMNS = ("loss_weights",)
+"""Per-token float columns the [`collator`][dft.data.collator] carries into the batch as float32 ``[B, T]`` tensors
+aligned with ``labels`` (``loss_weights``: each supervised token's loss weight, from the data's ``"weight"``)."""
+
+ROW_COLUMNS = ("accepted", "nft_rhat")
+"""Per-row scalar columns the [`collator`][dft.data.collator] broadcasts over the row's positions: float32
+``[B, T]`` tensors aligned with ``labels`` (``accepted``: 0/1, from ``samples.jsonl``; ``nft_rhat``: the share of
+the row's prompt's samples that were accepted, added to the prepared dataset before training)."""
+
+DROPPED_COLUMNS = ("prompt_index",)
+"""Prepared columns the [`collator`][dft.data.collator] leaves out of the batch."""
 
 
 class DataError(ValueError):
@@ -54,6 +76,11 @@ class PrepReport:
     dropped_by_truncation: int = 0
     """Dropped examples that had a supervised token before truncation (all of it lay past ``max_length``)."""
     max_length: int | None = None
+    dropped_by_weight: int = 0
+    """Dropped examples whose every target had ``"weight": 0``."""
+    sampled_ids: int = 0
+    """Examples (of ``examples_in``) whose ``prompt_ids`` + ``completion_ids`` were used as they are; the others
+    were tokenised from their text."""
 
     def summary(self, name: str) -> str:
         cut = ""
@@ -62,6 +89,8 @@ class PrepReport:
                 f" ({self.dropped_by_truncation} of them lost every target to truncation at max_length "
                 f"{self.max_length}: raise --max_length or shorten the prompts)"
             )
+        if self.dropped_by_weight:
+            cut += f" ({self.dropped_by_weight} of them with weight 0 on every target)"
         return (
             f"{name}: {self.examples_in} examples -> kept {self.kept} ({self.truncated} truncated), "
             f"dropped {self.dropped} with no supervised token left{cut}; {self.tokens} tokens, "
@@ -156,20 +185,95 @@ def _check_utf8(path: Path) -> None:
 
 def collator(tokenizer: Any, packing: bool = False) -> Any:
     """The batch collator for prepared examples: right padding (labels padded with -100), or padding-free
-    packing (``position_ids`` restart at 0 for each example)."""
+    packing (``position_ids`` restart at 0 for each example).
+
+    The columns of [`TOKEN_COLUMNS`][dft.data.TOKEN_COLUMNS] (per token) and [`ROW_COLUMNS`][dft.data.ROW_COLUMNS]
+    (per row, broadcast over the row's positions) become float32 ``[B, T]`` tensors aligned with ``labels``: padded
+    with 0.0, or under packing concatenated as the labels are into ``[1, total]`` (a per-token column's first
+    position of each example 0.0, as the label there is -100). ``prompt_index`` is left out of the batch. Without
+    those columns the batch is transformers' collator's."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return DataCollatorWithFlattening(return_position_ids=True)
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+        return _Collator(DataCollatorWithFlattening(return_position_ids=True), packing=True)
+    return _Collator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True), packing=False)
+
+
+def _as_list(values: Any) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
+class _Collator:
+    """transformers' collator on ``input_ids`` / ``labels`` (and any other column), then the float columns.
+
+    The float columns are popped before the inner collator sees the rows (neither ``DataCollatorForSeq2Seq``,
+    whose ``tokenizer.pad`` would try to pad or tensorise them, nor ``DataCollatorWithFlattening``, which drops
+    unknown keys, is relied on) and built here from the rows' lengths."""
+
+    def __init__(self, inner: Any, *, packing: bool) -> None:
+        self.inner = inner
+        self.packing = packing
+
+    def __getattr__(self, name: str) -> Any:  # the inner collator's attributes (Trainer reads ``tokenizer``)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, features: list[Mapping[str, Any]], return_tensors: str | None = None) -> Any:
+        import torch
+
+        first = features[0] if features else {}
+        tokens = [k for k in TOKEN_COLUMNS if k in first]
+        row = [k for k in ROW_COLUMNS if k in first]
+        drop = {*tokens, *row, *(k for k in DROPPED_COLUMNS if k in first)}
+        if not drop:
+            return self.inner(features) if return_tensors is None else self.inner(features, return_tensors)
+        if self.packing:  # DataCollatorWithFlattening leaves out empty examples
+            features = [f for f in features if len(f["input_ids"]) > 0]
+        columns: dict[str, list[list[float]]] = {}
+        for key in tokens:
+            columns[key] = [[float(v) for v in _as_list(f[key])] for f in features]
+        for key in row:
+            columns[key] = [[_row_value(f[key], key)] * len(f["input_ids"]) for f in features]
+        for key in tokens:
+            for f, values in zip(features, columns[key]):
+                if len(values) != len(f["input_ids"]):
+                    raise ValueError(f"'{key}' has {len(values)} values for {len(f['input_ids'])} input_ids.")
+        stripped = [{k: v for k, v in f.items() if k not in drop} for f in features]
+        batch = self.inner(stripped) if return_tensors is None else self.inner(stripped, return_tensors)
+        width = batch["input_ids"].shape[-1]
+        left = getattr(getattr(self.inner, "tokenizer", None), "padding_side", "right") == "left"  # as the labels
+        for key, rows in columns.items():
+            if self.packing:
+                flat = [v for values in rows for v in ([0.0, *values[1:]] if key in tokens else values)]
+                out = torch.tensor([flat], dtype=torch.float32)
+            else:
+                out = torch.zeros(len(rows), width, dtype=torch.float32)
+                for i, values in enumerate(rows):
+                    if values:
+                        span = slice(width - len(values), width) if left else slice(0, len(values))
+                        out[i, span] = torch.tensor(values, dtype=torch.float32)
+            batch[key] = out.numpy() if (return_tensors or "pt") == "np" else out
+        return batch
+
+
+def _row_value(value: Any, key: str) -> float:
+    if isinstance(value, (bool, int, float)) and math.isfinite(value):
+        return float(value)
+    if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
+        return _row_value(value.item(), key)
+    raise ValueError(f"'{key}' must be a finite number per row, got {value!r}.")
 
 
 def _first_line(e: object) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _jsonl_rows(path: str, size: int, mtime_ns: int, prompts_only: bool = False) -> Iterator[dict]:
-    """The rows of a JSONL file, each checked; ``size`` and ``mtime_ns`` only key the datasets cache."""
+def _jsonl_rows(
+    path: str, size: int, mtime_ns: int, prompts_only: bool = False, weights: bool = False
+) -> Iterator[dict]:
+    """The rows of a JSONL file, each checked; ``size`` and ``mtime_ns`` only key the datasets cache.
+    ``weights`` (the file mentions ``"weight"``): every row gets its weights typed (see ``_typed_weights``)."""
     fmt = None
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -192,7 +296,26 @@ def _jsonl_rows(path: str, size: int, mtime_ns: int, prompts_only: bool = False)
                 raise DataError(f"{path}:{lineno}: {problem}")
             if fmt == "prompt":  # every row the same columns: Arrow takes the first rows' as the schema
                 row = {"prompt": row["prompt"], "completion": row.get("completion")}
+            elif weights:
+                row = _typed_weights(row, fmt, prompts_only)
             yield row
+
+
+def _typed_weights(row: dict, fmt: str, prompts_only: bool) -> dict:
+    """A checked row with its ``"weight"`` fields present and float in every row, so that Arrow gives them one type
+    whichever rows carry them (from the first 1000 rows it would take an int type, a null type, or leave out a field
+    that appears later): absent on an assistant turn or a row is 1.0, on another turn null. Prompts to sample
+    from drop the turns' weights."""
+    if fmt == "messages":
+        turns = []
+        for m in row["messages"]:
+            turn = {k: v for k, v in m.items() if k != "weight"}
+            if not prompts_only:  # the field last in every turn: one struct type
+                given = m.get("weight")
+                turn["weight"] = float(given) if given is not None else (1.0 if m["role"] == "assistant" else None)
+            turns.append(turn)
+        return {**row, "messages": turns}
+    return {**row, "weight": _weight(row.get("weight"))}
 
 
 def first_jsonl_row(path: str | Path) -> dict | None:
@@ -212,6 +335,8 @@ def _read_jsonl(path: Path, prompts_only: bool = False) -> Dataset:
 
     stat = path.stat()
     kwargs = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if _mentions_weight(path):  # another cache entry
+        kwargs["weights"] = True
     features = None
     if prompts_only:  # other checks, another cache entry
         kwargs["prompts_only"] = True
@@ -232,6 +357,14 @@ def _read_jsonl(path: Path, prompts_only: bool = False) -> Dataset:
         raise
     except Exception as e:  # pyarrow type clashes between rows
         raise DataError(f"cannot read {path}: the rows' types disagree ({_first_line(e)}).") from None
+
+
+def _mentions_weight(path: Path) -> bool:
+    """The file holds the bytes ``"weight"`` (a key, or a string value: then its rows get weights of 1.0)."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(b'"weight"') != -1
 
 
 def _type_name(value: object) -> str:
@@ -269,9 +402,14 @@ def check_row(ex: dict, fmt: str) -> str | None:
             "the columns): the rows mix formats; use one format per file (prompt/completion, messages or text)."
         )
     if fmt == "prompt_completion":
-        for key in ("prompt", "completion"):
-            if not isinstance(ex.get(key), str):
-                return f"'{key}' must be a string, got {_type_name(ex.get(key))}."
+        if _has_sampled_ids(ex):
+            for key in ("prompt_ids", "completion_ids"):
+                if not isinstance(ex[key], list) or not all(_is_index(t) for t in ex[key]):
+                    return f"'{key}' must be a list of token ids (integers >= 0), got {ex[key]!r:.80}."
+        else:
+            for key in ("prompt", "completion"):
+                if not isinstance(ex.get(key), str):
+                    return f"'{key}' must be a string, got {_type_name(ex.get(key))}."
     elif fmt == "text":
         if not isinstance(ex.get("text"), str):
             return f"'text' must be a string, got {_type_name(ex.get('text'))}."
@@ -287,7 +425,38 @@ def check_row(ex: dict, fmt: str) -> str | None:
                     f"messages[{i}] has role {m['role']!r}; expected one of {', '.join(CHAT_ROLES)} "
                     "(the loss is on 'assistant' turns)."
                 )
+            if m.get("weight") is not None:
+                if m["role"] != "assistant":
+                    return (
+                        f"messages[{i}] ({m['role']}) has a 'weight': only assistant turns are supervised, so only "
+                        "they take one."
+                    )
+                bad = _weight_problem(m["weight"])
+                if bad:
+                    return f"messages[{i}] 'weight' {bad}"
+        if ex.get("weight") is not None:
+            return "a 'weight' on a messages row: put it on the assistant turns (messages[i]['weight'])."
+    if fmt in ("prompt_completion", "text") and ex.get("weight") is not None:
+        bad = _weight_problem(ex["weight"])
+        if bad:
+            return f"'weight' {bad}"
     return None
+
+
+def _weight_problem(weight: object) -> str | None:
+    """What is wrong with a ``"weight"`` value (a number >= 0), or None."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        return f"must be a number >= 0 (0: not supervised), got {weight!r}."
+    return None
+
+
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _has_sampled_ids(ex: Mapping[str, Any]) -> bool:
+    """The row holds ``prompt_ids`` and ``completion_ids`` (``dft sample``'s samples), used instead of its text."""
+    return ex.get("prompt_ids") is not None and ex.get("completion_ids") is not None
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -322,11 +491,20 @@ def _ids(rendered: Any) -> list[int]:
     return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
 
 
-def _encode_messages(ex: dict, tok: Any) -> tuple[list[int], list[int]]:
-    messages = ex["messages"]
+def _weight(value: Any) -> float:
+    """A validated ``"weight"`` (None: absent) as a float."""
+    return 1.0 if value is None else float(value)
+
+
+def _encode_messages(ex: dict, tok: Any) -> tuple[list[int], list[int], list[float], bool]:
+    """``input_ids``, ``labels``, per-token weights, and whether a ``"weight": 0`` turn took a target away."""
+    given = ex["messages"]
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in given]  # the template sees no weights
     ids: list[int] = []
     labels: list[int] = []
-    for i, message in enumerate(messages):
+    weights: list[float] = []
+    zeroed = False
+    for i, (message, turn) in enumerate(zip(messages, given)):
         rendered = tok.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=False)
         rendered = _ids(rendered)
         if rendered[: len(ids)] != ids:
@@ -336,48 +514,118 @@ def _encode_messages(ex: dict, tok: Any) -> tuple[list[int], list[int]]:
             prefix = tok.apply_chat_template(messages[:i], tokenize=True, add_generation_prompt=True) if i else []
             prefix = _ids(prefix)
             header = max(len(prefix) - len(ids), 0)  # the assistant header is not supervised
-            labels += [-100] * header + new[header:]
+            w = _weight(turn.get("weight"))
+            if w > 0:
+                labels += [-100] * header + new[header:]
+                weights += [0.0] * header + [w] * len(new[header:])
+            else:
+                zeroed = zeroed or len(new) > header
+                labels += [-100] * len(new)
+                weights += [0.0] * len(new)
         else:
             labels += [-100] * len(new)
+            weights += [0.0] * len(new)
         ids = rendered
-    return ids, labels
+    return ids, labels, weights, zeroed
 
 
-_SCHEMA = "2: input_ids, labels, _targets, _truncated, _assistant, _had_targets"
+def _weigh_row(ids: list[int], labels: list[int], weight: Any) -> tuple[list[int], list[int], list[float], bool]:
+    """A row-level ``"weight"`` on every supervised position; 0 leaves none supervised."""
+    w = _weight(weight)
+    if w > 0:
+        return ids, labels, [w if label != -100 else 0.0 for label in labels], False
+    return ids, [-100] * len(labels), [0.0] * len(labels), any(label != -100 for label in labels[1:])
+
+
+_SCHEMA = (
+    "3: input_ids, labels, [loss_weights], [accepted, prompt_index], _targets, _truncated, _assistant, "
+    "_had_targets, _zeroed, _weighted, _sampled; prompt_ids + completion_ids used as they are"
+)
 """Part of the ``datasets.map`` cache key: datasets keys a module-level function by its name, not its code,
 so a cached preparation from a version with other columns would be reused. Change it with the columns."""
 
+_WORK_COLUMNS = ("_targets", "_truncated", "_assistant", "_had_targets", "_zeroed", "_weighted", "_sampled")
+"""Per-row counts for the report, removed from the prepared dataset."""
+
 
 def _encode_batch(
-    batch: dict[str, list], indices: list[int], *, fmt: str, tok: Any, max_length: int, schema: str = _SCHEMA
+    batch: dict[str, list],
+    indices: list[int],
+    *,
+    fmt: str,
+    tok: Any,
+    max_length: int,
+    weights: bool = False,
+    row_columns: bool = False,
+    schema: str = _SCHEMA,
 ) -> dict:
-    """``datasets.map`` (batched): ``input_ids``, ``labels`` and per-row counts for the report."""
+    """``datasets.map`` (batched): ``input_ids``, ``labels``, ``loss_weights`` when ``weights``, ``accepted`` and
+    ``prompt_index`` when ``row_columns``, and per-row counts for the report. Every batch gives the same columns."""
     keys = list(batch)
     rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
     for index, ex in zip(indices, rows):
-        problem = check_row(ex, fmt)
+        problem = check_row(ex, fmt) or (_row_columns_problem(ex) if row_columns else None)
         if problem:
             raise DataError(f"row {index + 1}: {problem}")
-    if fmt == "prompt_completion":  # one tokenizer call per column for the whole batch
-        prompts = tok([ex["prompt"] for ex in rows])["input_ids"]
-        completions = tok([ex["completion"] for ex in rows], add_special_tokens=False)["input_ids"]
-        pairs = [_join_prompt_completion(p, c, tok.eos_token_id) for p, c in zip(prompts, completions)]
+    sampled = [fmt == "prompt_completion" and _has_sampled_ids(ex) for ex in rows]
+    if fmt == "prompt_completion":  # one tokenizer call per column for the rows without token ids
+        text_rows = [ex for ex, s in zip(rows, sampled) if not s]
+        prompts = tok([ex["prompt"] for ex in text_rows])["input_ids"] if text_rows else []
+        completions = (
+            tok([ex["completion"] for ex in text_rows], add_special_tokens=False)["input_ids"] if text_rows else []
+        )
+        joined = iter([_join_prompt_completion(p, c, tok.eos_token_id) for p, c in zip(prompts, completions)])
+        pairs = [
+            (
+                list(ex["prompt_ids"]) + list(ex["completion_ids"]),
+                [-100] * len(ex["prompt_ids"]) + list(ex["completion_ids"]),
+            )
+            if s
+            else next(joined)
+            for ex, s in zip(rows, sampled)
+        ]
+        encoded = [_weigh_row(ids, labels, ex.get("weight")) for ex, (ids, labels) in zip(rows, pairs)]
     elif fmt == "text":
         eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
-        pairs = [(ids + eos, ids + eos) for ids in tok([ex["text"] for ex in rows])["input_ids"]]
+        texts = tok([ex["text"] for ex in rows])["input_ids"]
+        encoded = [_weigh_row(ids + eos, ids + eos, ex.get("weight")) for ex, ids in zip(rows, texts)]
     else:
-        pairs = [_encode_messages(ex, tok) for ex in rows]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "_targets": [], "_truncated": [], "_assistant": []}
-    out["_had_targets"] = []
-    for ex, (ids, labels) in zip(rows, pairs):
+        encoded = [_encode_messages(ex, tok) for ex in rows]
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    if weights:
+        out["loss_weights"] = []
+    if row_columns:
+        out["accepted"], out["prompt_index"] = [], []
+    for key in _WORK_COLUMNS:
+        out[key] = []
+    for ex, s, (ids, labels, lw, zeroed) in zip(rows, sampled, encoded):
         out["_truncated"].append(len(ids) > max_length)
-        out["_had_targets"].append(any(label != -100 for label in labels[1:]))
-        ids, labels = ids[:max_length], labels[:max_length]
+        had = any(label != -100 for label in labels[1:])
+        out["_had_targets"].append(had)
+        out["_zeroed"].append(zeroed and not had)
+        ids, labels, lw = ids[:max_length], labels[:max_length], lw[:max_length]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        if weights:
+            out["loss_weights"].append(lw)
+        out["_weighted"].append(any(w != 1.0 for w, label in zip(lw, labels) if label != -100))
+        if row_columns:
+            out["accepted"].append(int(ex["accepted"]))
+            out["prompt_index"].append(int(ex["prompt_index"]))
         out["_targets"].append(sum(1 for label in labels[1:] if label != -100))  # next-token targets
         out["_assistant"].append(fmt != "messages" or any(m["role"] == "assistant" for m in ex["messages"]))
+        out["_sampled"].append(s)
     return out
+
+
+def _row_columns_problem(ex: Mapping[str, Any]) -> str | None:
+    """``accepted`` (0/1 or a bool) and ``prompt_index`` (an integer >= 0) of a ``samples.jsonl`` row, or None."""
+    accepted = ex.get("accepted")
+    if not (isinstance(accepted, (bool, int, float)) and accepted in (0, 1)):
+        return f"'accepted' must be true/false or 0/1, got {accepted!r}."
+    if not _is_index(ex.get("prompt_index")):
+        return f"'prompt_index' must be an integer >= 0, got {ex.get('prompt_index')!r}."
+    return None
 
 
 def _join_prompt_completion(prompt: list[int], completion: list[int], eos: int | None) -> tuple[list[int], list[int]]:
@@ -406,6 +654,8 @@ def _report(table: Any, examples_in: int, max_length: int | None = None) -> Prep
         supervised_tokens=total(table.column("_targets")),
         dropped_by_truncation=int(pc.sum(pc.cast(lost, "int64")).as_py() or 0),
         max_length=max_length,
+        dropped_by_weight=int(pc.sum(pc.cast(table.column("_zeroed"), "int64")).as_py() or 0),
+        sampled_ids=int(pc.sum(pc.cast(table.column("_sampled"), "int64")).as_py() or 0),
     )
 
 
@@ -417,7 +667,12 @@ def prepare_dataset(
     Runs as a batched ``datasets.map`` (Arrow in and out: memory does not grow with the rows; for data
     loaded from files the result is cached on disk next to it and reused by the next run).
     ``num_proc``: worker processes (default: up to 8 for 50k rows or more, else 1).
-    Output columns: ``input_ids`` and ``labels`` (``-100`` where not supervised).
+    Output columns: ``input_ids`` and ``labels`` (``-100`` where not supervised); ``loss_weights`` (a float per
+    token: the ``"weight"`` of the turn or row on supervised positions, 0.0 elsewhere) when the data has a
+    ``"weight"`` field and a kept supervised token's weight is not 1; ``accepted`` (0/1) and ``prompt_index``
+    when the data has both columns (``dft sample``'s ``samples.jsonl``). Rows with ``prompt_ids`` and
+    ``completion_ids`` are used as they are: the completion ids supervised, no EOS appended
+    ([`PrepReport.sampled_ids`][dft.data.PrepReport.sampled_ids] counts them).
     """
     if max_length < 2:
         raise DataError(f"max_length must be >= 2, got {max_length}.")
@@ -426,6 +681,8 @@ def prepare_dataset(
         raise DataError("the data has 'messages' but the tokenizer has no chat template.")
     import pyarrow.compute as pc
 
+    weights = _has_weight_field(ds, fmt)
+    row_columns = "accepted" in ds.column_names and "prompt_index" in ds.column_names
     if num_proc is None:
         num_proc = min(8, os.cpu_count() or 1) if len(ds) >= 50_000 else 1
     with _quiet_datasets():
@@ -434,13 +691,25 @@ def prepare_dataset(
             batched=True,
             with_indices=True,
             remove_columns=list(ds.column_names),
-            fn_kwargs={"fmt": fmt, "tok": tokenizer, "max_length": max_length, "schema": _SCHEMA},
+            fn_kwargs={
+                "fmt": fmt,
+                "tok": tokenizer,
+                "max_length": max_length,
+                "weights": weights,
+                "row_columns": row_columns,
+                "schema": _SCHEMA,
+            },
             num_proc=num_proc if num_proc > 1 else None,
             desc="dft: tokenizing",
         )
         kept = encoded.filter(lambda t: [x > 0 for x in t], batched=True, input_columns=["_targets"])
     report = _report(encoded.data, len(ds), max_length)
     if report.kept == 0:
+        if report.dropped_by_weight == report.examples_in:
+            raise DataError(
+                f"every example ({report.examples_in}) has weight 0 on every target: a 'weight' of 0 leaves "
+                "its tokens unsupervised."
+            )
         no_assistant = len(ds) - int(pc.sum(encoded.data.column("_assistant")).as_py() or 0)
         if no_assistant:
             raise DataError(
@@ -451,4 +720,21 @@ def prepare_dataset(
             f"no example has a supervised token left after truncation to max_length={max_length} "
             f"({report.examples_in} examples in): raise --max_length or shorten the prompts."
         )
-    return kept.remove_columns(["_targets", "_truncated", "_assistant", "_had_targets"]), report
+    drop = list(_WORK_COLUMNS)
+    table = encoded.data
+    if weights and not pc.any(pc.and_(pc.greater(table.column("_targets"), 0), table.column("_weighted"))).as_py():
+        drop.append("loss_weights")  # every supervised token weighs 1: the loss is the unweighted one
+    kept = kept.remove_columns(drop)
+    order = ["input_ids", "labels", *TOKEN_COLUMNS, "accepted", "prompt_index"]
+    return kept.select_columns([c for c in order if c in kept.column_names]), report
+
+
+def _has_weight_field(ds: Dataset, fmt: str) -> bool:
+    """The data has a ``"weight"`` field: a column (prompt/completion, text), or a field of the messages (chat)."""
+    if fmt != "messages":
+        return "weight" in ds.column_names
+    import pyarrow as pa
+
+    kind = ds.data.schema.field("messages").type
+    item = getattr(kind, "value_type", None)
+    return item is not None and pa.types.is_struct(item) and item.get_field_index("weight") >= 0

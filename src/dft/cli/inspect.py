@@ -56,6 +56,9 @@ def run_inspect(argv: list[str]) -> int:
     raw = load_local_dataset(args.data or _asset("arithmetic_train.jsonl"))
     raw = raw.select(range(min(args.max_examples, len(raw))))
     prepared = _prepare(raw, tokenizer, args.max_length, "inspect")
+    # the base's p on the supervised tokens, unweighted: a "weight" of 0 already left its tokens unsupervised
+    # (labels -100), weights > 0 say how much a token trains, not how likely the base finds it
+    prepared = prepared.select_columns(["input_ids", "labels"])
     loader = torch.utils.data.DataLoader(prepared, batch_size=args.batch_size, collate_fn=collator(tokenizer))
     special = ce_token_ids("special", tokenizer)  # the ids --dft_ce_tokens special would keep on CE
     report = inspect_prior(model, loader, special_ids=special).as_dict()
