@@ -133,3 +133,79 @@ def test_token_weights_refused(gen):
         dft.linear_dft_loss(hidden, weight, labels, token_weights=torch.ones(labels.shape, dtype=torch.long))
     with pytest.raises(ValueError, match=r"token_weights must have the labels' shape \(3, 9\)"):
         dft.dft_loss(hidden @ weight.T, labels, token_weights=torch.ones(3, dtype=torch.float64))
+
+
+def _policy_and_old():
+    from tests.helpers.tiny_models import tiny_model
+
+    old = tiny_model("llama", seed=0).double().eval()
+    policy = tiny_model("llama", seed=0).double()
+    with torch.no_grad():  # the policy has moved away from pi_old
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, old
+
+
+def _model_logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_lm_loss_nft_equals_official(fused):
+    """causal_lm_loss(nft=...) == the official formula on the shifted targets, pi_old = ref_model at the same
+    temperature (values and gradients, float64); row-level accepted / nft_rhat ([B]) repeat along the row."""
+    from tests.helpers.tiny_models import token_batch
+
+    policy, old = _policy_and_old()
+    batch = token_batch(batch=3, seq=10)
+    batch["accepted"] = torch.tensor([1, 0, 0])
+    batch["nft_rhat"] = torch.tensor([0.5, 0.5, 0.25], dtype=torch.float64)
+    t = dft.LogitTransform(temperature=0.7)
+    out = dft.causal_lm_loss(policy, batch, nft=dft.NFTWeight(), ref_model=old, transform=t, fused=fused)
+    targets = dft.shift_causal_labels(batch["labels"])
+    with torch.no_grad():
+        old_logits = _model_logits(old, batch) / 0.7
+        old_logp = F.log_softmax(old_logits, -1).gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1)
+    acc = batch["accepted"][:, None].expand_as(targets)
+    rhat = batch["nft_rhat"][:, None].expand_as(targets)
+    want = ref_nft_loss(_model_logits(policy, batch) / 0.7, targets, old_logp, rhat, acc)
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for a, b in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+    assert out.fused is fused and out.nft is not None
+    assert float(out.nft.negative_tokens) == (targets[1:] != -100).sum().item()
+
+
+def test_causal_lm_loss_nft_needs_its_batch_keys_and_a_reference():
+    from tests.helpers.tiny_models import token_batch
+
+    policy, old = _policy_and_old()
+    batch = token_batch(batch=2)
+    with pytest.raises(ValueError, match=r"nft needs the batch keys \['accepted', 'nft_rhat'\]"):
+        dft.causal_lm_loss(policy, batch, nft=dft.NFTWeight(), ref_model=old)
+    batch |= {"accepted": torch.tensor([1, 0]), "nft_rhat": torch.tensor([0.5, 0.5])}
+    with pytest.raises(ValueError, match="or nft needs a reference model"):
+        dft.causal_lm_loss(policy, batch, nft=dft.NFTWeight())
+    with pytest.raises(ValueError, match="pick one"):
+        dft.causal_lm_loss(policy, batch, nft=dft.NFTWeight(), ref_model=old, kl_coef=0.1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_causal_lm_loss_reads_loss_weights(fused):
+    """batch["loss_weights"] (aligned with labels) weights each token; 0 supervises and counts nothing."""
+    from tests.helpers.tiny_models import token_batch
+
+    policy, _ = _policy_and_old()
+    batch = token_batch(batch=2, seq=10)
+    lw = torch.ones(batch["labels"].shape, dtype=torch.float64)
+    lw[0, 5:8] = 0.0
+    lw[1, 4:] = 2.5
+    out = dft.causal_lm_loss(policy, {**batch, "loss_weights": lw}, fused=fused)
+    targets = dft.shift_causal_labels(batch["labels"])
+    tw = torch.cat([lw[:, 1:], torch.zeros(2, 1, dtype=torch.float64)], 1)
+    kept = targets.masked_fill(tw == 0, -100)
+    per_token = ref_dft_loss(_model_logits(policy, batch), kept, reduction="none")
+    want = (per_token * tw).sum() / (kept != -100).sum()
+    torch.testing.assert_close(out.loss, want, rtol=1e-10, atol=1e-12)
+    assert out.stats.num_tokens.item() == (kept != -100).sum().item()
