@@ -19,7 +19,7 @@ LAYERS = {
         "weights", "transform", "options", "reduction", "stats", "precision", "labels", "losses", "fused",
         "epilogue", "vocab_parallel", "advice", "nft",
     ],
-    "integrations": ["models", "engines", "causal", "distributed", "arguments", "trainer", "trl_compat"],
+    "integrations": ["batches", "models", "engines", "causal", "distributed", "arguments", "trainer", "trl_compat"],
     "tools": ["data", "prior", "sampling", "verifiers", "toy"],
     "cli": ["cli"],  # the package: cli (its __init__: main, dispatch), cli.train, cli.eval, cli._parsing, ...
 }  # fmt: skip

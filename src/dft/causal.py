@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .batches import LOSS_COLUMNS
 from .engines import EngineAdapter, detect_engine, forward_takes, run_model, tie_to_outputs, unwrap_model, wrapper_chain
 from .fused import Reference, fused_head_loss
 from .labels import causal_targets, sequence_ids
@@ -33,10 +34,15 @@ from .weights import DFTWeight
 __all__ = ["CausalLMLossOutput", "causal_lm_loss"]
 
 # Inputs that are loss arguments, not model arguments.
-TOKEN_KEYS = ("loss_weights", "accepted", "nft_rhat")
-"""Per-token batch keys the loss reads (aligned with ``labels``, or with ``shift_labels`` when the batch has them):
-data weights, and NFT's verdicts and acceptance rates (a ``[B]`` row value is repeated along the row)."""
-_LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch", "return_dict", "logits_to_keep", "use_cache", *TOKEN_KEYS)
+_LOSS_KEYS = (
+    "labels",
+    "shift_labels",
+    "num_items_in_batch",
+    "return_dict",
+    "logits_to_keep",
+    "use_cache",
+    *LOSS_COLUMNS,
+)
 
 
 @dataclass
@@ -162,7 +168,7 @@ def causal_lm_loss(
 
 
 def token_values(inputs: Mapping[str, Any], key: str, targets: Tensor) -> Tensor | None:
-    """The batch's per-token ``key`` (one of [`TOKEN_KEYS`][dft.causal.TOKEN_KEYS]) aligned with ``targets``:
+    """The batch's per-token ``key`` (one of [`LOSS_COLUMNS`][dft.batches.LOSS_COLUMNS]) aligned with ``targets``:
     shifted like the labels (``[B, T]``), taken as it is next to ``shift_labels``, a ``[B]`` value repeated."""
     value = inputs.get(key)
     if value is None:

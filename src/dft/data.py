@@ -30,6 +30,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from .batches import ROW_COLUMNS, TOKEN_COLUMNS, LossColumnsCollator
+
 __all__ = [
     "ROW_COLUMNS",
     "TOKEN_COLUMNS",
@@ -44,18 +46,6 @@ __all__ = [
 ]
 
 _LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-TOKEN_COLUMNS = ("loss_weights",)
-"""Per-token float columns the [`collator`][dft.data.collator] carries into the batch as float32 ``[B, T]`` tensors
-aligned with ``labels`` (``loss_weights``: each supervised token's loss weight, from the data's ``"weight"``)."""
-
-ROW_COLUMNS = ("accepted", "nft_rhat")
-"""Per-row scalar columns the [`collator`][dft.data.collator] broadcasts over the row's positions: float32
-``[B, T]`` tensors aligned with ``labels`` (``accepted``: 0/1, from ``samples.jsonl``; ``nft_rhat``: the share of
-the row's prompt's samples that were accepted, added to the prepared dataset before training)."""
-
-DROPPED_COLUMNS = ("prompt_index",)
-"""Prepared columns the [`collator`][dft.data.collator] leaves out of the batch."""
 
 
 class DataError(ValueError):
@@ -195,74 +185,8 @@ def collator(tokenizer: Any, packing: bool = False) -> Any:
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if packing:
-        return _Collator(DataCollatorWithFlattening(return_position_ids=True), packing=True)
-    return _Collator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True), packing=False)
-
-
-def _as_list(values: Any) -> list:
-    return values.tolist() if hasattr(values, "tolist") else list(values)
-
-
-class _Collator:
-    """transformers' collator on ``input_ids`` / ``labels`` (and any other column), then the float columns.
-
-    The float columns are popped before the inner collator sees the rows (neither ``DataCollatorForSeq2Seq``,
-    whose ``tokenizer.pad`` would try to pad or tensorise them, nor ``DataCollatorWithFlattening``, which drops
-    unknown keys, is relied on) and built here from the rows' lengths."""
-
-    def __init__(self, inner: Any, *, packing: bool) -> None:
-        self.inner = inner
-        self.packing = packing
-
-    def __getattr__(self, name: str) -> Any:  # the inner collator's attributes (Trainer reads ``tokenizer``)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def __call__(self, features: list[Mapping[str, Any]], return_tensors: str | None = None) -> Any:
-        import torch
-
-        first = features[0] if features else {}
-        tokens = [k for k in TOKEN_COLUMNS if k in first]
-        row = [k for k in ROW_COLUMNS if k in first]
-        drop = {*tokens, *row, *(k for k in DROPPED_COLUMNS if k in first)}
-        if not drop:
-            return self.inner(features) if return_tensors is None else self.inner(features, return_tensors)
-        if self.packing:  # DataCollatorWithFlattening leaves out empty examples
-            features = [f for f in features if len(f["input_ids"]) > 0]
-        columns: dict[str, list[list[float]]] = {}
-        for key in tokens:
-            columns[key] = [[float(v) for v in _as_list(f[key])] for f in features]
-        for key in row:
-            columns[key] = [[_row_value(f[key], key)] * len(f["input_ids"]) for f in features]
-        for key in tokens:
-            for f, values in zip(features, columns[key]):
-                if len(values) != len(f["input_ids"]):
-                    raise ValueError(f"'{key}' has {len(values)} values for {len(f['input_ids'])} input_ids.")
-        stripped = [{k: v for k, v in f.items() if k not in drop} for f in features]
-        batch = self.inner(stripped) if return_tensors is None else self.inner(stripped, return_tensors)
-        width = batch["input_ids"].shape[-1]
-        left = getattr(getattr(self.inner, "tokenizer", None), "padding_side", "right") == "left"  # as the labels
-        for key, rows in columns.items():
-            if self.packing:
-                flat = [v for values in rows for v in ([0.0, *values[1:]] if key in tokens else values)]
-                out = torch.tensor([flat], dtype=torch.float32)
-            else:
-                out = torch.zeros(len(rows), width, dtype=torch.float32)
-                for i, values in enumerate(rows):
-                    if values:
-                        span = slice(width - len(values), width) if left else slice(0, len(values))
-                        out[i, span] = torch.tensor(values, dtype=torch.float32)
-            batch[key] = out.numpy() if (return_tensors or "pt") == "np" else out
-        return batch
-
-
-def _row_value(value: Any, key: str) -> float:
-    if isinstance(value, (bool, int, float)) and math.isfinite(value):
-        return float(value)
-    if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
-        return _row_value(value.item(), key)
-    raise ValueError(f"'{key}' must be a finite number per row, got {value!r}.")
+        return LossColumnsCollator(DataCollatorWithFlattening(return_position_ids=True), packing=True)
+    return LossColumnsCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True), packing=False)
 
 
 def _first_line(e: object) -> str:
