@@ -17,6 +17,7 @@ __all__ = [
     "ROW_COLUMNS",
     "TOKEN_COLUMNS",
     "LossColumnsCollator",
+    "nft_dataset",
     "with_loss_columns",
 ]
 
@@ -112,3 +113,63 @@ def _row_value(value: Any, key: str) -> float:
     if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
         return _row_value(value.item(), key)
     raise ValueError(f"'{key}' must be a finite number per row, got {value!r}.")
+
+
+def nft_dataset(dataset: Any, keep_uniform_prompts: bool = False) -> tuple[Any, dict[str, int]]:
+    """Rows for NFT: each row's prompt's acceptance rate as ``nft_rhat``, from the rows themselves.
+
+    Args:
+        dataset: a ``datasets.Dataset`` whose rows carry ``accepted`` (0/1) and ``prompt_index`` (``dft sample``'s
+            ``samples.jsonl`` columns), pre-tokenised (``input_ids``, ``labels``) or with ``dft sample``'s
+            ``prompt_ids`` and ``completion_ids`` (then ``input_ids`` / ``labels`` are built from them: the prompt
+            unsupervised, the completion as sampled).
+        keep_uniform_prompts: keep the prompts whose samples all got one verdict (their rate is clamped by the loss);
+            by default they are dropped, as the official runs' ``filter_groups`` does.
+
+    Returns:
+        ``(dataset, counts)`` with ``counts``: ``prompts``, ``uniform_prompts``, ``rows_dropped``, ``rows``.
+
+    Raises:
+        ValueError: a column is missing, a verdict is not 0/1, or (dropping) every prompt has one verdict.
+    """
+    columns = list(getattr(dataset, "column_names", None) or [])
+    missing = [c for c in ("accepted", "prompt_index") if c not in columns]
+    if missing:
+        raise ValueError(
+            f"loss_type='nft' needs the columns {missing} in the training rows (dft sample's samples.jsonl has "
+            f"them: every sample with its verdict); got columns {columns}."
+        )
+    verdicts, prompts = dataset["accepted"], dataset["prompt_index"]
+    bad = next((i for i, a in enumerate(verdicts) if a not in (0, 1)), None)  # True/False compare equal to 1/0
+    if bad is not None:
+        raise ValueError(f"row {bad + 1}: 'accepted' must be 0 or 1, got {verdicts[bad]!r}.")
+    totals: dict[Any, list[int]] = {}
+    for q, a in zip(prompts, verdicts):
+        n = totals.setdefault(q, [0, 0])
+        n[0] += 1
+        n[1] += int(a)
+    rate = {q: accepted / n for q, (n, accepted) in totals.items()}
+    uniform = {q for q, r in rate.items() if r in (0.0, 1.0)}
+    rows_in = len(prompts)
+    if not keep_uniform_prompts and uniform:
+        if len(uniform) == len(rate):
+            raise ValueError(
+                f"every prompt's samples ({len(rate)} prompts) got one verdict: NFT learns from the contrast between "
+                "a prompt's accepted and rejected samples. Sample more per prompt (dft sample --num_samples), or keep "
+                "them (nft_keep_uniform_prompts=True / --nft_keep_uniform_prompts: their rate is clamped)."
+            )
+        dataset = dataset.filter(lambda q: q not in uniform, input_columns="prompt_index")
+    dataset = dataset.add_column("nft_rhat", [rate[q] for q in dataset["prompt_index"]])
+    if "input_ids" not in columns and {"prompt_ids", "completion_ids"} <= set(columns):
+        dataset = dataset.map(_sampled_tokens, input_columns=["prompt_ids", "completion_ids"])
+    counts = {
+        "prompts": len(rate),
+        "uniform_prompts": len(uniform),
+        "rows_dropped": rows_in - len(dataset),
+        "rows": len(dataset),
+    }
+    return dataset, counts
+
+
+def _sampled_tokens(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, list[int]]:
+    return {"input_ids": [*prompt_ids, *completion_ids], "labels": [-100] * len(prompt_ids) + list(completion_ids)}

@@ -15,7 +15,9 @@ back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +38,16 @@ from .arguments import (  # noqa: F401  (LOSS_TYPES, PRESET_IGNORES, ...: the tr
     ce_token_ids,
     check_numeric_fields,
 )
+from .batches import LOSS_COLUMNS, nft_dataset, with_loss_columns
 from .causal import causal_lm_loss
 from .engines import unwrap_model
 from .labels import causal_targets, count_targets
+from .nft import NFTTally, NFTWeight
 from .stats import TokenStats
 from .transform import LogitTransform
 from .weights import DFTWeight, beta_schedule
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DFTArguments", "DFTConfig", "DFTTrainer", "DFTTrainerMixin", "beta_schedule"]
 
@@ -287,7 +293,12 @@ class DFTTrainerMixin(_TrainerTouchPoints):
                 "visible: CUDA_VISIBLE_DEVICES=0)."
             )
         self._dft_want_logits = False  # set by prediction_step when compute_metrics / predict() need logits
+        self._dft_nft_counts = self._prepare_nft_data() if self._is_nft() else None
+        if self._is_nft() and ref_model is None and not hasattr(self.model, "disable_adapter"):
+            ref_model = copy.deepcopy(unwrap_model(self.model))  # pi_old: the model as training starts
+        self.data_collator = with_loss_columns(self.data_collator)
         self.ref_model = self._prepare_reference(ref_model)
+        self._dft_nft: dict[str, Tensor | None] = {"train": None, "eval": None}  # NFTTally sums
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
         self._dft_aux: dict[str, Tensor | None] = {"train": None, "eval": None}  # [sum, count] of router aux losses
         self._dft_beta_used: float | None = None
@@ -362,6 +373,45 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         )
         return name, reason
 
+    def _is_nft(self) -> bool:
+        return self._dft_option("loss_type", "dft") == "nft"
+
+    def _prepare_nft_data(self) -> dict[str, int]:
+        """NFT's rows: each prompt's acceptance rate from the training rows (``nft_rhat``), uniform prompts dropped
+        unless kept ([`dft.batches.nft_dataset`][dft.batches.nft_dataset]); the evaluation rows alike."""
+        keep = bool(self._dft_option("nft_keep_uniform_prompts", False))
+        self.train_dataset, counts = nft_dataset(self.train_dataset, keep)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {k: nft_dataset(v, keep)[0] for k, v in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = nft_dataset(self.eval_dataset, keep)[0]
+        logger.info(
+            "dft: NFT on %d rows of %d prompts; %d prompts whose samples share one verdict %s (%d rows).",
+            counts["rows"], counts["prompts"], counts["uniform_prompts"], "kept" if keep else "dropped",
+            counts["rows_dropped"],
+        )  # fmt: skip
+        return counts
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer keeps the columns ``model.forward`` takes; the loss's own columns
+        ([`dft.batches.LOSS_COLUMNS`][dft.batches.LOSS_COLUMNS]) are kept too."""
+        super()._set_signature_columns_if_needed()
+        columns = self._signature_columns
+        if columns is not None:
+            self._signature_columns = [*columns, *(c for c in LOSS_COLUMNS if c not in columns), "prompt_index"]
+
+    def nft_weight(self) -> NFTWeight | None:
+        """The run's [`dft.NFTWeight`][dft.NFTWeight] (``loss_type="nft"``), else None."""
+        return self._dft_args().nft_weight() if self._is_nft() else None
+
+    def _loss_transform(self) -> LogitTransform | None:
+        """The caller's transform; under NFT divided by the sampling temperature (both policies' logits)."""
+        transform = getattr(self, "_dft_transform", None)
+        temperature = self._dft_option("nft_temperature", None) if self._is_nft() else None
+        if not temperature or temperature == 1.0:
+            return transform
+        return (transform or LogitTransform()).then(LogitTransform(temperature=float(temperature)))
+
     def _resolve_ce_tokens(self) -> tuple[int, ...] | None:
         spec = self._dft_option("dft_ce_tokens", None)
         if spec and "special" in str(spec) and self.processing_class is None:
@@ -432,14 +482,18 @@ class DFTTrainerMixin(_TrainerTouchPoints):
             model,
             inputs,
             weighting,
-            transform=getattr(self, "_dft_transform", None),
+            transform=self._loss_transform(),
             num_items_in_batch=num_items_in_batch,
             chunk_size=self._dft_option("loss_chunk_size", None),
             fused=self._dft_option("fused_lm_head", True) and not want_logits,
             ref_model=self.ref_model,
             kl_coef=self.dft_kl_coef(),
+            nft=self.nft_weight(),
         )
         mode = "train" if model.training else "eval"
+        if out.nft is not None:
+            packed = out.nft.pack().to(out.loss.device)
+            self._dft_nft[mode] = packed if self._dft_nft.get(mode) is None else self._dft_nft[mode] + packed
         if mode == "train" and self._dft_option("loss_type", "dft") in ("dft", "asft"):
             self._dft_beta_used = weighting.beta
         self._dft_stats[mode] = TokenStats.accumulate(self._dft_stats.get(mode), out.stats)
@@ -474,6 +528,10 @@ class DFTTrainerMixin(_TrainerTouchPoints):
                 packed = self.accelerator.reduce(stats.pack(), reduction="sum")
                 logs.update(TokenStats.unpack(packed).as_dict(prefix, kl=self.dft_kl_coef() > 0))
                 self._dft_stats[mode] = None
+            nft = getattr(self, "_dft_nft", {}).get(mode)
+            if key in logs and nft is not None:  # NFT's parts, ratio and clamp fractions over the logged steps
+                logs.update(NFTTally.unpack(self.accelerator.reduce(nft, reduction="sum")).as_dict(f"{prefix}nft/"))
+                self._dft_nft[mode] = None
             aux = self._dft_aux.get(mode)
             if key in logs and aux is not None:  # MoE router load-balancing loss, mean over micro-batches
                 total, count = self.accelerator.reduce(aux, reduction="sum").tolist()

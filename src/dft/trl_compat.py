@@ -37,6 +37,11 @@ class DFTSFTConfig(DFTArguments, SFTConfig):
 
     def __post_init__(self) -> None:
         self.validate_dft_arguments()
+        if self.loss_type == "nft":
+            raise ValueError(
+                "loss_type='nft' runs in dft.DFTTrainer with dft.DFTConfig (pre-tokenised rows with accepted / "
+                "prompt_index, or dft sample's rows): TRL's SFTTrainer prepares the data and drops those columns."
+            )
         if self.bf16 is None and not self.fp16:  # TRL turns bf16 on, which fails where there is none (CPU)
             self.bf16 = _bf16_available()
         super().__post_init__()
