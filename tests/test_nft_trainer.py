@@ -76,7 +76,7 @@ def test_two_sgd_steps_equal_the_official_formula(tmp_path, temperature):
     moved = max((a - b).abs().max().item() for a, b in zip(start.parameters(), want.parameters()))
     assert moved > 1e-3  # the steps did something
     for (name, a), b in zip(model.named_parameters(), want.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged[0]["nft/ratio"] == pytest.approx(1.0) and logged[1]["nft/ratio"] != pytest.approx(1.0)
     assert 0 < logged[0]["nft/rejected_tokens"] < 1
