@@ -183,6 +183,171 @@ def test_max_new_tokens_cut_is_never_accepted(base):
     assert sampling.summarize(rows)["verified_but_unfinished"] == 6
 
 
+# prompts whose worked solutions are 18 to 27 characters: at max_new_tokens 22 some finish, some are cut
+ID_PROMPTS = ["Q: 1+2+3=?\n", "Q: 12+34+56=?\n", "Q: 4+5+6=?\n", "Q: 47+8+91=?\n", "Q: 7+1+2=?\n"]
+
+
+def _generate_by_hand(model, tok, prompts, *, num_samples, temperature, max_new_tokens, seed):
+    """``model.generate`` on the left-padded batch of ``prompts`` (one batch: seeded as batch 0 of ``seed``):
+    the padded sequences and the prompt width."""
+    import torch
+    from transformers import GenerationConfig
+
+    encoded = [tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(e)) + e for e in encoded])
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    sampled = {"temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature else {}
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, num_return_sequences=num_samples if temperature else 1,
+        pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], do_sample=bool(temperature), **sampled,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(sampling._batch_seed(seed, 0))
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config).tolist()
+    if not temperature:
+        out = [row for row in out for _ in range(num_samples)]
+    return out, width
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_token_ids_are_the_generated_sequence(base, temperature):
+    """``prompt_ids + completion_ids`` is what ``model.generate`` produced, pads aside: a finished sample ends on
+    its stop id (the first one), a cut one holds max_new_tokens ids and no EOS; both decode to the row's text."""
+    model, tok = base
+    eos, pad, n = tok.eos_token_id, tok.pad_token_id, 22
+    rows = sampling.generate(
+        model, tok, ID_PROMPTS, num_samples=3, temperature=temperature, max_new_tokens=n, batch_size=8, seed=7
+    )
+    out, width = _generate_by_hand(
+        model, tok, ID_PROMPTS, num_samples=3, temperature=temperature, max_new_tokens=n, seed=7
+    )
+    assert len(rows) == len(out) == 15
+    for row, seq in zip(rows, out):
+        prompt_ids, completion_ids = row["prompt_ids"], row["completion_ids"]
+        assert prompt_ids == tok(row["prompt"])["input_ids"] and tok.decode(prompt_ids) == "<bos>" + row["prompt"]
+        assert seq[: width - len(prompt_ids)] == [pad] * (width - len(prompt_ids))  # the left padding only
+        generated = seq[width:]
+        assert seq[width - len(prompt_ids) : width + len(completion_ids)] == prompt_ids + completion_ids
+        assert generated[len(completion_ids) :] == [pad] * (len(generated) - len(completion_ids))
+        assert row["num_tokens"] == len(completion_ids) and all(type(t) is int for t in prompt_ids + completion_ids)
+        assert tok.decode(completion_ids, skip_special_tokens=True) == row["completion"]
+        if row["finished"]:
+            assert completion_ids[-1] == eos and eos not in completion_ids[:-1] and len(completion_ids) <= n
+            assert tok.decode(completion_ids) == row["completion"] + "\n"  # this tokenizer's EOS is "\n"
+        else:
+            assert len(completion_ids) == n and eos not in completion_ids
+            assert tok.decode(completion_ids) == row["completion"]
+    assert {r["finished"] for r in rows} == {True, False}  # both kinds checked
+    if not temperature:  # greedy: the K copies carry the same ids
+        assert all(rows[i]["completion_ids"] == rows[i + 1]["completion_ids"] for i in range(0, 15, 3))
+
+
+def test_tokenizer_fingerprint_is_stable_and_tells_vocabularies_apart():
+    from transformers import AutoTokenizer
+
+    from dft.toy import toy_tokenizer
+
+    a, b = AutoTokenizer.from_pretrained(BASE), AutoTokenizer.from_pretrained(BASE)
+    fp = sampling.tokenizer_fingerprint(a)
+    assert re.fullmatch(r"[0-9a-f]{16}", fp) and sampling.tokenizer_fingerprint(b) == fp
+    b.chat_template = CHAT_TEMPLATE  # a template changes prompts, not what an id means: the same fingerprint
+    assert sampling.tokenizer_fingerprint(b) == fp
+    b.add_tokens(["<extra>"])
+    assert sampling.tokenizer_fingerprint(b) != fp
+    c = AutoTokenizer.from_pretrained(BASE)
+    c.pad_token = c.eos_token  # the same vocabulary, another pad id
+    assert sampling.tokenizer_fingerprint(c) != fp
+    assert sampling.tokenizer_fingerprint(toy_tokenizer()) not in {fp, sampling.tokenizer_fingerprint(b)}
+
+
+def test_generation_record(base):
+    model, tok = base
+    record = sampling.generation_record(model, tok, num_samples=3, temperature=0.7, top_p=0.9, top_k=5,
+                                        max_new_tokens=17)  # fmt: skip
+    assert record == {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "max_new_tokens": 17, "num_samples": 3,
+                      "stop_ids": [22], "tokenizer": sampling.tokenizer_fingerprint(tok)}  # fmt: skip
+
+
+def _row(i, j, prompt, completion, *, accepted, finished=True):
+    return {"prompt_index": i, "sample_index": j, "prompt": prompt, "completion": completion, "reference": None,
+            "finished": finished, "reward": float(accepted), "accepted": accepted}  # fmt: skip
+
+
+CHAT = [{"role": "user", "content": "1+2"}]
+PAIR_ROWS = [
+    # prompt 0 (text): 2 accepted, 3 finished rejected (one cut, left out): 2 pairs, in sample_index order
+    _row(0, 4, "Q: a\n", "r4", accepted=False),
+    _row(0, 0, "Q: a\n", "r0", accepted=False),
+    _row(0, 1, "Q: a\n", "c1", accepted=True),
+    _row(0, 2, "Q: a\n", "cut", accepted=False, finished=False),
+    _row(0, 3, "Q: a\n", "c3", accepted=True),
+    _row(0, 5, "Q: a\n", "r5", accepted=False),
+    # prompt 1: accepted only
+    _row(1, 0, "Q: b\n", "c", accepted=True),
+    _row(1, 1, "Q: b\n", "c", accepted=True),
+    # prompt 2: rejected only (one cut: not counted, nothing to pair it with anyway)
+    _row(2, 0, "Q: c\n", "r", accepted=False),
+    _row(2, 1, "Q: c\n", "cut", accepted=False, finished=False),
+    # prompt 3: accepted, and a cut rejected only: no pair, one left out
+    _row(3, 0, "Q: d\n", "c", accepted=True),
+    _row(3, 1, "Q: d\n", "cut", accepted=False, finished=False),
+    # prompt 4 (chat): 3 accepted, 1 finished rejected: 1 pair of assistant turns
+    _row(4, 0, CHAT, "1+2=4", accepted=False),
+    _row(4, 1, CHAT, "1+2=3", accepted=True),
+    _row(4, 2, CHAT, "3", accepted=True),
+    _row(4, 3, CHAT, "three", accepted=True),
+]
+
+
+def test_pairs_zip_accepted_with_finished_rejected():
+    made, counts = sampling.pairs(PAIR_ROWS)
+    assert made == [
+        {"prompt": "Q: a\n", "chosen": "c1", "rejected": "r0"},
+        {"prompt": "Q: a\n", "chosen": "c3", "rejected": "r4"},
+        {
+            "prompt": CHAT,
+            "chosen": [{"role": "assistant", "content": "1+2=3"}],
+            "rejected": [{"role": "assistant", "content": "1+2=4"}],
+        },
+    ]
+    assert counts == {"pairs": 3, "prompts_with_pairs": 2, "unfinished_rejected_left_out": 2}
+    assert sampling.pairs([]) == ([], {"pairs": 0, "prompts_with_pairs": 0, "unfinished_rejected_left_out": 0})
+    # rows without prompt_index / sample_index (another generator's): grouped by prompt, in file order
+    bare = [{k: v for k, v in r.items() if k not in ("prompt_index", "sample_index")} for r in PAIR_ROWS[6:]]
+    assert sampling.pairs(bare)[0] == [made[2]]
+
+
+def test_write_writes_pairs_and_the_generation_record(tmp_path, base):
+    model, tok = base
+    record = sampling.generation_record(model, tok, num_samples=6, temperature=1.0, max_new_tokens=9)
+    summary = sampling.write(PAIR_ROWS, tmp_path / "s", extra={"generation": record})
+    written = sorted(p.name for p in (tmp_path / "s").iterdir())  # and no temporary file left behind
+    assert written == ["accepted.jsonl", "pairs.jsonl", "samples.jsonl", "summary.json"]
+    assert _read_jsonl(tmp_path / "s" / "pairs.jsonl") == sampling.pairs(PAIR_ROWS)[0]
+    on_disk = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert on_disk == summary and summary["generation"] == record
+    assert summary["pairs"] == {"pairs": 3, "prompts_with_pairs": 2, "unfinished_rejected_left_out": 2}
+    assert summary["accepted"] == 8 and summary["samples"] == len(PAIR_ROWS)  # the other keys stay
+
+
+def test_pairs_are_trl_preference_rows():
+    """TRL's data utilities take a pairs row as a preference example: a text row as it is, a chat row rendered
+    into prompt / chosen / rejected text by the chat template."""
+    pytest.importorskip("trl")
+    from transformers import AutoTokenizer
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    tok = AutoTokenizer.from_pretrained(BASE)
+    tok.chat_template = CHAT_TEMPLATE
+    text, _, chat = sampling.pairs(PAIR_ROWS)[0]
+    assert not is_conversational(text) and is_conversational(chat)
+    assert maybe_apply_chat_template(text, tok) == text
+    assert maybe_apply_chat_template(chat, tok) == {
+        "prompt": "<bos>Q: 1+2\n", "chosen": "1+2=3\n", "rejected": "1+2=4\n"
+    }  # fmt: skip
+
+
 def test_score_verifies_rows_from_another_generator():
     rows = [  # what a vLLM loop writes: prompt, completion, reference
         {"prompt": "Q: 1+2=?\n", "completion": "1+2=3. A: 3", "reference": "1+2=3. A: 3\n"},
@@ -271,6 +436,18 @@ def test_cli_writes_samples_accepted_and_summary(sampled, base):
     model, tok = base  # the command's rows are the API's rows with the same seed
     api = sampling.sample(model, tok, _sums(16, seed=1), num_samples=4, max_new_tokens=40, seed=5)
     assert [r["completion"] for r in api] == [r["completion"] for r in rows]
+    assert [(r["prompt_ids"], r["completion_ids"]) for r in api] == [
+        (r["prompt_ids"], r["completion_ids"]) for r in rows
+    ]
+    # pairs.jsonl: dft.sampling.pairs of the rows; its counts and the generation record in summary.json
+    made, counts = sampling.pairs(rows)
+    assert _read_jsonl(out / "pairs.jsonl") == made and summary["pairs"] == counts and counts["pairs"] > 0
+    assert summary["generation"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 40,
+                                     "num_samples": 4, "stop_ids": [22],
+                                     "tokenizer": sampling.tokenizer_fingerprint(tok)}  # fmt: skip
+    last = stdout.strip().splitlines()[-1]
+    assert last == (f"wrote {out}/samples.jsonl, accepted.jsonl ({len(acc)} rows for dft train --data), "
+                    f"pairs.jsonl ({counts['pairs']} pairs for DPO), summary.json")  # fmt: skip
 
 
 def test_top_k_one_samples_the_greedy_completion(tmp_path, base, capsys):
@@ -299,6 +476,37 @@ def test_accepted_jsonl_trains(sampled):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert any("loss" in h for h in metrics["log_history"]) and metrics["final"]["eval_ce"] > 0
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_pairs_jsonl_trains_trl_dpo(sampled, tmp_path):
+    """TRL's DPOTrainer takes pairs.jsonl as it is: the prompt tokenized as dft sample tokenized it, chosen and
+    rejected with TRL's appended EOS, one step with a finite loss."""
+    pytest.importorskip("trl")
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    _, _, out, _ = sampled
+    rows = _read_jsonl(out / "samples.jsonl")
+    made = _read_jsonl(out / "pairs.jsonl")
+    tok = AutoTokenizer.from_pretrained(BASE)
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                       use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)  # fmt: skip
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(BASE), args=config, processing_class=tok,
+                         train_dataset=load_dataset("json", data_files=str(out / "pairs.jsonl"), split="train"))  # fmt: skip
+    first = trainer.train_dataset[0]
+    sample = next(r for r in rows if r["prompt"] == made[0]["prompt"] and r["accepted"])
+    if "prompt_ids" in first:
+        assert first["prompt_ids"] == sample["prompt_ids"]
+        chosen, rejected = first["chosen_ids"], first["rejected_ids"]
+    else:  # trl < 1: *_input_ids columns, and the prompt tokenized without its BOS
+        assert first["prompt_input_ids"] == sample["prompt_ids"][1:]
+        chosen, rejected = first["chosen_input_ids"], first["rejected_input_ids"]
+    assert chosen == sample["completion_ids"]  # the accepted sample's ids, its stop id included
+    assert tok.decode(rejected) == made[0]["rejected"] + tok.eos_token
+    loss = trainer.train().training_loss
+    assert math.isfinite(loss) and loss > 0
 
 
 def test_training_on_every_sample_is_refused(sampled, tmp_path, capsys):
@@ -367,12 +575,21 @@ def test_chat_rows_round_trip(tmp_path, chat_base):
     for r in rows:
         assert r["prompt"] == chat[r["prompt_index"]]["messages"][:1]
         assert r["reference"] == chat[r["prompt_index"]]["messages"][1]["content"]
+    tok = AutoTokenizer.from_pretrained(chat_base)
+    for r in rows:  # the chat prompt's ids: the template with its generation prompt, as generation saw them
+        rendered = tok.apply_chat_template(r["prompt"], add_generation_prompt=True)  # transformers 5: a BatchEncoding
+        assert r["prompt_ids"] == list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+        assert tok.decode(r["completion_ids"], skip_special_tokens=True) == r["completion"]
     accepted = _read_jsonl(out / "accepted.jsonl")
     assert accepted, "the base answers some of these in chat form too"
+    made = _read_jsonl(out / "pairs.jsonl")
+    assert made == sampling.pairs(rows)[0] and made, "some prompts have both verdicts"
+    for pair in made:  # chat pairs: the prompt's messages, one assistant turn each side
+        assert pair["prompt"] in [r["prompt"] for r in rows]
+        assert [m["role"] for m in pair["chosen"] + pair["rejected"]] == ["assistant", "assistant"]
     assert accepted == [
         {"messages": [*r["prompt"], {"role": "assistant", "content": r["completion"]}]} for r in rows if r["accepted"]
     ]
-    tok = AutoTokenizer.from_pretrained(chat_base)
     prepared, report = prepare_dataset(load_local_dataset(out / "accepted.jsonl"), tok, 128)
     assert report.kept == len(accepted)
     first = prepared[0]  # the supervised tokens are the sampled completion + EOS

@@ -3,8 +3,8 @@
 
 ```python
 rows = dft.sampling.sample(model, tokenizer, prompts, num_samples=4, temperature=1.0, verifier="exact")
-dft.sampling.write(rows, "samples")   # samples.jsonl (every sample), accepted.jsonl, summary.json
-# then: dft train --data samples/accepted.jsonl ...
+dft.sampling.write(rows, "samples")   # samples.jsonl (every sample), accepted.jsonl, pairs.jsonl, summary.json
+# then: dft train --data samples/accepted.jsonl ...   or TRL's DPOTrainer on samples/pairs.jsonl
 ```
 
 ``prompts`` are rows in the formats ``dft train`` reads ([`dft.data`][dft.data]):
@@ -20,11 +20,23 @@ without a reference. Each returned row is a dict:
  "reference": "2+3=5. A: 5\\n" | None,
  "finished": True,                               # stopped at EOS (False: hit max_new_tokens)
  "num_tokens": 12,                               # generated tokens, EOS included
+ "prompt_ids": [1, 35, 30, ...],                 # the prompt's token ids as generation saw them (no padding)
+ "completion_ids": [14, 29, ..., 22],            # the generated ids: up to and including the stop id when
+                                                 # finished; all max_new_tokens of them, no EOS, when cut
  "reward": 1.0, "accepted": True}                # reward >= threshold and finished
 ```
 
+``prompt_ids + completion_ids`` is the sequence the model generated, token for token: training on them (NFT,
+DPO on token ids) sees exactly the sampled tokens, with no decode/re-encode round trip. ``completion`` is
+``completion_ids`` decoded without special tokens.
+
 A sample cut by ``max_new_tokens`` is never accepted: ``dft train`` appends EOS to every completion, so
 training on it would teach the model to stop mid-answer (its reward is still recorded).
+
+[`pairs`][dft.sampling.pairs] turns the verdicts into preference pairs (TRL's ``{"prompt", "chosen", "rejected"}``
+rows, ``pairs.jsonl``): per prompt, its accepted samples zipped with its finished rejected ones.
+[`generation_record`][dft.sampling.generation_record] is what ``summary.json`` records of the generation
+(settings, stop ids, [`tokenizer_fingerprint`][dft.sampling.tokenizer_fingerprint]).
 
 Generation: batches of ``batch_size`` prompts, left padding, the KV cache, ``num_samples`` sequences per
 prompt, ``temperature`` (0 = greedy), ``top_p``, ``top_k`` (0 = off: the model's own distribution, not
@@ -57,11 +69,14 @@ __all__ = [
     "check_chat_template",
     "check_options",
     "generate",
+    "generation_record",
+    "pairs",
     "pass_at_k",
     "read_prompts",
     "sample",
     "score",
     "summarize",
+    "tokenizer_fingerprint",
     "write",
 ]
 
@@ -294,6 +309,7 @@ def generate(
                 p = chunk[r // num_samples]
                 stop = next((k for k, t in enumerate(tokens) if t in eos), None)
                 kept = tokens if stop is None else tokens[:stop]
+                generated = tokens if stop is None else tokens[: stop + 1]  # the stop id, not the pads after it
                 rows.append(
                     {
                         "prompt_index": p.index,
@@ -302,7 +318,9 @@ def generate(
                         "completion": tokenizer.decode(kept, skip_special_tokens=True),
                         "reference": p.reference,
                         "finished": stop is not None,
-                        "num_tokens": len(kept) + (stop is not None),
+                        "num_tokens": len(generated),
+                        "prompt_ids": [int(t) for t in encoded[r // num_samples]],
+                        "completion_ids": [int(t) for t in generated],
                     }
                 )
             if bar is not None:
@@ -397,6 +415,93 @@ def accepted(rows: Iterable[dict]) -> list[dict]:
     return out
 
 
+def _turn(row: dict) -> str | list[dict]:
+    """A sample as a preference row's ``chosen`` / ``rejected``: the text, or one assistant turn for a chat prompt."""
+    if isinstance(row["prompt"], list):
+        return [{"role": "assistant", "content": row["completion"]}]
+    return row["completion"]
+
+
+def pairs(rows: Iterable[dict]) -> tuple[list[dict], dict]:
+    """Preference pairs from scored rows, in TRL's format (``DPOTrainer`` takes them as they are), and their counts.
+
+    Per prompt (its ``prompt_index``, else the prompt itself), in order of first appearance: the accepted samples
+    and the finished rejected samples, each in ``sample_index`` order, zipped: ``min(accepted, rejected)`` pairs,
+    no sample in two. A rejected sample cut by ``max_new_tokens`` is left out (DPO appends EOS to a text
+    completion, which would turn a cut answer into a finished one). A text prompt gives
+    ``{"prompt": str, "chosen": str, "rejected": str}``; a chat prompt (a list of messages) gives
+    ``{"prompt": messages, "chosen": [assistant turn], "rejected": [assistant turn]}``.
+
+    The counts: ``pairs``, ``prompts_with_pairs``, and ``unfinished_rejected_left_out`` (the unfinished rejected
+    samples of prompts with an accepted sample: the ones that could otherwise have been paired).
+    """
+    groups: dict[Any, list[dict]] = {}
+    for row in rows:
+        key = row.get("prompt_index", json.dumps(row["prompt"], sort_keys=True))
+        groups.setdefault(key, []).append(row)
+    out: list[dict] = []
+    prompts_with_pairs = left_out = 0
+    for group in groups.values():
+        ordered = sorted(group, key=lambda row: row.get("sample_index", 0))  # stable: file order without an index
+        chosen = [row for row in ordered if row.get("accepted")]
+        rejected = [row for row in ordered if not row.get("accepted") and row.get("finished", True)]
+        if not chosen:
+            continue
+        left_out += sum(not row.get("accepted") and not row.get("finished", True) for row in ordered)
+        prompt = chosen[0]["prompt"]
+        made = [{"prompt": prompt, "chosen": _turn(c), "rejected": _turn(r)} for c, r in zip(chosen, rejected)]
+        prompts_with_pairs += bool(made)
+        out += made
+    return out, {"pairs": len(out), "prompts_with_pairs": prompts_with_pairs, "unfinished_rejected_left_out": left_out}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hex digest of what maps text to ids: the vocabulary (added tokens included), the special-token ids and
+    the tokenizer's class. The same tokenizer loaded twice gives the same string; token ids recorded under one
+    fingerprint mean the same tokens under another tokenizer only when the fingerprints match."""
+    specials = {
+        name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad", "sep", "cls")
+    }
+    record = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])),
+        "special_ids": specials,
+        "all_special_ids": sorted(int(i) for i in getattr(tokenizer, "all_special_ids", []) or []),
+    }
+    return hashlib.sha256(json.dumps(record, ensure_ascii=False, default=str).encode()).hexdigest()[:16]
+
+
+def generation_record(
+    model: Any,
+    tokenizer: Any,
+    *,
+    num_samples: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 256,
+) -> dict:
+    """What [`generate`][dft.sampling.generate] sampled under, as ``summary.json``'s ``"generation"``:
+    ``{"temperature", "top_p", "top_k", "max_new_tokens", "num_samples", "stop_ids", "tokenizer"}`` (``stop_ids``:
+    the ids that end a sample, the model's generation config's EOS and the tokenizer's; ``tokenizer``: its
+    [`tokenizer_fingerprint`][dft.sampling.tokenizer_fingerprint]).
+
+    ```python
+    record = dft.sampling.generation_record(model, tokenizer, num_samples=4, temperature=1.0, max_new_tokens=256)
+    dft.sampling.write(rows, "samples", extra={"generation": record})
+    ```
+    """
+    return {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "num_samples": num_samples,
+        "stop_ids": _eos_ids(model, tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The unbiased pass@k of one prompt with ``c`` of ``n`` samples verified: ``1 - C(n-c, k) / C(n, k)``."""
     if n - c < k:
@@ -439,15 +544,19 @@ def _jsonl(rows: Iterable[dict]) -> str:
 
 
 def write(rows: Sequence[dict], output_dir: str | Path, *, threshold: float = 1.0, extra: dict | None = None) -> dict:
-    """Write ``samples.jsonl`` (every row), ``accepted.jsonl`` ([`accepted`][dft.sampling.accepted]) and
-    ``summary.json`` ([`summarize`][dft.sampling.summarize] + ``extra``) into ``output_dir``, each with an atomic rename
-    (summary last). Returns the summary."""
+    """Write ``samples.jsonl`` (every row), ``accepted.jsonl`` ([`accepted`][dft.sampling.accepted]), ``pairs.jsonl``
+    ([`pairs`][dft.sampling.pairs]) and ``summary.json`` ([`summarize`][dft.sampling.summarize], ``"pairs"``: the
+    pairs' counts, + ``extra``, e.g. ``{"generation": generation_record(...)}``,
+    [`generation_record`][dft.sampling.generation_record]) into ``output_dir``, each with an atomic rename (summary
+    last). Returns the summary."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {**summarize(rows, threshold), **(extra or {})}
+    preference, counts = pairs(rows)
+    summary = {**summarize(rows, threshold), "pairs": counts, **(extra or {})}
     files = {
         "samples.jsonl": _jsonl(rows),
         "accepted.jsonl": _jsonl(accepted(rows)),
+        "pairs.jsonl": _jsonl(preference),
         "summary.json": json.dumps(summary, indent=1) + "\n",
     }
     for name, text in files.items():

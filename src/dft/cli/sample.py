@@ -4,9 +4,11 @@
     dft sample --model M --data prompts.jsonl --num_samples 4 --temperature 1.0 --verifier exact --output_dir S
     dft train --model M --data S/accepted.jsonl ...          # RFT (--loss sft) or DFT on the accepted samples
 
-Writes ``S/samples.jsonl`` (every sample: prompt, completion, reference, reward, sample index),
-``S/accepted.jsonl`` (rows ``dft train --data`` takes as they are) and ``S/summary.json`` (acceptance rate,
-pass@k, prompts with no accepted sample; also printed). Everything that can be wrong is checked before the
+Writes ``S/samples.jsonl`` (every sample: prompt, completion, reference, reward, sample index, the prompt's and
+the completion's token ids), ``S/accepted.jsonl`` (rows ``dft train --data`` takes as they are), ``S/pairs.jsonl``
+(accepted vs rejected samples of a prompt, rows TRL's ``DPOTrainer`` takes as they are) and ``S/summary.json``
+(acceptance rate, pass@k, prompts with no accepted sample, the pairs' counts, the generation's settings, stop ids
+and tokenizer fingerprint; also printed). Everything that can be wrong is checked before the
 model is loaded: one line, exit status 2. Under ``torchrun`` / ``accelerate launch`` each rank samples its
 share of the batches and the main process verifies and writes.
 """
@@ -58,7 +60,9 @@ class SampleScriptArguments:
     )
     threshold: float = field(default=1.0, metadata={"help": "A sample is accepted when its reward is >= this."})
     max_prompts: int | None = field(default=None, metadata={"help": "Sample from the first N prompts only."})
-    output_dir: str = field(default="dft-samples", metadata={"help": "Where samples.jsonl, accepted.jsonl go."})
+    output_dir: str = field(
+        default="dft-samples", metadata={"help": "Where samples.jsonl, accepted.jsonl, pairs.jsonl go."}
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing, non-empty output_dir."})
     torch_dtype: str = field(default="float32", metadata={"help": "Load dtype: float32, bfloat16, float16 or auto."})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flash_attention_2, ..."})
@@ -154,6 +158,9 @@ def run_sample(argv: list[str]) -> int:
         "seed": args.seed,
         "world_size": world,
         **options,
+        "generation": sampling.generation_record(
+            model, tokenizer, **{k: v for k, v in options.items() if k != "batch_size"}
+        ),
     }
     try:
         rows = sampling.score(rows, verifier, threshold=args.threshold)
@@ -171,6 +178,9 @@ def run_sample(argv: list[str]) -> int:
         + f"; {summary['prompts_without_accepted']} prompts with no accepted sample"
         + (f"; {summary['unfinished']} cut at --max_new_tokens (never accepted)" if summary["unfinished"] else "")
     )
-    say(f"wrote {out}/samples.jsonl, accepted.jsonl ({summary['accepted']} rows for dft train --data), summary.json")
+    say(
+        f"wrote {out}/samples.jsonl, accepted.jsonl ({summary['accepted']} rows for dft train --data), pairs.jsonl "
+        f"({summary['pairs']['pairs']} pairs for DPO), summary.json"
+    )
     _exit_without_gloo_teardown()  # gloo: leave without the teardown that can abort a rank (_processes.py)
     return 0
