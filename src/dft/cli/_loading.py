@@ -271,4 +271,10 @@ def _prepare(raw: Any, tokenizer: Any, max_length: int, name: str):
 
     prepared, report = prepare_dataset(raw, tokenizer, max_length)
     say(report.summary(name))
+    if "accepted" in prepared.column_names and report.sampled_ids < report.examples_in:
+        say(
+            f"note: {report.examples_in - report.sampled_ids} {name} rows carry text only (no prompt_ids / "
+            "completion_ids, e.g. from another generator): tokenised as dft train tokenises prompt/completion, which "
+            "may differ from the sequences that were sampled."
+        )
     return prepared

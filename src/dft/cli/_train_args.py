@@ -65,7 +65,10 @@ class TrainScriptArguments:
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of --data held out when no --eval_data."})
     loss: str | None = field(
         default=None,
-        metadata={"help": "Shortcut for --loss_type: dft, sft, asft (DFT + KL to the initial model) or eaft."},
+        metadata={
+            "help": "Shortcut for --loss_type: dft, sft, asft (DFT + KL to the initial model), eaft, or nft (dft "
+            "sample's samples.jsonl, the rejected samples too)."
+        },
     )
     recipe: str = field(
         default="auto",
@@ -180,8 +183,8 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
             f"unknown flag(s) {unknown}{_did_you_mean(parser, unknown)}; see 'dft train --help' for the flags."
         )
     if script.loss is not None:
-        if script.loss not in ("dft", "sft", "asft", "eaft"):
-            raise UsageError(f"--loss must be one of dft, sft, asft, eaft; got {script.loss!r}.")
+        if script.loss not in ("dft", "sft", "asft", "eaft", "nft"):
+            raise UsageError(f"--loss must be one of dft, sft, asft, eaft, nft; got {script.loss!r}.")
         flags.loss_type = script.loss
         try:
             flags.validate_dft_arguments()
@@ -200,7 +203,14 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     script, config, _ = _parse(_parser((TrainScriptArguments, DFTConfig), "dft train"), defaults + file_flags + argv)
     if script.loss is not None:
         config.loss_type = script.loss
-    _refuse_every_sample(script.data)
+    script.sampling = None  # dft sample's record of the samples (--loss nft)
+    script.loss_type_is_nft = config.loss_type == "nft"
+    if config.loss_type == "nft":
+        from ._nft import check_nft_data
+
+        script.sampling = check_nft_data(script, config)
+    else:
+        _refuse_every_sample(script.data)
     script.given_flags = given  # which flags the user set (the rest may be adapted to the run's length)
     script.cpu_ddp = cpu_ddp  # use_cpu was set for the launcher's processes (said in the start line)
     return script, config, toy
@@ -235,8 +245,8 @@ def _refuse_every_sample(data: str | None) -> None:
     if SAMPLE_ROW_KEYS <= (first_jsonl_row(data) or {}).keys():
         raise UsageError(
             f"--data {data} is dft sample's samples.jsonl: every sample, the rejected ones too (rewards below the "
-            f"threshold); train on {Path(data).with_name('accepted.jsonl')}, or drop the reward/accepted columns "
-            "to train on every sample."
+            f"threshold); train on {Path(data).with_name('accepted.jsonl')}, or learn from the rejected samples too "
+            "with --loss nft."
         )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import _loading
+from . import _loading, _nft
 from ._evaluation import _exact_match_metrics, _exact_match_on_ranks, _table_notes
 from ._loading import EVAL_SPLIT, TOY_MODEL, _apply_lora, _asset, _peft_quietly, _prepare, _toy_model, _where
 from ._parsing import Interrupted, UsageError, _one_line, check_writable
@@ -51,6 +51,8 @@ def run_train(argv: list[str]) -> int:
     if not main:
         _quiet_progress_bars()
     model, tokenizer = _loading._load_model_and_tokenizer(script)
+    if config.loss_type == "nft":
+        _nft.check_tokenizer(script.sampling, tokenizer, script.data)
     with config.main_process_first(desc="dft: data preparation"):  # the main process fills the datasets cache
         train_set, eval_raw, eval_set, how = _load_data(script, tokenizer, config.seed)
     ref_model = None
@@ -80,6 +82,9 @@ def run_train(argv: list[str]) -> int:
             ref_model=ref_model,
             callbacks=[stop.callback(), *_resume_callbacks(record, planned)],
         )
+        if trainer._dft_nft_counts is not None:
+            say(_nft.counts_line(trainer._dft_nft_counts, config))
+            train_set = trainer.train_dataset
         total, per_epoch = _schedule(trainer)
         if "logging_steps" not in script.given_flags and not toy:  # a 15-step run logs more than once
             trainer.args.logging_steps = max(1, min(trainer.args.logging_steps, -(-total // 20)))
@@ -107,7 +112,8 @@ def run_train(argv: list[str]) -> int:
             raise Interrupted(stop.signum, str(out))
         with _no_pin_memory_warning():
             metrics = trainer.evaluate()  # every rank: Trainer shards the eval set and gathers the sums
-        match = _exact_match_on_ranks(trainer, tokenizer, eval_raw, script.max_eval_examples)
+        match_rows = _nft.reference_rows(eval_raw) if config.loss_type == "nft" else eval_raw
+        match = _exact_match_on_ranks(trainer, tokenizer, match_rows, script.max_eval_examples)
         metrics.update(_exact_match_metrics(match))
         sizes = {
             "train_examples": len(train_set),
@@ -182,9 +188,13 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
                 f"--data {script.data} has {len(train_raw)} example: too few to hold out an eval split; "
                 "add examples or give --eval_data."
             )
-        split = train_raw.train_test_split(test_size=script.eval_fraction, seed=seed)
-        train_raw, eval_raw = split["train"], split["test"]
-        how = f"{script.eval_fraction:.0%} of --data held out (seed {seed})"
+        if "prompt_index" in train_raw.column_names and script.loss_type_is_nft:  # a prompt's samples on one side
+            train_raw, eval_raw = _nft.split_by_prompt(train_raw, script.eval_fraction, seed)
+            how = f"{script.eval_fraction:.0%} of --data's prompts held out (seed {seed})"
+        else:
+            split = train_raw.train_test_split(test_size=script.eval_fraction, seed=seed)
+            train_raw, eval_raw = split["train"], split["test"]
+            how = f"{script.eval_fraction:.0%} of --data held out (seed {seed})"
     train_set = _prepare(train_raw, tokenizer, script.max_length, "train")
     eval_set = _prepare(eval_raw, tokenizer, script.max_length, "eval")
     say(f"split: {len(train_set)} train / {len(eval_set)} eval examples ({how})")
@@ -194,6 +204,8 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
 def _describe_loss(config: Any) -> str:
     """Only what applies to this loss type."""
     kind = config.loss_type
+    if kind == "nft":
+        return _nft.describe(config)
     if kind in ("sft", "nll"):
         return "sft (cross-entropy)"
     if kind == "eaft":
