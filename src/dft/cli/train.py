@@ -72,16 +72,21 @@ def run_train(argv: list[str]) -> int:
     record = _run_config(script, config, toy, {})
     stop = _SignalStop(out)
     with stop:
-        trainer = DFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            data_collator=collator(tokenizer, script.packing),
-            processing_class=tokenizer,
-            ref_model=ref_model,
-            callbacks=[stop.callback(), *_resume_callbacks(record, planned)],
-        )
+        try:
+            trainer = DFTTrainer(
+                model=model,
+                args=config,
+                train_dataset=train_set,
+                eval_dataset=eval_set,
+                data_collator=collator(tokenizer, script.packing),
+                processing_class=tokenizer,
+                ref_model=ref_model,
+                callbacks=[stop.callback(), *_resume_callbacks(record, planned)],
+            )
+        except ValueError as e:  # NFT's rows (one verdict per prompt, a bad verdict): one line, naming the data
+            if config.loss_type != "nft":
+                raise
+            raise UsageError(f"--data {script.data}: {_one_line(e)}") from None
         if trainer._dft_nft_counts is not None:
             say(_nft.counts_line(trainer._dft_nft_counts, config))
             train_set = trainer.train_dataset
