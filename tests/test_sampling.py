@@ -689,7 +689,8 @@ def _load_offline_rl():
 
 
 def test_offline_rl_smoke_runs(tmp_path):
-    """`offline_rl.py --smoke` (the CI setting): every data set x loss trained, accepted sets measured, summary."""
+    """`offline_rl.py --smoke` (the CI setting): every data set x loss trained (NFT on every sample of the prompts
+    with both verdicts, DPO on the pairs where the installed TRL has DPOTrainer), accepted sets measured, summary."""
     out = tmp_path / "offline_rl.json"
     t0 = time.time()
     proc = subprocess.run(
@@ -703,16 +704,34 @@ def test_offline_rl_smoke_runs(tmp_path):
     print(f"offline_rl --smoke: {time.time() - t0:.1f}s")
     result = json.loads(out.read_text())
     assert result["complete"] and result["command"].endswith("--smoke")
+    offline_rl = _load_offline_rl()
+    no_dpo = offline_rl.dpo_unavailable()
+    if no_dpo:
+        assert f"DPO skipped: {no_dpo}" in proc.stdout
     done = {(r["data"], r["loss"]) for r in result["runs"]}
-    losses = set(_load_offline_rl().LOSSES)
-    assert done == {("gold", "sft"), ("gold", "dft")} | {(d, loss) for d in ("rft", "rft_round2") for loss in losses}
+    losses = set(offline_rl.LOSSES)
+    new = set(offline_rl.NFT) | ({"dpo"} if not no_dpo else set())
+    assert done == {("gold", "sft"), ("gold", "dft")} | {
+        (d, loss) for d in ("rft", "rft_round2") for loss in losses
+    } | {("rft", loss) for loss in new}
     for key in ("accepted", "accepted_round2"):
         a = result[key]["0"]
         assert 0 <= a["accepted"] <= a["samples"] == 2 * result["config"]["n_demos"]
         assert a["acceptance_rate"] == a["accepted"] / a["samples"]
+    a = result["accepted"]["0"]
+    assert 0 < a["nft_accepted_rows"] < a["nft_rows"] <= a["samples"] and a["nft_rows"] % 2 == 0  # 2 per prompt
+    assert a["pairs"]["pairs"] >= 1
     rft = result["experiments"]["rft"]
-    assert set(rft["best_lr"]) == losses and rft["summary"]["dft"]["paired"]["rft_sft"]["id_exact_match"]["n"] == 1
+    assert (
+        set(rft["best_lr"]) == losses | new and rft["summary"]["dft"]["paired"]["rft_sft"]["id_exact_match"]["n"] == 1
+    )
+    for loss in new:
+        assert rft["summary"][loss]["paired"]["rft_sft"]["id_exact_match"]["n"] == 1
+    if not no_dpo:
+        assert rft["summary"]["dpo"]["beta"] == rft["dpo_beta"] in result["config"]["dpo_betas"]
+        assert all("beta" in r for r in result["runs"] if r["loss"] == "dpo")
     assert "| base's verified samples | DFT |" in proc.stdout
+    assert "| NFT, DFT-weighted positives |" in proc.stdout
 
 
 def test_committed_offline_rl_results():

@@ -49,6 +49,34 @@ def batch(examples: list[dict], max_length: int = 80) -> dict[str, torch.Tensor]
     return toy_batch(examples, max_length, encode=encode)
 
 
+def ids_batch(rows: list[dict], max_length: int = 80) -> dict[str, torch.Tensor]:
+    """:func:`batch` from token ids: rows carry ``prompt_ids`` (``BOS`` included) and ``completion_ids`` (trained on
+    as they are: a sampled completion's stop id is in them when it finished). The same layout as :func:`batch`."""
+    width = min(max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows), max_length)
+    ids = torch.full((len(rows), width), PAD)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        seq = (list(r["prompt_ids"]) + list(r["completion_ids"]))[:width]
+        start = len(r["prompt_ids"])
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, start : len(seq)] = ids[i, start : len(seq)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def optimizer(model, *, lr: float, steps: int, warmup: int = 10, cosine: bool = True):
+    """:func:`train`'s AdamW (no weight decay) and its schedule, linear warm-up then cosine decay, per step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))) if cosine else 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def train(
     model,
     data,
@@ -64,28 +92,29 @@ def train(
     cosine: bool = True,
     log=None,
     log_every: int = 0,
+    nft=None,
 ):
     """AdamW (no weight decay), linear warm-up then cosine decay, grad-norm clip 1.0, fused DFT head.
 
     ``data`` is a list of examples (sampled with replacement, seeded) or a callable ``(n, rng) -> examples``
     (fresh examples every step). ``loss`` is a :class:`dft.DFTWeight` (``None`` = cross-entropy).
     ``log(step, stats_dict)`` is called every ``log_every`` steps; training stops early when it returns True.
+    Rows that carry ``prompt_ids`` / ``completion_ids`` are batched from those ids (:func:`ids_batch`).
+    ``nft`` (a :class:`dft.NFTWeight`): NFT, with ``ref_model`` as pi_old and rows that carry ``accepted`` and
+    ``nft_rhat`` (their prompt's acceptance rate).
     """
     weighting = loss if loss is not None else dft.DFTWeight(alpha=0.0)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))) if cosine else 1.0
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    opt, sched = optimizer(model, lr=lr, steps=steps, warmup=warmup, cosine=cosine)
     model.train()
     stats = None
     for step in range(steps):
         rows = data(batch_size, rng) if callable(data) else [rng.choice(data) for _ in range(batch_size)]
-        out = dft.causal_lm_loss(model, batch(rows), weighting, ref_model=ref_model, kl_coef=kl_coef)
+        b = ids_batch(rows) if "completion_ids" in rows[0] else batch(rows)
+        if nft is not None:  # each row's verdict and its prompt's acceptance rate
+            b["accepted"] = torch.tensor([float(r["accepted"]) for r in rows])
+            b["nft_rhat"] = torch.tensor([float(r["nft_rhat"]) for r in rows])
+        out = dft.causal_lm_loss(model, b, weighting, ref_model=ref_model, kl_coef=kl_coef, nft=nft)
         out.loss.backward()
         stats = dft.TokenStats.accumulate(stats, out.stats)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
