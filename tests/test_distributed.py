@@ -5,7 +5,7 @@ import torch
 
 import dft
 from dft.toy import toy_batch, toy_model
-from tests.dist.global_batch import LR, global_examples, micro_batches
+from tests.dist.global_batch import LR, global_examples, micro_batches, with_nft_keys
 from tests.dist.launch import torchrun
 
 WORKER = Path(__file__).parent / "dist" / "worker.py"
@@ -16,7 +16,7 @@ def _torchrun(out_dir: Path, mode: str, worker: Path = WORKER, result: str = "di
     return torchrun(worker, out_dir, mode, result=result)
 
 
-def _single_process(packed: bool = False, asft: bool = False):
+def _single_process(packed: bool = False, asft: bool = False, nft: bool = False):
     """One process, the global batch: padded rows in one batch, or every packed row summed / all targets."""
     model = toy_model(hidden_size=32, seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -25,6 +25,10 @@ def _single_process(packed: bool = False, asft: bool = False):
         total = sum(int((dft.causal_targets(mb) != -100).sum()) for mb in rows)
         for mb in rows:
             (dft.causal_lm_loss(model, mb, reduction="sum").loss / total).backward()
+    elif nft:
+        ref = toy_model(hidden_size=32, seed=1).eval()
+        batch = with_nft_keys(toy_batch(global_examples()))
+        dft.causal_lm_loss(model, batch, ref_model=ref, nft=dft.NFTWeight()).loss.backward()
     elif asft:
         ref = toy_model(hidden_size=32, seed=1).eval()
         dft.causal_lm_loss(model, toy_batch(global_examples()), ref_model=ref, kl_coef=0.5).loss.backward()
@@ -102,3 +106,13 @@ def test_two_ranks_asft_equal_single_process(tmp_path):
     got = _torchrun(tmp_path, "asft")
     grads, params = _single_process(asft=True)
     _assert_same_step(got, grads, params)
+
+
+def test_two_ranks_nft_with_data_weights_equal_single_process(tmp_path):
+    """NFT (pi_old a frozen reference) with per-token data weights, some 0: the token mean over the step's
+    supervised tokens (global_num_items leaves the weight-0 ones out), exact over ranks and accumulation."""
+    got = _torchrun(tmp_path, "nft")
+    grads, params = _single_process(nft=True)
+    _assert_same_step(got, grads, params)
+    plain, _ = _single_process()
+    assert max((grads[n] - g).abs().max().item() for n, g in plain.items()) > 1e-4  # NFT + weights changed it

@@ -103,7 +103,8 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
         batch: mapping with ``labels [B, T]`` (unshifted: ``labels[t]`` is token ``t``) or
             ``shift_labels [B, T]`` (already aligned with the predictions), and optionally
             ``position_ids [B, T]`` (padding-free packing: a row holds several sequences, each
-            restarting at position 0).
+            restarting at position 0), and ``loss_weights [B, T]`` (aligned like the labels: a token of
+            weight 0 is not a target).
         ignore_index: label value that is not supervised.
 
     Returns:
@@ -115,6 +116,16 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping with 'labels' or 'shift_labels', got {type(batch).__name__}.")
+    targets = _shifted_targets(batch, ignore_index)
+    weights = batch.get("loss_weights")
+    if isinstance(weights, Tensor) and weights.shape == targets.shape:  # a token of weight 0 is not a target
+        if batch.get("shift_labels") is None:
+            weights = torch.cat([weights[..., 1:], torch.zeros_like(weights[..., :1])], dim=-1)
+        targets = targets.masked_fill(weights.to(targets.device) == 0, ignore_index)
+    return targets
+
+
+def _shifted_targets(batch: Batch, ignore_index: int) -> Tensor:
     if batch.get("shift_labels") is not None:
         return batch["shift_labels"]
     labels = batch.get("labels")

@@ -4,7 +4,7 @@
 
 MODE: ``exact`` (padded rows), ``naive`` (mean of means), ``packed`` (padding-free rows with
 position_ids), ``packed_naive`` (packed rows counted by shifting labels only, the old bug), ``asft``
-(kl_coef=0.5 to a frozen reference).
+(kl_coef=0.5 to a frozen reference), ``nft`` (NFT with pi_old the frozen reference, per-token data weights).
 """
 
 import sys
@@ -17,7 +17,7 @@ import dft
 from dft.toy import toy_model
 
 from tests.dist import exit_without_teardown
-from tests.dist.global_batch import ACCUM, LR, global_examples, micro_batches
+from tests.dist.global_batch import ACCUM, LR, global_examples, micro_batches, with_nft_keys
 
 
 def main() -> None:
@@ -29,6 +29,8 @@ def main() -> None:
     ref = toy_model(hidden_size=32, seed=1).eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     micro = micro_batches(global_examples(), rank, world, packed=mode.startswith("packed"))
+    if mode == "nft":
+        micro = [with_nft_keys(mb) for mb in micro]
     if mode == "packed_naive":  # counts targets that cross a packed boundary
         num_items = dft.global_num_items([mb["labels"] for mb in micro])
     else:
@@ -38,6 +40,10 @@ def main() -> None:
         with ctx:
             if mode == "naive":  # per-micro-batch mean, divided by the steps: the mean-of-means bug
                 loss = dft.causal_lm_loss(model, mb).loss / ACCUM
+            elif mode == "nft":  # pi_old: the frozen reference; weight-0 tokens uncounted by global_num_items
+                loss = dft.causal_lm_loss(
+                    model, mb, num_items_in_batch=num_items, ref_model=ref, nft=dft.NFTWeight()
+                ).loss
             elif mode == "asft":  # KL anchor to a frozen reference (each rank holds its own copy)
                 loss = dft.causal_lm_loss(model, mb, num_items_in_batch=num_items, ref_model=ref, kl_coef=0.5).loss
             else:
