@@ -115,3 +115,28 @@ def test_nft_config_refusals(tmp_path):
         _args(tmp_path, nft_rhat_max=1.0)
     with pytest.raises(ValueError, match="nft_temperature must be > 0"):
         _args(tmp_path, nft_temperature=0.0)
+
+
+def test_trainer_weights_tokens_from_the_loss_weights_column(tmp_path):
+    """A loss_weights column survives remove_unused_columns and any collator: one SGD step == the float64 weighted
+    token mean (weight 0: not supervised, not counted)."""
+    from tests.helpers.reference import ref_dft_loss
+    from tests.helpers.tiny_models import uneven_dataset
+
+    rows = uneven_dataset(4, seq=8)
+    weights = [[0.0 if (i + t) % 5 == 0 else 1.0 + 0.5 * ((i * t) % 3) for t in range(8)] for i in range(4)]
+    rows = rows.add_column("loss_weights", weights)
+    start = tiny_model("llama", seed=1).double()
+    model = copy.deepcopy(start)
+    args = _args(tmp_path, loss_type="sft", max_steps=1, per_device_train_batch_size=4)
+    dft.DFTTrainer(model=model, args=args, train_dataset=rows, data_collator=_pad).train()
+    ids = torch.tensor(rows["input_ids"])
+    labels = dft.shift_causal_labels(torch.tensor(rows["labels"]))
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = torch.cat([w[:, 1:], torch.zeros(4, 1, dtype=torch.float64)], 1)
+    kept = labels.masked_fill(w == 0, -100)
+    per_token = ref_dft_loss(start(input_ids=ids).logits, kept, alpha=0.0, reduction="none")
+    loss = (per_token * w).sum() / (kept != -100).sum()
+    grads = torch.autograd.grad(loss, list(start.parameters()))
+    for (name, a), p, g in zip(model.named_parameters(), start.parameters(), grads):
+        torch.testing.assert_close(a, p - 0.3 * g, rtol=0, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
