@@ -26,7 +26,7 @@ def _train(samples_file, out, *extra):
 def test_samples_jsonl_trains_with_nft(samples):
     tmp, S = samples
     rows = _read_jsonl(S / "samples.jsonl")
-    proc = _train(S / "samples.jsonl", tmp / "run")
+    proc = _train(S / "samples.jsonl", tmp / "run", "--ref_model", BASE)  # pi_old given: the model that sampled
     assert proc.returncode == 0, proc.stderr[-3000:]
     by_prompt = {}
     for r in rows:
@@ -80,4 +80,7 @@ def test_nft_refusals_are_one_line(samples):
     assert "its token ids come from another tokenizer (fingerprint 0123456789abcdef" in _error(
         _train(other, tmp / "o4")
     )
+    ref = _error(dft_cli("train", "--model", BASE, "--data", S / "accepted.jsonl", "--ref_model", BASE,
+                         "--output_dir", tmp / "o5"))  # fmt: skip
+    assert "--ref_model is the reference of --loss nft (pi_old) or asft" in ref
     assert not (tmp / "o1").exists() and not (tmp / "o3").exists()  # refused before anything loads

@@ -63,6 +63,13 @@ class TrainScriptArguments:
         default=None, metadata={"help": "Held-out data; default: the shipped test split, or --eval_fraction of --data."}
     )
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of --data held out when no --eval_data."})
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "The reference model (folder or hub id): NFT's pi_old when another model sampled, ASFT's anchor. "
+            "Default: a frozen copy of --model as training starts (with --lora_r: the base without the adapter)."
+        },
+    )
     loss: str | None = field(
         default=None,
         metadata={
@@ -205,6 +212,8 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         config.loss_type = script.loss
     script.sampling = None  # dft sample's record of the samples (--loss nft)
     script.loss_type_is_nft = config.loss_type == "nft"
+    if script.ref_model is not None and not (config.loss_type == "nft" or config.effective_kl_coef() > 0):
+        raise UsageError("--ref_model is the reference of --loss nft (pi_old) or asft (the anchor); this run has none.")
     if config.loss_type == "nft":
         from ._nft import check_nft_data
 

@@ -7,6 +7,7 @@ stop after the current step, keep the checkpoints and exit 130 / 143.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -56,7 +57,9 @@ def run_train(argv: list[str]) -> int:
     with config.main_process_first(desc="dft: data preparation"):  # the main process fills the datasets cache
         train_set, eval_raw, eval_set, how = _load_data(script, tokenizer, config.seed)
     ref_model = None
-    if config.effective_kl_coef() > 0 and script.lora_r <= 0:  # ASFT: a frozen copy of the starting model
+    if script.ref_model is not None:  # NFT's pi_old (another model sampled) or ASFT's anchor
+        ref_model, _ = _loading._load_model_and_tokenizer(dataclasses.replace(script, model=script.ref_model), False)
+    elif config.effective_kl_coef() > 0 and script.lora_r <= 0:  # ASFT: a frozen copy of the starting model
         ref_model, _ = _loading._load_model_and_tokenizer(script)
     if script.lora_r > 0:  # the adapter's initial weights come from the run's seed (Trainer seeds later)
         from transformers import set_seed
