@@ -296,7 +296,8 @@ class DFTTrainerMixin(_TrainerTouchPoints):
         self._dft_nft_counts = self._prepare_nft_data() if self._is_nft() else None
         if self._is_nft() and ref_model is None and not hasattr(self.model, "disable_adapter"):
             ref_model = copy.deepcopy(unwrap_model(self.model))  # pi_old: the model as training starts
-        self.data_collator = with_loss_columns(self.data_collator)
+        if not hasattr(self, "_prepare_dataset"):  # TRL's SFTTrainer prepares its own columns and collator
+            self.data_collator = with_loss_columns(self.data_collator)
         self.ref_model = self._prepare_reference(ref_model)
         self._dft_nft: dict[str, Tensor | None] = {"train": None, "eval": None}  # NFTTally sums
         self._dft_stats: dict[str, TokenStats | None] = {"train": None, "eval": None}
