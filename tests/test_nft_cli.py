@@ -40,7 +40,9 @@ def test_samples_jsonl_trains_with_nft(samples):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("nft: "))
     assert line == (f"nft: {4 * mixed} samples of {mixed} prompts; {uniform} prompts whose samples share one verdict "
                     f"dropped ({4 * uniform} samples)")  # fmt: skip
-    assert "training nft (neg_weight=1.0, temperature=1; pi_old = the initial model)" in proc.stdout
+    assert f"training nft (neg_weight=1.0, temperature=1; pi_old = {BASE})" in proc.stdout
+    record = json.loads((tmp / "run" / "run_config.json").read_text())
+    assert record["ref_model"] == str(BASE) and record["nft"]["temperature"] == 1.0
     history = json.loads((tmp / "run" / "metrics.json").read_text())["log_history"]
     first = next(h for h in history if "loss" in h)
     assert first["nft/ratio"] == pytest.approx(1.0, abs=1e-6) and 0 < first["nft/rejected_tokens"] < 1
@@ -84,3 +86,18 @@ def test_nft_refusals_are_one_line(samples):
                          "--output_dir", tmp / "o5"))  # fmt: skip
     assert "--ref_model is the reference of --loss nft (pi_old) or asft" in ref
     assert not (tmp / "o1").exists() and not (tmp / "o3").exists()  # refused before anything loads
+
+
+def test_loss_shortcut_takes_its_own_flags(samples):
+    """--loss nft / eaft is --loss_type: their own flags are checked against that loss, not the default dft."""
+    from dft.cli._train_args import parse_train_args
+
+    _, S = samples
+    common = ["--model", str(BASE), "--output_dir", str(S.parent / "p"), "--report_to", "none"]
+    _, config, _ = parse_train_args(["--data", str(S / "samples.jsonl"), "--loss", "nft",
+                                     "--nft_keep_uniform_prompts", "true", *common])  # fmt: skip
+    assert config.loss_type == "nft" and config.nft_keep_uniform_prompts and config.nft_temperature == 1.0
+    _, config, _ = parse_train_args(
+        ["--data", str(S / "accepted.jsonl"), "--loss", "eaft", "--eaft_top_k", "10", *common]
+    )
+    assert config.loss_type == "eaft" and config.eaft_top_k == 10

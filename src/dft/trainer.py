@@ -379,13 +379,15 @@ class DFTTrainerMixin(_TrainerTouchPoints):
 
     def _prepare_nft_data(self) -> dict[str, int]:
         """NFT's rows: each prompt's acceptance rate from the training rows (``nft_rhat``), uniform prompts dropped
-        unless kept ([`dft.batches.nft_dataset`][dft.batches.nft_dataset]); the evaluation rows alike."""
+        unless kept ([`dft.batches.nft_dataset`][dft.batches.nft_dataset]); the evaluation rows' rates from
+        themselves, every prompt kept."""
         keep = bool(self._dft_option("nft_keep_uniform_prompts", False))
         self.train_dataset, counts = nft_dataset(self.train_dataset, keep)
+        # evaluation rows keep every prompt (a held-out split of a few prompts may hold no contrast; r is clamped)
         if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {k: nft_dataset(v, keep)[0] for k, v in self.eval_dataset.items()}
+            self.eval_dataset = {k: nft_dataset(v, True)[0] for k, v in self.eval_dataset.items()}
         elif self.eval_dataset is not None:
-            self.eval_dataset = nft_dataset(self.eval_dataset, keep)[0]
+            self.eval_dataset = nft_dataset(self.eval_dataset, True)[0]
         logger.info(
             "dft: NFT on %d rows of %d prompts; %d prompts whose samples share one verdict %s (%d rows).",
             counts["rows"], counts["prompts"], counts["uniform_prompts"], "kept" if keep else "dropped",

@@ -86,13 +86,13 @@ def split_by_prompt(rows: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return train, test
 
 
-def describe(config: Any) -> str:
+def describe(config: Any, ref_model: str | None = None) -> str:
     text = f"nft (neg_weight={config.nft_neg_weight}, temperature={config.nft_temperature or 1.0:g}"
     if config.nft_dft_positive:
         text += ", DFT-weighted positives"
     if config.nft_keep_uniform_prompts:
         text += ", one-verdict prompts kept"
-    return text + "; pi_old = the initial model)"
+    return text + f"; pi_old = {ref_model or 'the initial model'})"
 
 
 def reference_rows(rows: Any) -> Any:
@@ -104,15 +104,25 @@ def reference_rows(rows: Any) -> Any:
         return rows.filter(lambda a: bool(a), input_columns="accepted")
     seen: dict[Any, dict] = {}
     for row in rows:
-        if row["prompt_index"] not in seen and row["reference"] is not None:
-            seen[row["prompt_index"]] = {"prompt": row["prompt"], "completion": row["reference"]}
+        if row["prompt_index"] in seen or row["reference"] is None:
+            continue
+        prompt = row["prompt"]
+        if isinstance(prompt, list):  # a conversation: its reference is the assistant turn that ends it
+            turns = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            seen[row["prompt_index"]] = {"messages": [*turns, {"role": "assistant", "content": row["reference"]}]}
+        else:
+            seen[row["prompt_index"]] = {"prompt": prompt, "completion": row["reference"]}
     return Dataset.from_list(list(seen.values()))
 
 
 def counts_line(counts: dict[str, int], config: Any) -> str:
-    kept = "kept (--nft_keep_uniform_prompts)" if config.nft_keep_uniform_prompts else "dropped"
+    uniform = counts["uniform_prompts"]
+    if config.nft_keep_uniform_prompts:
+        return (
+            f"nft: {counts['rows']} samples of {counts['prompts']} prompts, {uniform} of them with one verdict "
+            "(kept: --nft_keep_uniform_prompts)"
+        )
     return (
-        f"nft: {counts['rows']} samples of {counts['prompts'] - (0 if config.nft_keep_uniform_prompts else counts['uniform_prompts'])} "
-        f"prompts; {counts['uniform_prompts']} prompts whose samples share one verdict {kept} ({counts['rows_dropped']} "
-        "samples)"
+        f"nft: {counts['rows']} samples of {counts['prompts'] - uniform} prompts; {uniform} prompts whose samples "
+        f"share one verdict dropped ({counts['rows_dropped']} samples)"
     )

@@ -14,6 +14,7 @@ from ._processes import say
 
 def _run_config(script: Any, config: Any, toy: bool, sizes: dict[str, Any]) -> dict[str, Any]:
     from .._version import __version__
+    from ..arguments import NFT_FIELDS
 
     weighting = config.dft_weighting()
     return {
@@ -27,6 +28,8 @@ def _run_config(script: Any, config: Any, toy: bool, sizes: dict[str, Any]) -> d
         "loss_type": config.loss_type,
         "weighting": {k: (repr(v) if callable(v) else v) for k, v in vars(weighting).items()},
         "kl_coef": config.effective_kl_coef(),
+        "ref_model": _where(getattr(script, "ref_model", None)),
+        "nft": {name[4:]: getattr(config, name) for name in NFT_FIELDS} if config.loss_type == "nft" else None,
         "dft_ce_tokens": config.dft_ce_tokens,
         "dft_warmup_steps": config.dft_warmup_steps,
         "dft_warmup_ratio": config.dft_warmup_ratio,

@@ -161,6 +161,12 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         raise SystemExit(0)
     _refuse_trl_flags(file_flags + argv, parser, "dft train")
     given = {a.split("=", 1)[0][2:] for a in file_flags + argv if a.startswith("--")}
+    shortcut = _flag_value(file_flags + argv, "loss")
+    if shortcut is not None:  # --loss X is --loss_type X: the loss's own flags are checked against it
+        if shortcut not in LOSS_SHORTCUTS:
+            raise UsageError(f"--loss must be one of {', '.join(LOSS_SHORTCUTS)}; got {shortcut!r}.")
+        if "loss_type" not in given:
+            argv = [*argv, "--loss_type", shortcut]
     world = _world_size()
     # torchrun / accelerate launch on a machine without an accelerator: without use_cpu, TrainingArguments
     # would make each process a job of its own (all the data, the same output_dir); use_cpu makes it DDP
@@ -190,8 +196,6 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
             f"unknown flag(s) {unknown}{_did_you_mean(parser, unknown)}; see 'dft train --help' for the flags."
         )
     if script.loss is not None:
-        if script.loss not in ("dft", "sft", "asft", "eaft", "nft"):
-            raise UsageError(f"--loss must be one of dft, sft, asft, eaft, nft; got {script.loss!r}.")
         flags.loss_type = script.loss
         try:
             flags.validate_dft_arguments()
@@ -224,6 +228,9 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     script.cpu_ddp = cpu_ddp  # use_cpu was set for the launcher's processes (said in the start line)
     return script, config, toy
 
+
+LOSS_SHORTCUTS = ("dft", "sft", "asft", "eaft", "nft")
+"""The values of ``--loss`` (a shortcut for ``--loss_type``)."""
 
 OPTIONAL_PACKAGES = (
     ("peft", "--lora_r", "pip install 'dft-loss[peft]'", lambda script, config: script.lora_r > 0),

@@ -101,7 +101,7 @@ def run_train(argv: list[str]) -> int:
         if script.cpu_ddp:
             device += " (no GPU found: --use_cpu true, so the processes train as one DDP job over gloo)"
         say(
-            f"training {_describe_loss(config)} for {total} step{'s' if total != 1 else ''} ({epochs:.3g} epochs of {per_epoch} steps, "
+            f"training {_describe_loss(config, script.ref_model)} for {total} step{'s' if total != 1 else ''} ({epochs:.3g} epochs of {per_epoch} steps, "
             f"{len(train_set)} examples, batch {trainer.args.per_device_train_batch_size} x "
             f"{trainer.args.gradient_accumulation_steps} accumulation x {trainer.args.world_size} processes) "
             f"at lr {config.learning_rate:g} on {device}, logging every "
@@ -209,11 +209,11 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
     return train_set, eval_raw, eval_set, how
 
 
-def _describe_loss(config: Any) -> str:
+def _describe_loss(config: Any, ref_model: str | None = None) -> str:
     """Only what applies to this loss type."""
     kind = config.loss_type
     if kind == "nft":
-        return _nft.describe(config)
+        return _nft.describe(config, ref_model)
     if kind in ("sft", "nll"):
         return "sft (cross-entropy)"
     if kind == "eaft":
