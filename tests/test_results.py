@@ -112,6 +112,20 @@ def test_one_changed_run_fails_the_checks():
     run["metrics"]["id_exact_match"] += 0.01
     with pytest.raises(AssertionError):
         check_offline(one)
+    for loss in ("nft", "nft_dft", "dpo"):  # one run of each loss that trains on the rejected samples too
+        one = copy.deepcopy(_load("offline_rl.json"))
+        chosen = one["experiments"]["rft"]["summary"][loss]
+        run = next(
+            r
+            for r in one["runs"]
+            if r["data"] == "rft"
+            and r["loss"] == loss
+            and r["lr"] == chosen["lr"]
+            and r.get("beta") == chosen.get("beta")
+        )
+        run["metrics"]["ood_terms_exact_match"] += 0.01
+        with pytest.raises(AssertionError):
+            check_offline(one)
 
 
 def _quoted(table: str, page: str) -> None:
@@ -126,6 +140,7 @@ def test_docs_tables_are_rendered_from_the_results():
     _quoted(report.headline(results), "evidence.md")
     _quoted(report.lr_table(results, offline), "choosing-a-loss.md")
     _quoted(offline_rl.markdown(offline), "offline-rl.md")
+    _quoted(offline_rl.five_way(offline), "offline-rl.md")
     _quoted(shapes.new_format_table(shaped, lr1e3), "evidence.md")
     evidence = (ROOT / "docs" / "evidence.md").read_text()
     for shape, figures in shaped["inspect"].items():

@@ -735,23 +735,35 @@ def test_offline_rl_smoke_runs(tmp_path):
 
 
 def test_committed_offline_rl_results():
-    """results/offline_rl.json: complete, >= 5 seeds, every loss on the same accepted samples at an interior lr,
-    paired differences over every seed, the docs' table made from it (tests/test_results.py recomputes every
-    summary and interval from the runs)."""
+    """results/offline_rl.json: complete, >= 5 seeds, every loss on the same samples at an interior lr (DPO: at its
+    beta, picked on dpo_select_seeds), paired differences over every seed, the docs' tables made from it
+    (tests/test_results.py recomputes every summary and interval from the runs)."""
     offline_rl = _load_offline_rl()
     result = json.loads((STUDY / "results" / "offline_rl.json").read_text())
     assert result["complete"] and "--smoke" not in result["command"] and len(result["seeds"]) >= 5
     assert set(result["accepted"]) == {str(s) for s in result["seeds"]}
     rft = result["experiments"]["rft"]
+    assert set(rft["best_lr"]) == {*offline_rl.LOSSES, *offline_rl.NFT, "dpo"}
     ladder = offline_rl.study.LADDER
     for loss, grid in rft["lr_grid"].items():
-        best = rft["best_lr"][loss]
+        best, beta = rft["best_lr"][loss], rft["dpo_beta"] if loss == "dpo" else None
         assert len(grid) >= 4 and (grid[0] < best < grid[-1] or best in (ladder[0], ladder[-1])), (loss, grid, best)
-        seeds = [r["seed"] for r in result["runs"] if r["data"] == "rft" and r["loss"] == loss and r["lr"] == best]
-        assert sorted(seeds) == result["seeds"]  # every seed: the same accepted samples for every loss
-    for loss in ("dft", "dft_floor", "asft"):  # the values of the means and intervals: tests/test_results.py
+        seeds = [
+            r["seed"]
+            for r in result["runs"]
+            if r["data"] == "rft" and r["loss"] == loss and r["lr"] == best and r.get("beta") == beta
+        ]
+        assert sorted(seeds) == result["seeds"]  # every seed: the same samples for every loss
+    for loss in ("dft", "dft_floor", "asft", *offline_rl.NFT, "dpo"):  # the values: tests/test_results.py
         assert rft["summary"][loss]["paired"]["rft_sft"]["id_exact_match"]["n"] == len(result["seeds"])
+    pick = result["config"]["dpo_select_seeds"]
+    assert set(pick) < set(result["seeds"]) and set(rft["dpo_sweep"]) == {str(b) for b in result["config"]["dpo_betas"]}
+    for beta, sweep in rft["dpo_sweep"].items():  # every beta's lr grid interior (or at the ladder's end)
+        lrs, top = sorted(map(float, sweep)), max(sweep, key=sweep.get)
+        assert len(lrs) >= 4 and (lrs[0] < float(top) < lrs[-1] or float(top) in (ladder[0], ladder[-1])), beta
+    for a in result["accepted"].values():  # NFT: both verdicts per kept prompt, 4 samples each
+        assert 0 < a["nft_accepted_rows"] < a["nft_rows"] == 4 * a["nft_prompts"] and a["pairs"]["pairs"] > 0
     assert set(result["experiments"]["gold"]["summary"]) == {"sft", "dft"}
     page = (ROOT / "docs" / "offline-rl.md").read_text()
-    for line in offline_rl.markdown(result).splitlines():
+    for line in (offline_rl.markdown(result) + "\n" + offline_rl.five_way(result)).splitlines():
         assert line in page, f"docs/offline-rl.md's table is not the committed results' table: {line}"

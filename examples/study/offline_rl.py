@@ -1,6 +1,6 @@
 """Offline RL on the study base: RFT, DFT, NFT and DPO on the same verified self-samples.
 
-    python examples/study/offline_rl.py            # the experiment (hours on 2 shared CPU cores), results/offline_rl.json
+    python examples/study/offline_rl.py            # the experiment (~100 min on 2 shared CPU cores), results/offline_rl.json
     python examples/study/offline_rl.py --smoke    # < 2 min: pipeline check on 1 seed, numbers meaningless
     python examples/study/offline_rl.py --resume   # continue a cut-off run from the runs already in the file
     python examples/study/offline_rl.py --rounds 1 # without the second sampling round
