@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .batches import LOSS_COLUMNS
 from .engines import EngineAdapter, detect_engine, forward_takes, run_model, tie_to_outputs, unwrap_model, wrapper_chain
 from .fused import Reference, fused_head_loss
-from .labels import causal_targets, sequence_ids
+from .labels import causal_targets, sequence_ids, shift_token_values
 from .losses import check_kl, logits_loss, logits_of
 from .models import CausalLMParts, inspect_causal_lm
 from .nft import NFTInputs, NFTTally, NFTWeight
@@ -184,9 +184,7 @@ def token_values(inputs: Mapping[str, Any], key: str, targets: Tensor) -> Tensor
         )
     if not value.is_floating_point():
         value = value.float()
-    if inputs.get("shift_labels") is not None:
-        return value
-    return torch.cat([value[..., 1:], torch.zeros_like(value[..., :1])], dim=-1)
+    return shift_token_values(inputs, value)
 
 
 def _nft_batch(inputs: Mapping[str, Any], targets: Tensor) -> tuple[Tensor, Tensor]:

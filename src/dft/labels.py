@@ -31,6 +31,7 @@ __all__ = [
     "count_targets",
     "sequence_ids",
     "shift_causal_labels",
+    "shift_token_values",
     "supervised_index",
 ]
 
@@ -119,10 +120,16 @@ def causal_targets(batch: Batch, ignore_index: int = -100) -> Tensor:
     targets = _shifted_targets(batch, ignore_index)
     weights = batch.get("loss_weights")
     if isinstance(weights, Tensor) and weights.shape == targets.shape:  # a token of weight 0 is not a target
-        if batch.get("shift_labels") is None:
-            weights = torch.cat([weights[..., 1:], torch.zeros_like(weights[..., :1])], dim=-1)
-        targets = targets.masked_fill(weights.to(targets.device) == 0, ignore_index)
+        targets = targets.masked_fill(shift_token_values(batch, weights).to(targets.device) == 0, ignore_index)
     return targets
+
+
+def shift_token_values(batch: Batch, values: Tensor) -> Tensor:
+    """Per-token values ``[B, T]`` aligned with the batch's ``labels`` -> aligned with its targets: shifted left by
+    one like the labels (0 appended), or as they are next to ``shift_labels`` (already aligned)."""
+    if batch.get("shift_labels") is not None:
+        return values
+    return torch.cat([values[..., 1:], torch.zeros_like(values[..., :1])], dim=-1)
 
 
 def _shifted_targets(batch: Batch, ignore_index: int) -> Tensor:
