@@ -1,6 +1,5 @@
 import functools
 import math
-import os
 
 import pytest
 import torch
@@ -225,21 +224,13 @@ def test_trainer_counts_packed_batches_like_the_loss(tmp_path):
 
 def test_bf16_head_matmuls_run_in_bf16(tmp_path, monkeypatch):
     """DFTTrainer(bf16=True) on an fp32 model: the fused head's matmuls run in bf16, as Trainer's own CE."""
-    # transformers 4.x's TrainingArguments(bf16=True) exports ACCELERATE_MIXED_PRECISION=bf16 into os.environ,
-    # which every later Accelerator in this process would pick up: restore it after the test
-    # and accelerate keeps mixed_precision in its process-wide AcceleratorState: reset both afterwards
-    from accelerate.state import AcceleratorState
-
+    # bf16=True leaves ACCELERATE_MIXED_PRECISION and accelerate's state behind: tests/conftest.py restores both
     from tests.test_fused import _MatmulDtypes
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     trainer = dft.DFTTrainer(model=tiny_model("llama"), args=_args(tmp_path, bf16=True), train_dataset=_dataset(4))
-    try:
-        with _MatmulDtypes(VOCAB) as rec:
-            trainer.train()
-    finally:
-        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with _MatmulDtypes(VOCAB) as rec:
+        trainer.train()
     # logits and dh of the fused head (and the model's one-position head) in bf16; the dW update accumulates
     # into float32 (on CUDA one GEMM on the bf16 operands; on CPU, which has no such GEMM, the chunk's
     # bf16 operands are cast up and added in place: exact products, no [V, H] temporary)
