@@ -1,6 +1,7 @@
 """``dft train``'s flags: ``TrainScriptArguments`` plus [`dft.DFTConfig`][dft.trainer.DFTConfig]'s, the toy
 recipe, and every check of their values that needs no model and no data, made before Trainer, datasets,
-DeepSpeed or accelerate's state are imported or set up."""
+DeepSpeed, accelerate or even ``transformers.training_args`` are imported (the fields are read from its source:
+``dft.cli._training_fields``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ._parsing import (
     _split_config,
 )
 from ._processes import _has_accelerator, _world_size
+from ._training_fields import flags_class
 
 __all__ = ["TOY_RECIPE", "TrainScriptArguments", "parse_train_args"]
 
@@ -120,23 +122,6 @@ def _train_epilog() -> str:
     )
 
 
-def _flags_class() -> type:
-    """``DFTConfig``'s fields (TrainingArguments' and [`DFTArguments`][dft.arguments.DFTArguments]', in the same
-    order) with only the DFT checks in ``__post_init__``: parsing into it sets nothing up (no device, no process
-    group, no DeepSpeed) and imports neither Trainer nor datasets, so bad flags are refused before that."""
-    from transformers import TrainingArguments
-
-    from ..arguments import DFTArguments, check_numeric_fields
-
-    @dataclass
-    class TrainFlags(TrainingArguments, DFTArguments):
-        def __post_init__(self) -> None:
-            check_numeric_fields(self)
-            self.validate_dft_arguments()
-
-    return TrainFlags
-
-
 def _parse(parser: Any, args: list[str]) -> tuple[Any, Any, list[str]]:
     try:
         return parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
@@ -147,18 +132,18 @@ def _parse(parser: Any, args: list[str]) -> tuple[Any, Any, list[str]]:
 def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
     """``(script, config, toy)``: the parsed flags and whether the toy recipe applies.
 
-    The flags are parsed and checked first into ``TrainFlags`` (no Trainer, datasets, accelerate state or
-    DeepSpeed imported or set up), then once more into the real ``DFTConfig``."""
+    The flags are parsed and checked first into ``TrainFlags`` (neither transformers.training_args nor Trainer,
+    datasets, accelerate or DeepSpeed imported or set up), then once more into the real ``DFTConfig``."""
     from ..arguments import PRESET_IGNORES
 
-    flags_class = _flags_class()
-    config_path, argv = _split_config(argv)
-    file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], flags_class)
-    argv = _renamed_flags(argv, flags_class)
-    parser = _parser((TrainScriptArguments, flags_class), "dft train", _train_epilog())
-    if any(a in ("-h", "--help") for a in argv):
-        parser.print_help()
+    if any(a in ("-h", "--help") for a in argv):  # the imported fields: their help lists the enums' choices
+        _parser((TrainScriptArguments, flags_class(read_source=False)), "dft train", _train_epilog()).print_help()
         raise SystemExit(0)
+    fields_class = flags_class()
+    config_path, argv = _split_config(argv)
+    file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], fields_class)
+    argv = _renamed_flags(argv, fields_class)
+    parser = _parser((TrainScriptArguments, fields_class), "dft train", _train_epilog())
     _refuse_trl_flags(file_flags + argv, parser, "dft train")
     given = {a.split("=", 1)[0][2:] for a in file_flags + argv if a.startswith("--")}
     shortcut = _flag_value(file_flags + argv, "loss")
@@ -292,10 +277,12 @@ def _check_numbers(script: Any, config: Any) -> None:
 
 def _check_reporting(config: Any) -> None:
     """``--report_to X`` for an integration that is not installed: one line now, not a traceback later."""
-    from transformers.integrations import get_available_reporting_integrations
-
     given = [config.report_to] if isinstance(config.report_to, str) else config.report_to or []  # as parsed
     wanted = [r for r in given if r not in ("none", "all")]
+    if not wanted:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
     missing = sorted(set(wanted) - set(get_available_reporting_integrations()))
     if missing:
         raise UsageError(
