@@ -20,7 +20,7 @@ from packaging.version import Version
 import dft
 from dft.engines import detect_engine, unwrap_model
 from dft.models import inspect_causal_lm
-from tests.dist.engine_cases import CASES, ROWS_PER_STEP, build_model, rows, single_process
+from tests.dist.engine_cases import CASES, ROWS_PER_STEP, build_model, has_reference, rows, single_process
 from tests.dist.launch import run_bounded, torchrun
 
 TRAINER_WORKER = Path(__file__).parent / "dist" / "trainer_worker.py"
@@ -83,6 +83,8 @@ EXPECTED = {  # (engine adapter, how the engine holds the head)
     "fsdp2-tied-keep": ("fsdp2", "own FSDP2 unit"),
     "fsdp2-untied-keep": ("fsdp2", "own FSDP2 unit"),
     "fsdp2-untied-reshard-asft": ("fsdp2", "own FSDP2 unit"),
+    "zero3-nft": ("deepspeed-zero3", "partitioned"),
+    "fsdp2-untied-reshard-nft": ("fsdp2", "own FSDP2 unit"),
     "ddp-nokeep": ("ddp", "whole"),
     "moe": ("ddp", "whole"),
 }
@@ -101,7 +103,7 @@ def test_trainer_engine_equals_single_process(tmp_path, case):
     got = torchrun(TRAINER_WORKER, tmp_path, case, result="trainer.pt")
     assert got["warnings"] == []  # the fused head ran: the logits path warns
     assert (got["engine"], got["head"]) == EXPECTED[case]
-    if case.endswith("asft"):  # the reference is sharded like the policy
+    if has_reference(case):  # ASFT's reference and NFT's pi_old are sharded like the policy
         assert got["ref_engine"] == EXPECTED[case][0]
     expected = single_process(case)
     start = dict(build_model(case).named_parameters())

@@ -20,7 +20,7 @@ from packaging.version import Version
 
 import dft
 from dft import VocabShard
-from tests.dist.engine_cases import KL_COEF, ROWS_PER_STEP, rows
+from tests.dist.engine_cases import ROWS_PER_STEP, loss_rows, reference_kwargs
 from tests.dist.launch import run_bounded
 from tests.dist.tp_cases import CASES as TP_CASES
 from tests.dist.tp_cases import models, single_process
@@ -170,7 +170,7 @@ def test_trainer_with_tp_plan_auto_equals_single_process(tmp_path, case):
         torch.testing.assert_close(got["params"][name], p, atol=1e-6, rtol=0, msg=name)
         moved = max(moved, (p - start[name]).abs().max().item())
     assert moved > 1e-3  # two real steps
-    first = {k: v[:ROWS_PER_STEP] for k, v in rows("zero2").items()}
+    first = {k: v[:ROWS_PER_STEP] for k, v in loss_rows(case).items()}
     model, ref = models(case)
-    kw = {"ref_model": ref.eval(), "kl_coef": KL_COEF} if ref is not None else {}
+    kw = reference_kwargs(case, ref and ref.eval())
     assert got["logs"][0]["loss"] == pytest.approx(dft.causal_lm_loss(model, first, **kw).loss.item(), rel=1e-6)

@@ -8,6 +8,9 @@ steps x 2 rows = 8 rows per step, SGD, no clipping):
 * ``fsdp2-{tied|untied}-{reshard|keep}``: ``DFTConfig(fsdp=..., fsdp_config={"version": 2, ...})``
   through accelerate's own FSDP2 preparation (norm + lm_head in their own unit).
   ``fsdp2-untied-reshard-asft``: with a reference model prepared by accelerate's FSDP2 as well.
+* ``zero3-nft``, ``fsdp2-untied-reshard-nft``: NFT (``loss_type="nft"``) with pi_old a second model prepared
+  as ASFT's reference; rows carry ``accepted`` and ``prompt_index`` (4 prompts of 4 samples, 1 to 3 accepted), and
+  DFTTrainer computes each prompt's acceptance rate from them.
 * ``ddp-nokeep``: DDP with a model whose forward has no ``logits_to_keep``.
 * ``moe``: a tiny Mixtral with its router loss, DDP + accumulation; every micro-batch has the same
   rows, so the mean of the micro-batch router losses equals the router loss of the global batch.
@@ -36,6 +39,8 @@ CASES = (
     "fsdp2-tied-keep",
     "fsdp2-untied-keep",
     "fsdp2-untied-reshard-asft",
+    "zero3-nft",
+    "fsdp2-untied-reshard-nft",
     "ddp-nokeep",
     "moe",
 )
@@ -78,9 +83,19 @@ def build_model(case: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def has_reference(case: str) -> bool:
+    """ASFT's anchor or NFT's pi_old: a second model (seed 1), prepared by the engine like the policy."""
+    return case.endswith(("asft", "nft"))
+
+
+NFT_ACCEPTED = [1, 0, 0, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0]
+"""16 rows = 4 prompts (``prompt_index`` = row // 4) of 4 samples, 1, 2, 3 and 1 of them accepted."""
+
+
 def rows(case: str) -> dict[str, torch.Tensor]:
     """All rows, in the order the Trainer's sequential sampler deals them out (accelerate gives batch k
-    to rank k % 2, so each step's 8 rows are consecutive)."""
+    to rank k % 2, so each step's 8 rows are consecutive); NFT's rows also carry ``accepted`` and
+    ``prompt_index``."""
     if case == "moe":  # [a, b] in every micro-batch of a step
         pairs = [arithmetic_examples(2, seed=10 + s, terms=(2, 4), digits=2) for s in range(STEPS)]
         examples = [e for pair in pairs for _ in range(ROWS_PER_STEP // 2) for e in pair]
@@ -94,7 +109,11 @@ def rows(case: str) -> dict[str, torch.Tensor]:
             )
             for e in pair
         ]
-    return toy_batch(examples)
+    batch = toy_batch(examples)
+    if case.endswith("nft"):
+        batch["accepted"] = torch.tensor(NFT_ACCEPTED)
+        batch["prompt_index"] = torch.arange(len(NFT_ACCEPTED)) // 4
+    return batch
 
 
 def dataset(case: str) -> Dataset:
@@ -158,18 +177,41 @@ def trainer_kwargs(case: str) -> dict:
 
 
 def loss_kwargs(case: str) -> dict:
+    """The DFTConfig fields of the case's loss."""
+    if case.endswith("nft"):
+        return {"loss_type": "nft"}
     return {"loss_type": "asft", "kl_coef": KL_COEF} if case.endswith("asft") else {}
+
+
+def nft_rows(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows as NFT's loss reads them: each prompt's acceptance rate (float32, as the collator makes it) for
+    its ``prompt_index``."""
+    prompts = data.pop("prompt_index")
+    accepted = data["accepted"].double()
+    rate = torch.stack([accepted[prompts == q].mean() for q in prompts.tolist()])
+    return {**data, "nft_rhat": rate.float()}
+
+
+def loss_rows(case: str) -> dict[str, torch.Tensor]:
+    """``rows(case)`` as ``causal_lm_loss`` takes them."""
+    return nft_rows(rows(case)) if case.endswith("nft") else rows(case)
+
+
+def reference_kwargs(case: str, ref: torch.nn.Module | None) -> dict:
+    """``causal_lm_loss``'s keywords for the case's loss, with ``ref`` as ASFT's anchor or NFT's pi_old."""
+    if case.endswith("nft"):
+        return {"ref_model": ref, "nft": dft.NFTWeight()}
+    return {"ref_model": ref, "kl_coef": KL_COEF} if case.endswith("asft") else {}
 
 
 def single_process(case: str) -> dict[str, torch.Tensor]:
     """The reference: one process, each step's 8 rows as one batch, the same SGD steps."""
     model = build_model(case)
-    ref = build_model(case, seed=1).eval() if case.endswith("asft") else None
+    ref = build_model(case, seed=1).eval() if has_reference(case) else None
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    data = rows(case)
+    data, kw = loss_rows(case), reference_kwargs(case, ref)
     for step in range(STEPS):
         batch = {k: v[step * ROWS_PER_STEP : (step + 1) * ROWS_PER_STEP] for k, v in data.items()}
-        kw = {"ref_model": ref, "kl_coef": KL_COEF} if ref is not None else {}
         optimizer.zero_grad()
         dft.causal_lm_loss(model, batch, **kw).loss.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ The model is loaded with ``from_pretrained(folder, tp_plan="auto", dtype=float64
 it (``lm_head``: ``colwise_gather_output``, a ``Shard(0)`` DTensor; the tied embedding shares it) and
 Trainer builds ``ParallelismConfig(tp_size=2)`` itself. Both ranks see the same batches (one data-parallel
 rank). ``tp2-fsdp2`` (4 ranks): ``DistributedConfig(tp_size=2, fsdp_size=2)``, FSDP2 over two
-data-parallel shards, each with tensor parallel 2. CASE: ``tp-tied``, ``tp-untied``, ``tp-asft`` (a reference loaded with the same plan),
+data-parallel shards, each with tensor parallel 2. CASE: ``tp-tied``, ``tp-untied``, ``tp-asft`` (a reference loaded with the same plan), ``tp-nft`` (NFT, pi_old loaded so),
 ``tp-logits`` (``fused_lm_head=False``, the logits path: the baseline of the comparison).
 Saves the full parameters after 2 optimizer steps, the ``dft:`` warnings and the head's gradient layout.
 """
@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, default_data_collator
 
 from dft.engines import detect_engine
 from tests.dist import exit_without_teardown, is_prior_warning
-from tests.dist.engine_cases import KL_COEF, ROWS_PER_STEP, SequentialTrainer, dataset, sgd_config
+from tests.dist.engine_cases import ROWS_PER_STEP, SequentialTrainer, dataset, has_reference, loss_kwargs, sgd_config
 from tests.dist.sp_shim import allow_cpu_parallelism_config
 from tests.dist.tp_cases import save_models
 
@@ -43,7 +43,7 @@ def main() -> None:
         load = {"distributed_config": DistributedConfig(tp_size=2, fsdp_size=2)}
     model = AutoModelForCausalLM.from_pretrained(out_dir / "policy", dtype=torch.float64, **load)
     ref_model = None
-    if case == "tp-asft":
+    if has_reference(case):
         ref_model = AutoModelForCausalLM.from_pretrained(out_dir / "reference", tp_plan="auto", dtype=torch.float64)
     head_grads = []
     model.lm_head.weight.register_hook(
@@ -53,15 +53,17 @@ def main() -> None:
         out_dir,
         per_device_train_batch_size=ROWS_PER_STEP // (4 if case.startswith("tp2-fsdp2") else 2),
         fused_lm_head=not case.endswith("-logits"),
-        **({"loss_type": "asft", "kl_coef": KL_COEF} if case == "tp-asft" else {}),
+        **loss_kwargs(case),
     )
     trainer = SequentialTrainer(
-        model=model, args=args, train_dataset=dataset("zero2"), data_collator=default_data_collator, ref_model=ref_model
+        model=model, args=args, train_dataset=dataset(case), data_collator=default_data_collator, ref_model=ref_model
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    dft_warnings = sorted({str(w.message) for w in caught if str(w.message).startswith("dft:") and not is_prior_warning(w)})
+    dft_warnings = sorted(
+        {str(w.message) for w in caught if str(w.message).startswith("dft:") and not is_prior_warning(w)}
+    )
     params = {
         n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
     }

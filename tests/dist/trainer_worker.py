@@ -17,7 +17,15 @@ from transformers import default_data_collator
 from dft.engines import detect_engine, unwrap_model
 from tests.dist import exit_without_teardown, is_prior_warning
 from tests.dist.cpu_fsdp_shim import install as install_cpu_fsdp
-from tests.dist.engine_cases import SequentialTrainer, build_model, dataset, loss_kwargs, sgd_config, trainer_kwargs
+from tests.dist.engine_cases import (
+    SequentialTrainer,
+    build_model,
+    dataset,
+    has_reference,
+    loss_kwargs,
+    sgd_config,
+    trainer_kwargs,
+)
 
 
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,7 +54,7 @@ def main() -> None:
     out_dir, case = Path(sys.argv[1]), sys.argv[2]
     install_cpu_fsdp()
     model = build_model(case)
-    ref_model = build_model(case, seed=1) if case.endswith("asft") else None
+    ref_model = build_model(case, seed=1) if has_reference(case) else None
     args = sgd_config(out_dir, **trainer_kwargs(case), **loss_kwargs(case))
     trainer = SequentialTrainer(
         model=model,
@@ -58,7 +66,9 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    dft_warnings = sorted({str(w.message) for w in caught if str(w.message).startswith("dft:") and not is_prior_warning(w)})
+    dft_warnings = sorted(
+        {str(w.message) for w in caught if str(w.message).startswith("dft:") and not is_prior_warning(w)}
+    )
     inner = unwrap_model(trainer.model_wrapped)
     head_state = describe_head(inner)
     params = full_parameters(inner)
