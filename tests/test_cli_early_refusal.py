@@ -132,3 +132,22 @@ def test_train_flags_fall_back_to_the_imported_class(monkeypatch):
 
     monkeypatch.setattr(_training_fields, "training_fields", unreadable)
     assert issubclass(_training_fields.flags_class(), transformers.TrainingArguments)
+
+
+def test_config_from_a_pipe_is_read_as_json_or_yaml(tmp_path):
+    """``--config <(...)``: a path without a suffix (a pipe) is read as JSON, else YAML; its flags are checked."""
+    import os
+
+    from dft.cli._parsing import UsageError, _flags_from_file
+
+    for text in ('{"max_steps": 3, "report_to": ["none"]}', "max_steps: 3\nreport_to: [none]\n"):
+        read, write = os.pipe()
+        os.write(write, text.encode())
+        os.close(write)
+        try:
+            assert _flags_from_file(f"/dev/fd/{read}") == ["--max_steps", "3", "--report_to", "none"]
+        finally:
+            os.close(read)
+    (tmp_path / "flags").write_text("max_steps: [1, 2\n")
+    with pytest.raises(UsageError, match="is not valid JSON or YAML"):
+        _flags_from_file(str(tmp_path / "flags"))

@@ -100,21 +100,28 @@ def _did_you_mean(parser: Any, unknown: list[str]) -> str:
 
 
 def _flags_from_file(path: str) -> list[str]:
+    """The flags of a YAML or JSON file (``--config``); a path without either suffix, such as the pipe of
+    ``--config <(...)``, is read as JSON, else YAML."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() or p.is_dir():
         raise UsageError(f"config file not found: {path}")
     text = p.read_text()
+    suffix = p.suffix.lower()
+    kind = "YAML" if suffix in (".yaml", ".yml") else "JSON" if suffix == ".json" else "JSON or YAML"
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
+        if kind == "JSON":
             values = json.loads(text)
+        else:
+            try:
+                values = json.loads(text) if kind != "YAML" else None
+            except json.JSONDecodeError:
+                values = None
+            if values is None:
+                import yaml
+
+                values = yaml.safe_load(text) or {}
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        raise UsageError(
-            f"{path} is not valid {'YAML' if p.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: {_one_line(e)}"
-        ) from None
+        raise UsageError(f"{path} is not valid {kind}: {_one_line(e)}") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
     flags: list[str] = []
