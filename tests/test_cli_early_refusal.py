@@ -36,6 +36,7 @@ def probe(tmp_path, *args: str) -> tuple[dict, str]:
         (["train", "--max_steps", "abc"], "invalid int value: 'abc'"),
         (["train", "--loss", "dpo"], "--loss must be one of"),
         (["train", "--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["train", "--learning_rate", "-1e-3"], "--learning_rate must be > 0, got -0.001"),  # not "expected one"
         (["train", "--lr_scheduler_type", "cosin"], "invalid choice: 'cosin'"),
         (["train", "--debug", "underflow_overflow", "--max_steps", "1.5"], "invalid int value: '1.5'"),
     ],
@@ -151,3 +152,6 @@ def test_config_from_a_pipe_is_read_as_json_or_yaml(tmp_path):
     (tmp_path / "flags").write_text("max_steps: [1, 2\n")
     with pytest.raises(UsageError, match="is not valid JSON or YAML"):
         _flags_from_file(str(tmp_path / "flags"))
+    (tmp_path / "nested.yaml").write_text("config: other.yaml\nmax_steps: 3\n")  # not silently ignored
+    with pytest.raises(UsageError, match="a config file cannot name another"):
+        _flags_from_file(str(tmp_path / "nested.yaml"))

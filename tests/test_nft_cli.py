@@ -46,6 +46,17 @@ def test_samples_jsonl_trains_with_nft(samples):
     history = json.loads((tmp / "run" / "metrics.json").read_text())["log_history"]
     first = next(h for h in history if "loss" in h)
     assert first["nft/ratio"] == pytest.approx(1.0, abs=1e-6) and 0 < first["nft/rejected_tokens"] < 1
+    # dft eval on the run scores its held-out prompts against their references, not the sampled completions
+    proc = dft_cli("eval", "--model", tmp / "run", "--max_new_tokens", 8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exact match: 4 prompts against their reference answers" in proc.stdout, proc.stdout
+    result = json.loads((tmp / "run" / "eval" / "eval_results.json").read_text())
+    assert result["eval_exact_match_examples"] == 4 and result["num_examples"] == 16
+    predictions = _read_jsonl(tmp / "run" / "eval" / "predictions.jsonl")
+    held_references = {r["reference"].strip() for r in rows if r["prompt_index"] in held}
+    assert {p["reference"].strip() for p in predictions} == held_references, (
+        predictions
+    )  # one per prompt: 4 distinct sums
 
 
 def _copy(S, dest, edit_rows=None, edit_summary=None):

@@ -30,15 +30,16 @@ __all__ = ["EvalScriptArguments", "InspectScriptArguments", "SampleScriptArgumen
 
 USAGE = """usage: dft {train,eval,inspect,sample} [flags]
 
-  dft train [--model M] [--data D] [--loss dft|sft|asft|eaft] [TrainingArguments flags]
+  dft train [--model M] [--data D] [--loss dft|sft|asft|eaft|nft] [TrainingArguments flags]
             with neither --model nor --data: the built-in toy job (tiny Llama, shipped arithmetic, CPU)
   dft eval --model M [--data D] [--output_dir OUT]
   dft inspect --model M --data D [--max_examples N] [--output_dir OUT]
             should I switch? the model's p on your supervised tokens, and a recommendation
   dft sample --model M --data D --num_samples K --temperature T --verifier exact|math|MODULE:FUNCTION
-            generate, verify, keep: samples.jsonl, accepted.jsonl (for dft train --data), summary.json
+            generate, verify, keep: samples.jsonl (for --loss nft), accepted.jsonl (for dft train --data),
+            pairs.jsonl (for DPO), summary.json
 
-  dft train --help, dft eval --help, dft sample --help: every flag and its default"""
+  dft train --help, dft eval --help, dft inspect --help, dft sample --help: every flag and its default"""
 
 
 def _data_error(e: BaseException) -> bool:

@@ -18,6 +18,9 @@ from ._processes import say
 
 NFT_COLUMNS = ("accepted", "prompt_index")
 
+SAMPLE_ROW_KEYS = frozenset({"reward", "accepted", "sample_index"})
+"""The columns by which ``dft sample``'s ``samples.jsonl`` (every sample, rejected ones too) is recognised."""
+
 
 def check_nft_data(script: Any, config: Any) -> dict | None:
     """Before anything loads: the data's columns, and the sampling record (returned; None without one)."""
@@ -97,7 +100,8 @@ def describe(config: Any, ref_model: str | None = None) -> str:
 
 def reference_rows(rows: Any) -> Any:
     """The held-out prompts for exact match: one row per prompt, its ``reference`` as the completion (the samples'
-    completions are the model's own answers, right or wrong)."""
+    completions are the model's own answers, right or wrong); without references, the accepted samples. For
+    ``dft train --loss nft``'s held-out split and ``dft eval`` on ``dft sample``'s rows alike."""
     from datasets import Dataset
 
     if "reference" not in rows.column_names:

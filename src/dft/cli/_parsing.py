@@ -76,7 +76,9 @@ def parse_command(parser: Any, argv: list[str], prog: str) -> Any:
     line (with a did-you-mean), never HfArgumentParser's traceback."""
     _refuse_trl_flags(argv, parser, prog)
     try:
-        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        args, unknown = parser.parse_args_into_dataclasses(
+            args=joined_negative_values(argv), return_remaining_strings=True
+        )
     except (ValueError, ImportError) as e:  # a dataclass's own validation
         raise UsageError(_one_line(e)) from None
     if unknown:
@@ -124,10 +126,27 @@ def _flags_from_file(path: str) -> list[str]:
         raise UsageError(f"{path} is not valid {kind}: {_one_line(e)}") from None
     if not isinstance(values, dict):
         raise UsageError(f"{path} must hold a mapping of flag names to values, got {type(values).__name__}.")
+    if "config" in values:
+        raise UsageError(f"{path}: a config file cannot name another (config: {values['config']}); give one --config.")
     flags: list[str] = []
     for key, value in values.items():
         flags += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
     return flags
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
+
+
+def joined_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``: argparse takes ``-1`` and ``-0.5`` as values but ``-1e-3`` as an
+    unknown option, and would answer "expected one argument" instead of checking the value."""
+    out: list[str] = []
+    for arg in argv:
+        if _NEGATIVE_NUMBER.match(arg) and out and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._nft import SAMPLE_ROW_KEYS
 from ._parsing import (
     UsageError,
     _did_you_mean,
@@ -20,6 +21,7 @@ from ._parsing import (
     _refuse_trl_flags,
     _renamed_flags,
     _split_config,
+    joined_negative_values,
 )
 from ._processes import _has_accelerator, _world_size
 from ._training_fields import flags_class
@@ -141,8 +143,9 @@ def parse_train_args(argv: list[str]) -> tuple[TrainScriptArguments, Any, bool]:
         raise SystemExit(0)
     fields_class = flags_class()
     config_path, argv = _split_config(argv)
-    file_flags = _renamed_flags(_flags_from_file(config_path) if config_path else [], fields_class)
-    argv = _renamed_flags(argv, fields_class)
+    file_flags = _flags_from_file(config_path) if config_path else []
+    file_flags = _renamed_flags(joined_negative_values(file_flags), fields_class)
+    argv = _renamed_flags(joined_negative_values(argv), fields_class)
     parser = _parser((TrainScriptArguments, fields_class), "dft train", _train_epilog())
     _refuse_trl_flags(file_flags + argv, parser, "dft train")
     given = {a.split("=", 1)[0][2:] for a in file_flags + argv if a.startswith("--")}
@@ -230,10 +233,6 @@ def _check_packages(script: Any, config: Any) -> None:
     for module, flag, install, needed in OPTIONAL_PACKAGES:
         if needed(script, config) and importlib.util.find_spec(module) is None:
             raise UsageError(f"{flag} needs {module.replace('_', '-')}, which is not installed: {install}.")
-
-
-SAMPLE_ROW_KEYS = frozenset({"reward", "accepted", "sample_index"})
-"""The columns by which ``dft sample``'s ``samples.jsonl`` (every sample, rejected ones too) is recognised."""
 
 
 def _refuse_every_sample(data: str | None) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from . import _loading
 from ._evaluation import _exact_match_metrics, _table_notes, exact_match, token_ce
 from ._loading import SHIPPED_TRAIN, ModelSource, _asset, _prepare, _recorded_eval_split, _run_record, _where
+from ._nft import SAMPLE_ROW_KEYS, reference_rows
 from ._parsing import UsageError, _parser, check_writable, parse_command
 from ._processes import _single_process
 from ._reporting import format_table
@@ -84,7 +85,15 @@ def run_eval(argv: list[str]) -> int:
     raw = load_local_dataset(data)
     prepared = _prepare(raw, tokenizer, args.max_length, "eval")
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in token_ce(model, tokenizer, prepared, args.batch_size).items()}
-    match = exact_match(model, tokenizer, raw, args.max_eval_examples, args.max_new_tokens)
+    match_rows = raw
+    if SAMPLE_ROW_KEYS <= set(raw.column_names):  # dft sample's rows (an NFT run's split): score the references
+        match_rows = reference_rows(raw)
+        print(
+            f"exact match: {len(match_rows)} prompts against their reference answers (the rows are dft sample's: "
+            "their completions are the model's own answers, right or wrong)",
+            flush=True,
+        )
+    match = exact_match(model, tokenizer, match_rows, args.max_eval_examples, args.max_new_tokens)
     metrics.update(_exact_match_metrics(match))
     metrics["num_examples"] = len(prepared)
     table = {k: v for k, v in metrics.items() if k != "eval_exact_match_note"}
