@@ -84,6 +84,9 @@ def test_default_job_writes_outputs(tmp_path):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"eval_loss", "eval_ce", "eval_exact_match"} <= set(metrics["final"])
+    # a 4-step toy run: the recipe's 20 warm-up steps become 4 // 10 = 0 (else the lr would peak at 20% of 3e-3)
+    first = next(h for h in metrics["log_history"] if "loss" in h)
+    assert first["learning_rate"] > 2e-3, first
     assert "kept" in proc.stdout and "supervised" in proc.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
 

@@ -94,8 +94,10 @@ def run_train(argv: list[str]) -> int:
             say(_nft.counts_line(trainer._dft_nft_counts, config))
             train_set = trainer.train_dataset
         total, per_epoch = _schedule(trainer)
-        if "logging_steps" not in script.given_flags and not toy:  # a 15-step run logs more than once
+        if "logging_steps" not in script.given_flags:  # a 15-step run logs more than once
             trainer.args.logging_steps = max(1, min(trainer.args.logging_steps, -(-total // 20)))
+        if toy and "warmup_steps" not in script.given_flags:  # the recipe's 20 warm-up steps, in a shorter run
+            trainer.args.warmup_steps = min(trainer.args.warmup_steps, total // 10)
         epochs = total / per_epoch
         device = f"{trainer.args.device}"
         if script.cpu_ddp:
