@@ -87,6 +87,10 @@ def test_default_job_writes_outputs(tmp_path):
     # a 4-step toy run: the recipe's 20 warm-up steps become 4 // 10 = 0 (else the lr would peak at 20% of 3e-3)
     first = next(h for h in metrics["log_history"] if "loss" in h)
     assert first["learning_rate"] > 2e-3, first
+    # evaluated at steps 2 and 4; the final metrics are step 4's, not a second pass over the same model
+    evals = [h for h in metrics["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4], evals
+    assert metrics["final"]["eval_loss"] == evals[-1]["eval_loss"]
     assert "kept" in proc.stdout and "supervised" in proc.stdout
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
 

@@ -89,7 +89,18 @@ def main(argv: list[str] | None = None) -> int:
 def _refused(e: Exception) -> int:
     if _is_main():  # every rank checks the same input: one line per job, not per process
         print(f"dft: error: {_one_line(e)}", file=sys.stderr)
+    else:
+        _wait_for_the_main_process()
     return 2
+
+
+def _wait_for_the_main_process(seconds: float = 20.0) -> None:
+    """A launcher (torchrun, accelerate launch) ends the whole job when its first process exits: a rank that
+    refused the input silently waits, so that the main process, which refuses the same input, prints its line
+    first (the launcher then ends this one)."""
+    import time
+
+    time.sleep(seconds)
 
 
 def _stopped(e: BaseException) -> int:

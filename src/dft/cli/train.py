@@ -120,8 +120,7 @@ def run_train(argv: list[str]) -> int:
         stop.training = False
         if stop.signum is not None:
             raise Interrupted(stop.signum, str(out))
-        with _no_pin_memory_warning():
-            metrics = trainer.evaluate()  # every rank: Trainer shards the eval set and gathers the sums
+        metrics = _final_evaluation(trainer)
         match_rows = _nft.reference_rows(eval_raw) if config.loss_type == "nft" else eval_raw
         match = _exact_match_on_ranks(trainer, tokenizer, match_rows, script.max_eval_examples)
         metrics.update(_exact_match_metrics(match))
@@ -209,6 +208,17 @@ def _load_data(script: Any, tokenizer: Any, seed: int) -> tuple[Any, Any, Any, s
     eval_set = _prepare(eval_raw, tokenizer, script.max_length, "eval")
     say(f"split: {len(train_set)} train / {len(eval_set)} eval examples ({how})")
     return train_set, eval_raw, eval_set, how
+
+
+def _final_evaluation(trainer: Any) -> dict[str, Any]:
+    """The held-out metrics of the trained model: the evaluation Trainer ran at the last step when it did (a
+    step-based ``eval_strategy`` evaluates there), else one now (every rank: Trainer shards the eval set and
+    gathers the sums)."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last.items() if k != "step"}
+    with _no_pin_memory_warning():
+        return trainer.evaluate()
 
 
 def _describe_loss(config: Any, ref_model: str | None = None) -> str:
