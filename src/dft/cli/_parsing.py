@@ -111,17 +111,15 @@ def _flags_from_file(path: str) -> list[str]:
     suffix = p.suffix.lower()
     kind = "YAML" if suffix in (".yaml", ".yml") else "JSON" if suffix == ".json" else "JSON or YAML"
     try:
-        if kind == "JSON":
+        if kind == "YAML":
+            values = _yaml(text)
+        elif kind == "JSON":
             values = json.loads(text)
         else:
             try:
-                values = json.loads(text) if kind != "YAML" else None
+                values = json.loads(text)
             except json.JSONDecodeError:
-                values = None
-            if values is None:
-                import yaml
-
-                values = yaml.safe_load(text) or {}
+                values = _yaml(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
         raise UsageError(f"{path} is not valid {kind}: {_one_line(e)}") from None
     if not isinstance(values, dict):
@@ -132,6 +130,12 @@ def _flags_from_file(path: str) -> list[str]:
     for key, value in values.items():
         flags += [f"--{key}", *map(str, value)] if isinstance(value, list) else [f"--{key}", str(value)]
     return flags
+
+
+def _yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) or {}
 
 
 _NEGATIVE_NUMBER = re.compile(r"^-(\d|\.\d|inf$|nan$)", re.IGNORECASE)
