@@ -111,11 +111,19 @@ def _literal(node: ast.expr | None, module_values: dict[str, Any]) -> Any:
         return None
 
 
-def _module_values(tree: ast.Module) -> dict[str, Any]:
-    """Top-level ``NAME = literal`` assignments (e.g. ``default_optim``), the last one winning."""
+def _scope_values(statements: list[ast.stmt]) -> dict[str, Any]:
+    """``NAME = literal`` assignments among ``statements`` and the ``if`` / ``try`` blocks in them (not in
+    functions or nested classes), the last one winning: ``default_optim`` in the class body is
+    ``"adamw_torch_fused"``, set under torch >= 2.8 (the real parse that follows uses the real default)."""
     values: dict[str, Any] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+    todo = list(statements)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.If, ast.Try)):
+            todo[:0] = [*node.body, *getattr(node, "handlers", []), *node.orelse, *getattr(node, "finalbody", [])]
+        elif isinstance(node, ast.ExceptHandler):
+            todo[:0] = node.body
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try:
                 values[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError:
@@ -166,7 +174,7 @@ def training_fields() -> list[tuple[str, Any, Any]]:
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainingArguments"]
     if cls.bases:  # fields inherited from elsewhere would be missed
         raise LookupError("TrainingArguments has base classes")
-    module_values, enums = _module_values(tree), _enums(tree, spec.origin)
+    module_values, enums = _scope_values([*tree.body, *cls.body]), _enums(tree, spec.origin)
     return [
         _field(stmt, module_values, enums)
         for stmt in cls.body
