@@ -98,6 +98,12 @@ def describe(config: Any, ref_model: str | None = None) -> str:
     return text + f"; pi_old = {ref_model or 'the initial model'})"
 
 
+def exact_match_rows(rows: Any) -> Any:
+    """The rows exact match scores: ``dft sample``'s rows (``accepted`` and ``prompt_index``, what ``--loss nft``
+    trains on) as ``reference_rows`` gives them; any other rows as they are."""
+    return reference_rows(rows) if set(NFT_COLUMNS) <= set(rows.column_names) else rows
+
+
 def reference_rows(rows: Any) -> Any:
     """The held-out prompts for exact match: one row per prompt, its ``reference`` as the completion (the samples'
     completions are the model's own answers, right or wrong); without references, the accepted samples. For

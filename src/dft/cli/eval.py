@@ -10,7 +10,7 @@ from typing import Any
 from . import _loading
 from ._evaluation import _exact_match_metrics, _table_notes, exact_match, token_ce
 from ._loading import SHIPPED_TRAIN, ModelSource, _asset, _prepare, _recorded_eval_split, _run_record, _where
-from ._nft import SAMPLE_ROW_KEYS, reference_rows
+from ._nft import exact_match_rows
 from ._parsing import UsageError, _parser, check_writable, parse_command
 from ._processes import _single_process
 from ._reporting import format_table
@@ -85,9 +85,8 @@ def run_eval(argv: list[str]) -> int:
     raw = load_local_dataset(data)
     prepared = _prepare(raw, tokenizer, args.max_length, "eval")
     metrics: dict[str, Any] = {f"eval_{k}": v for k, v in token_ce(model, tokenizer, prepared, args.batch_size).items()}
-    match_rows = raw
-    if SAMPLE_ROW_KEYS <= set(raw.column_names):  # dft sample's rows (an NFT run's split): score the references
-        match_rows = reference_rows(raw)
+    match_rows = exact_match_rows(raw)
+    if match_rows is not raw:  # dft sample's rows (an NFT run's split): the references are scored
         print(
             f"exact match: {len(match_rows)} prompts against their reference answers (the rows are dft sample's: "
             "their completions are the model's own answers, right or wrong)",

@@ -121,7 +121,7 @@ def run_train(argv: list[str]) -> int:
         if stop.signum is not None:
             raise Interrupted(stop.signum, str(out))
         metrics = _final_evaluation(trainer)
-        match_rows = _nft.reference_rows(eval_raw) if config.loss_type == "nft" else eval_raw
+        match_rows = _nft.exact_match_rows(eval_raw)
         match = _exact_match_on_ranks(trainer, tokenizer, match_rows, script.max_eval_examples)
         metrics.update(_exact_match_metrics(match))
         sizes = {
